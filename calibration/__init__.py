@@ -1,0 +1,1 @@
+"""glm-export calibration: INT8 ranges from user data, quantization, accuracy figures. Imports runtime only."""

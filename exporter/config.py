@@ -1,0 +1,286 @@
+"""Checkpoint config.json -> ModelSpec. The only module that knows checkpoint field names and generations.
+
+Supported: THUDM's remote-code layout (``model_type: chatglm``: ChatGLM2-6B, ChatGLM3-6B, their 32k variants,
+GLM-4-9B-chat), transformers' ``glm`` (glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused
+here, before any work, with a message naming the field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Tuple
+
+from runtime.errors import ConfigError, UnsupportedModelError
+from runtime.spec import (
+    CHAT_CHATGLM2,
+    CHAT_CHATGLM3,
+    CHAT_GLM4,
+    ROPE_SCALING_BASE,
+    ROPE_SCALING_INTERPOLATION,
+    ROPE_SCALING_KINDS,
+    ROPE_SCALING_NONE,
+    TOKENIZER_SENTENCEPIECE,
+    TOKENIZER_TIKTOKEN,
+    ModelSpec,
+)
+
+LAYOUT_THUDM = "thudm"
+LAYOUT_GLM = "glm"
+LAYOUT_GLM4 = "glm4"
+
+# model_type -> weight-name layout
+LAYOUT_OF_MODEL_TYPE = {"chatglm": LAYOUT_THUDM, "glm": LAYOUT_GLM, "glm4": LAYOUT_GLM4}
+
+# THUDM fields whose value must be exactly this for our block to be the right one. Anything else is refused.
+THUDM_REQUIRED_VALUES = {
+    "add_bias_linear": False,
+    "rmsnorm": True,
+    "post_layer_norm": True,
+    "apply_residual_connection_post_layernorm": False,
+    "original_rope": True,
+    "quantization_bit": 0,
+    "pre_seq_len": None,
+}
+# THUDM fields with no effect on fp32 inference (training-time or fusion switches), accepted as they come.
+THUDM_IGNORED = (
+    "apply_query_key_layer_scaling",  # scales scores by 1/layer and softmax by layer: cancels out in fp32
+    "attention_softmax_in_fp32",  # we always do softmax in fp32
+    "fp32_residual_connection",
+    "bias_dropout_fusion",
+    "attention_dropout",
+    "hidden_dropout",
+    "classifier_dropout",
+    "prefix_projection",  # only meaningful with pre_seq_len, which is refused
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the config reader learned about a checkpoint directory besides the spec."""
+
+    path: str
+    layout: str  # LAYOUT_THUDM / LAYOUT_GLM / LAYOUT_GLM4
+    model_type: str
+    rope_scaling_source: str  # how the rope_ratio meaning was decided
+    tokenizer_files: Tuple[str, ...]
+
+
+def read_config_json(ckpt_dir: str) -> Dict[str, Any]:
+    if not os.path.isdir(ckpt_dir):
+        raise ConfigError(f"{ckpt_dir}: not a directory; expected a checkpoint directory with config.json")
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: missing; a checkpoint directory must hold config.json and its weights")
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def _require(cfg: Dict[str, Any], key: str, where: str, kind=int):
+    if key not in cfg or cfg[key] is None:
+        raise ConfigError(f"{where}: field '{key}' is missing")
+    value = cfg[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
+    if kind is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: field '{key}' must be a number, got {value!r}")
+    return value
+
+
+def _eos_ids(value: Any, where: str) -> Tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: field 'eos_token_id' must be an integer or a list of integers, got {value!r}")
+
+
+def _rope_ratio_meaning(ckpt_dir: str, cfg: Dict[str, Any], chat_family: str) -> Tuple[str, str]:
+    """Decide what THUDM's ``rope_ratio`` means for this checkpoint: (kind, how it was decided).
+
+    THUDM's remote code is the ground truth: ChatGLM2-6B-32k's divides positions (``seq_idx / self.rope_ratio``),
+    ChatGLM3-6B-32k's and GLM-4's multiply the base (``base * self.rope_ratio``). We read (never run) that file when
+    present; else the tokenizer family decides (ChatGLM2 interpolates, ChatGLM3 and GLM-4 scale the base).
+    """
+    modeling = os.path.join(ckpt_dir, "modeling_chatglm.py")
+    if os.path.isfile(modeling):
+        with open(modeling, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio|base\s*\*\s*self\.rope_ratio", text):
+            return ROPE_SCALING_BASE, "modeling_chatglm.py multiplies the base by rope_ratio"
+        if re.search(r"/\s*self\.rope_ratio", text):
+            return ROPE_SCALING_INTERPOLATION, "modeling_chatglm.py divides positions by rope_ratio"
+    name = str(cfg.get("_name_or_path", "")).lower()
+    if "chatglm2" in name:
+        return ROPE_SCALING_INTERPOLATION, f"_name_or_path {cfg.get('_name_or_path')!r} is a ChatGLM2 model"
+    if chat_family == CHAT_CHATGLM2:
+        return ROPE_SCALING_INTERPOLATION, "tokenizer has no ChatGLM3 role tokens (ChatGLM2 family)"
+    return ROPE_SCALING_BASE, f"{chat_family} family multiplies the base"
+
+
+def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
+    for key, wanted in THUDM_REQUIRED_VALUES.items():
+        if key in cfg and cfg[key] != wanted and not (wanted is None and cfg[key] in (None, 0)):
+            raise UnsupportedModelError(
+                f"{where}: field '{key}' = {cfg[key]!r} is not supported (glm-export needs {wanted!r})"
+            )
+    heads = _require(cfg, "num_attention_heads", where)
+    hidden = _require(cfg, "hidden_size", where)
+    kv_heads = _require(cfg, "multi_query_group_num", where) if cfg.get("multi_query_attention", False) else heads
+    head_dim = cfg.get("kv_channels") or hidden // heads
+    vocab = cfg.get("padded_vocab_size") or cfg.get("vocab_size")
+    if vocab is None:
+        raise ConfigError(f"{where}: field 'padded_vocab_size' is missing")
+    return dict(
+        num_layers=_require(cfg, "num_layers", where),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        ffn_hidden_size=_require(cfg, "ffn_hidden_size", where),
+        vocab_size=vocab,
+        norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        rotary_dim=head_dim // 2,  # THUDM: RotaryEmbedding(rotary_dim // 2) over kv_channels
+        rope_theta=10000.0,
+        qkv_bias=bool(cfg.get("add_qkv_bias", False)),
+        sandwich_norms=False,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("seq_length", 2048)),
+        rope_ratio=float(cfg.get("rope_ratio", 1.0) or 1.0),
+    )
+
+
+def _hf_rope(cfg: Dict[str, Any], where: str) -> Tuple[float, float, float, str]:
+    """(theta, partial_rotary_factor, position_scale, kind) from transformers 4.x top-level fields or 5.x
+    ``rope_parameters``."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), float(factor), 1.0, ROPE_SCALING_NONE
+    if rope_type == "linear":
+        lin = params.get("factor", scaling.get("factor"))
+        return float(theta), float(factor), float(lin), ROPE_SCALING_INTERPOLATION
+    raise UnsupportedModelError(f"{where}: rope type {rope_type!r} is not supported (default or linear only)")
+
+
+def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
+    heads = _require(cfg, "num_attention_heads", where)
+    hidden = _require(cfg, "hidden_size", where)
+    head_dim = cfg.get("head_dim") or hidden // heads
+    theta, factor, pos_scale, kind = _hf_rope(cfg, where)
+    act = cfg.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"{where}: field 'hidden_act' = {act!r} is not supported (glm-export needs 'silu')")
+    return dict(
+        num_layers=_require(cfg, "num_hidden_layers", where),
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        ffn_hidden_size=_require(cfg, "intermediate_size", where),
+        vocab_size=_require(cfg, "vocab_size", where),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rotary_dim=int(head_dim * factor),
+        rope_theta=theta,
+        rope_position_scale=pos_scale,
+        rope_scaling=kind,
+        qkv_bias=bool(cfg.get("attention_bias", True)),
+        sandwich_norms=layout == LAYOUT_GLM4,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+    )
+
+
+def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> Tuple[ModelSpec, CheckpointInfo]:
+    """Read ``ckpt_dir/config.json`` (and, as text only, its tokenizer files) into one ModelSpec.
+
+    ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied: "interpolation" or "base".
+    """
+    from .tokenizer_files import detect_tokenizer
+
+    cfg = read_config_json(ckpt_dir)
+    where = os.path.join(ckpt_dir, "config.json")
+    model_type = cfg.get("model_type")
+    if model_type not in LAYOUT_OF_MODEL_TYPE:
+        known = ", ".join(sorted(LAYOUT_OF_MODEL_TYPE))
+        raise UnsupportedModelError(f"{where}: field 'model_type' = {model_type!r} is not supported (known: {known})")
+    if rope_scaling is not None and rope_scaling not in (ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE):
+        raise ConfigError(f"--rope-scaling: expected 'interpolation' or 'base', got {rope_scaling!r}")
+    layout = LAYOUT_OF_MODEL_TYPE[model_type]
+
+    if layout == LAYOUT_THUDM:
+        fields = _thudm_fields(cfg, where)
+        # the sentencepiece family is ChatGLM2/3 (role tokens decide), tiktoken is GLM-4
+        hint = CHAT_CHATGLM3
+        tok = detect_tokenizer(ckpt_dir, hint)
+        chat_family = CHAT_GLM4 if tok.kind == TOKENIZER_TIKTOKEN else tok.chat_format
+        if tok.kind == TOKENIZER_SENTENCEPIECE and chat_family not in (CHAT_CHATGLM2, CHAT_CHATGLM3):
+            chat_family = CHAT_CHATGLM3
+        generation = {CHAT_CHATGLM2: "chatglm2", CHAT_CHATGLM3: "chatglm3", CHAT_GLM4: "glm4"}.get(chat_family, "chatglm3")
+        ratio = fields.pop("rope_ratio")
+        if rope_scaling is not None:
+            kind, source = rope_scaling, "set by the user"
+        elif ratio == 1.0:
+            kind, source = ROPE_SCALING_NONE, "no rope_ratio"
+        else:
+            kind, source = _rope_ratio_meaning(ckpt_dir, cfg, chat_family)
+        fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
+        fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
+        fields["rope_scaling"] = kind if ratio != 1.0 or rope_scaling else ROPE_SCALING_NONE
+        pad = cfg.get("pad_token_id", 0)
+    else:
+        fields = _hf_fields(cfg, where, layout)
+        tok = detect_tokenizer(ckpt_dir, CHAT_GLM4)
+        generation = "glm4-0414" if layout == LAYOUT_GLM4 else "glm4"
+        source = "transformers config"
+        if rope_scaling is not None:
+            raise ConfigError(
+                "--rope-scaling applies to THUDM checkpoints (rope_ratio); "
+                f"{where} states its rope parameters explicitly"
+            )
+        pad = cfg.get("pad_token_id", 151329)
+
+    spec = ModelSpec(
+        generation=generation,
+        eos_token_ids=_eos_ids(cfg.get("eos_token_id"), where),
+        pad_token_id=int(pad if pad is not None else 0),
+        tokenizer_kind=tok.kind,
+        chat_format=tok.chat_format,
+        special_tokens=dict(tok.special_tokens),
+        **fields,
+    )
+    _check_consistency(spec, where)
+    info = CheckpointInfo(
+        path=os.path.abspath(ckpt_dir),
+        layout=layout,
+        model_type=model_type,
+        rope_scaling_source=source,
+        tokenizer_files=tuple(tok.files),
+    )
+    return spec, info
+
+
+def _check_consistency(spec: ModelSpec, where: str) -> None:
+    if spec.num_heads % spec.num_kv_heads:
+        raise ConfigError(
+            f"{where}: {spec.num_heads} attention heads are not a multiple of {spec.num_kv_heads} kv heads"
+        )
+    if spec.rotary_dim % 2 or not 0 < spec.rotary_dim <= spec.head_dim:
+        raise ConfigError(f"{where}: rotary dims {spec.rotary_dim} must be even and within head_dim {spec.head_dim}")
+    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "vocab_size"):
+        if getattr(spec, name) <= 0:
+            raise ConfigError(f"{where}: {name} must be positive")
+    if spec.rope_scaling not in ROPE_SCALING_KINDS:
+        raise ConfigError(f"{where}: unknown rope scaling {spec.rope_scaling!r}")

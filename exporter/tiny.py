@@ -1,0 +1,304 @@
+"""Tiny ChatGLM checkpoints for trying the tool without a download, and for the tests.
+
+``write_tiny_checkpoint`` writes a directory shaped exactly like a published one: the published config.json with
+the sizes shrunk, seeded random weights under the published names (THUDM or transformers layout; safetensors,
+sharded safetensors or pytorch_model.bin), and a real tokenizer trained on a small corpus.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+from runtime.errors import ConfigError
+
+GENERATIONS = ("chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414")
+LAYOUTS = ("thudm", "hf")
+WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
+
+# The published configs (THUDM/chatglm2-6b, chatglm3-6b, chatglm3-6b-32k, glm-4-9b-chat, glm-4-9b-chat-hf,
+# GLM-4-9B-0414), minus auto_map. Sizes are replaced by the chosen shape; every other field is kept as published.
+_THUDM_BASE: Dict[str, Any] = {
+    "model_type": "chatglm",
+    "architectures": ["ChatGLMModel"],
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 8192,
+    "use_cache": True,
+    "torch_dtype": "float16",
+    "transformers_version": "4.30.2",
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "pre_seq_len": None,
+    "prefix_projection": False,
+    "quantization_bit": 0,
+}
+PUBLISHED_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "chatglm2": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm2-6b", seq_length=32768, transformers_version="4.27.1"),
+    "chatglm3": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm3-6b"),
+    "chatglm3-32k": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm3-6b-32k", seq_length=32768, rope_ratio=50),
+    "glm4": dict(
+        _THUDM_BASE,
+        _name_or_path="THUDM/glm-4-9b-chat",
+        num_layers=40,
+        padded_vocab_size=151552,
+        layernorm_epsilon=1.5625e-07,
+        seq_length=131072,
+        rope_ratio=500,
+        eos_token_id=[151329, 151336, 151338],
+        pad_token_id=151329,
+        classifier_dropout=None,
+        torch_dtype="bfloat16",
+        transformers_version="4.42.4",
+    ),
+}
+_HF_BASE: Dict[str, Any] = {
+    "architectures": ["GlmForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338],
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 13696,
+    "max_position_embeddings": 131072,
+    "model_type": "glm",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 2,
+    "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1.5625e-07,
+    "rope_theta": 5000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.0",
+    "use_cache": True,
+    "vocab_size": 151552,
+}
+PUBLISHED_HF_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "glm4": dict(_HF_BASE),
+    "glm4-0414": dict(
+        _HF_BASE,
+        architectures=["Glm4ForCausalLM"],
+        model_type="glm4",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-05,
+        rope_theta=10000.0,
+        transformers_version="4.51.3",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class TinyShape:
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_hidden_size: int = 344
+    vocab_size: Optional[int] = None  # None: the tokenizer's size + 7 (deliberately not a multiple of 64)
+    max_position_embeddings: int = 2048
+
+
+SHAPES = {
+    "tiny": TinyShape(),
+    "small": TinyShape(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64, ffn_hidden_size=688),
+    # the 288 M-parameter mid-size model of the benchmarks (ChatGLM3-shaped, 1.15 GB fp32)
+    "mid": TinyShape(
+        hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=2, head_dim=64, ffn_hidden_size=3424,
+        vocab_size=65024, max_position_embeddings=8192,
+    ),
+}
+
+# tokenizer kind and chat format per generation and layout
+_TOKENIZER_OF = {
+    ("chatglm2", "thudm"): ("sentencepiece", "chatglm2"),
+    ("chatglm3", "thudm"): ("sentencepiece", "chatglm3"),
+    ("chatglm3-32k", "thudm"): ("sentencepiece", "chatglm3"),
+    ("glm4", "thudm"): ("tiktoken", "glm4"),
+    ("glm4", "hf"): ("tokenizer.json", "template"),
+    ("glm4-0414", "hf"): ("tokenizer.json", "template"),
+}
+
+
+def tiny_config(generation: str, layout: str, shape: TinyShape, vocab_size: int, eos, pad: int) -> Dict[str, Any]:
+    """The published config of ``generation`` in ``layout`` with the sizes of ``shape``."""
+    if layout == "thudm":
+        if generation not in PUBLISHED_CONFIGS:
+            raise ConfigError(f"--generation {generation!r} has no THUDM layout (use --layout hf)")
+        cfg = dict(PUBLISHED_CONFIGS[generation])
+        cfg.update(
+            hidden_size=shape.hidden_size,
+            num_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads,
+            multi_query_group_num=shape.num_kv_heads,
+            kv_channels=shape.head_dim,
+            ffn_hidden_size=shape.ffn_hidden_size,
+            padded_vocab_size=vocab_size,
+            seq_length=shape.max_position_embeddings,
+        )
+    else:
+        if generation not in PUBLISHED_HF_CONFIGS:
+            raise ConfigError(f"--generation {generation!r} has no transformers layout (use --layout thudm)")
+        cfg = dict(PUBLISHED_HF_CONFIGS[generation])
+        cfg.update(
+            hidden_size=shape.hidden_size,
+            num_hidden_layers=shape.num_layers,
+            num_attention_heads=shape.num_heads,
+            num_key_value_heads=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            intermediate_size=shape.ffn_hidden_size,
+            vocab_size=vocab_size,
+            max_position_embeddings=shape.max_position_embeddings,
+        )
+    cfg["eos_token_id"] = eos
+    cfg["pad_token_id"] = pad
+    return cfg
+
+
+def random_canonical_weights(spec, seed: int):
+    """Seeded random tensors for every canonical parameter. Norm weights and biases are randomised too, so a
+    dropped bias or a misplaced norm changes the logits."""
+    import torch
+
+    from .weights import canonical_shapes
+
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in canonical_shapes(spec).items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.2 * torch.randn(shape, generator=gen)
+        elif name.endswith(".bias"):
+            t = 0.2 * torch.randn(shape, generator=gen)
+        elif name == "lm_head.weight":
+            t = 4.0 * torch.randn(shape, generator=gen) / shape[-1] ** 0.5  # logits of std ~4: clear argmaxes
+        elif name == "embed.weight":
+            t = torch.randn(shape, generator=gen)
+        else:
+            t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
+        out[name] = t.contiguous()
+    return out
+
+
+def to_layout(spec, canonical: Dict[str, Any], layout: str) -> Dict[str, Any]:
+    """Rename (and split q/k/v) canonical tensors into the checkpoint layout's names."""
+    from .weights import name_table, part_shapes
+
+    table = name_table(spec, layout)
+    out = {}
+    for name, keys in table.items():
+        tensor = canonical[name]
+        rows = [s[0] for s in part_shapes(spec, tuple(tensor.shape), len(keys))]
+        for key, part in zip(keys, tensor.split(rows, dim=0)):
+            out[key] = part.contiguous().clone()
+    return out
+
+
+def save_weights(out_dir: str, tensors: Dict[str, Any], weight_format: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    if weight_format == "safetensors":
+        save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    elif weight_format == "sharded":
+        keys = list(tensors)
+        half = len(keys) // 2
+        shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+        weight_map = {}
+        for fname, names in shards.items():
+            save_file({k: tensors[k] for k in names}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in names})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    elif weight_format == "bin":
+        torch.save(tensors, os.path.join(out_dir, "pytorch_model.bin"))
+    else:
+        raise ConfigError(f"--weights-format: expected one of {', '.join(WEIGHT_FORMATS)}, got {weight_format!r}")
+
+
+def write_tiny_checkpoint(
+    out_dir: str,
+    generation: str = "chatglm3",
+    layout: str = "thudm",
+    size: str = "tiny",
+    seed: int = 0,
+    weight_format: str = "safetensors",
+    dtype: str = "float32",
+    tokenizer: bool = True,
+    config_overrides: Optional[Dict[str, Any]] = None,
+    **shape_overrides: Any,
+) -> str:
+    """Write a tiny ChatGLM checkpoint directory and return its path.
+
+    ``config_overrides`` are applied to config.json last (e.g. ``{"rope_ratio": 16}`` for a ChatGLM2-32k shape).
+    """
+    import dataclasses
+
+    import torch
+
+    from .config import spec_from_checkpoint
+
+    if generation not in GENERATIONS:
+        raise ConfigError(f"--generation: expected one of {', '.join(GENERATIONS)}, got {generation!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"--layout: expected one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if size not in SHAPES:
+        raise ConfigError(f"--size: expected one of {', '.join(SHAPES)}, got {size!r}")
+    if (generation, layout) not in _TOKENIZER_OF:
+        raise ConfigError(f"--generation {generation} is not published in the {layout} layout")
+    shape = dataclasses.replace(SHAPES[size], **shape_overrides)
+    os.makedirs(out_dir, exist_ok=True)
+
+    kind, chat_format = _TOKENIZER_OF[(generation, layout)]
+    specials: Dict[str, int] = {}
+    total = 256
+    if tokenizer:
+        from .tiny_tokenizers import write_tiny_tokenizer
+
+        tok = write_tiny_tokenizer(out_dir, kind, chat_format, seed=seed)
+        specials, total = tok.special_tokens, tok.total_vocab
+    vocab = shape.vocab_size or total + 7
+    if vocab < total:
+        raise ConfigError(f"vocab_size {vocab} is smaller than the tokenizer's {total} tokens")
+    if kind == "sentencepiece":
+        eos, pad = 2, 0
+    else:
+        names = ("<|endoftext|>", "<|user|>", "<|observation|>")
+        eos = [specials[n] for n in names] if all(n in specials for n in names) else [vocab - 1]
+        pad = eos[0]
+    cfg = tiny_config(generation, layout, shape, vocab, eos, pad)
+    cfg.update(config_overrides or {})
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    spec, info = spec_from_checkpoint(out_dir)
+    canonical = random_canonical_weights(spec, seed)
+    tensors = to_layout(spec, canonical, info.layout)
+    torch_dtype = getattr(torch, dtype)
+    tensors = {k: v.to(torch_dtype) for k, v in tensors.items()}
+    save_weights(out_dir, tensors, weight_format)
+    return out_dir

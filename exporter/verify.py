@@ -1,0 +1,120 @@
+"""Numerical verification of an exported graph against our PyTorch model: prefill, then cached decode steps.
+
+The reference run happens first and keeps only its outputs (small), so the PyTorch model can be freed before
+onnxruntime loads the graph: a large export never holds the weights three times.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+
+from runtime import graph_contract as gc
+from runtime.spec import ModelSpec
+
+
+@dataclass
+class VerifyPlan:
+    """A left-padded batch: prompt ids (B, S) with mask, then ``decode_steps`` fixed single tokens per row."""
+
+    input_ids: np.ndarray  # (B, S) int64
+    attention_mask: np.ndarray  # (B, S) int64
+    decode_tokens: np.ndarray  # (steps, B) int64
+
+
+def make_plan(spec: ModelSpec, batch: int = 2, prompt_len: int = 7, pad: int = 3, steps: int = 3, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, spec.vocab_size, size=(batch, prompt_len), dtype=np.int64)
+    mask = np.ones((batch, prompt_len), dtype=np.int64)
+    for row in range(1, batch):  # rows after the first are left-padded
+        mask[row, : min(pad, prompt_len - 1)] = 0
+        ids[row, : min(pad, prompt_len - 1)] = spec.pad_token_id
+    decode = rng.integers(0, spec.vocab_size, size=(steps, batch), dtype=np.int64)
+    return VerifyPlan(ids, mask, decode)
+
+
+def positions_from_mask(mask: np.ndarray) -> np.ndarray:
+    """position of each token counted from its row's first real token; pads get 0. (B, T) -> (B, T)"""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+def step_feeds(plan: VerifyPlan) -> List[Dict[str, np.ndarray]]:
+    """The non-cache inputs of each step: the prefill, then one token per row."""
+    feeds = []
+    mask = plan.attention_mask
+    pos_all = positions_from_mask(mask)
+    feeds.append({gc.INPUT_IDS: plan.input_ids, gc.ATTENTION_MASK: mask, gc.POSITION_IDS: pos_all})
+    for tok in plan.decode_tokens:
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+        pos = positions_from_mask(mask)[:, -1:]
+        feeds.append({gc.INPUT_IDS: tok[:, None], gc.ATTENTION_MASK: mask, gc.POSITION_IDS: pos})
+    return feeds
+
+
+def real_positions(feed: Dict[str, np.ndarray]) -> np.ndarray:
+    """(B, S) bool: which query positions of this step are real tokens (padding rows' outputs are not compared)."""
+    s = feed[gc.INPUT_IDS].shape[1]
+    return feed[gc.ATTENTION_MASK][:, -s:] > 0
+
+
+def run_torch(model, spec: ModelSpec, plan: VerifyPlan) -> List[Dict[str, np.ndarray]]:
+    """Logits of every step from our PyTorch model, feeding its own presents back as pasts."""
+    import torch
+
+    from .model import empty_past
+
+    dtype = next(model.parameters()).dtype
+    past = empty_past(spec, plan.input_ids.shape[0], dtype)
+    out = []
+    with torch.no_grad():
+        for feed in step_feeds(plan):
+            args = [torch.from_numpy(feed[k]) for k in (gc.INPUT_IDS, gc.ATTENTION_MASK, gc.POSITION_IDS)]
+            logits, *past = model(*args, *past)
+            out.append({gc.LOGITS: logits.float().numpy()})
+        out[-1]["present"] = [p.float().numpy() for p in past]
+    return out
+
+
+def run_onnx(session, spec: ModelSpec, plan: VerifyPlan, kv_dtype=np.float32) -> List[Dict[str, np.ndarray]]:
+    """The same steps through an onnxruntime session, presents fed back as pasts."""
+    batch = plan.input_ids.shape[0]
+    past = {}
+    for i in range(spec.num_layers):
+        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtype)
+        past[gc.past_key_name(i)] = empty
+        past[gc.past_value_name(i)] = empty
+    names = [o.name for o in session.get_outputs()]
+    out = []
+    for feed in step_feeds(plan):
+        results = dict(zip(names, session.run(None, {**feed, **past})))
+        for i in range(spec.num_layers):
+            past[gc.past_key_name(i)] = results[gc.present_key_name(i)]
+            past[gc.past_value_name(i)] = results[gc.present_value_name(i)]
+        out.append({gc.LOGITS: results[gc.LOGITS].astype(np.float32)})
+    out[-1]["present"] = [past[k].astype(np.float32) for k in sorted(past, key=_layer_order)]
+    return out
+
+
+def _layer_order(name: str):
+    _, layer, kind = name.split(".")
+    return int(layer), kind != "key"
+
+
+def max_diffs(plan: VerifyPlan, got: List[Dict], want: List[Dict]) -> Dict[str, float]:
+    """Max |got - want| of the logits per step (real positions only) and of the final KV cache (real tokens)."""
+    diffs = {}
+    for step, (feed, g, w) in enumerate(zip(step_feeds(plan), got, want)):
+        real = real_positions(feed)
+        name = "logits.prefill" if step == 0 else f"logits.decode{step}"
+        diffs[name] = float(np.abs(g[gc.LOGITS] - w[gc.LOGITS])[real].max())
+    final_mask = step_feeds(plan)[-1][gc.ATTENTION_MASK] > 0  # (B, T)
+    kv = 0.0
+    for g, w in zip(got[-1]["present"], want[-1]["present"]):
+        kv = max(kv, float(np.abs(g - w).transpose(0, 2, 1, 3)[final_mask].max()))
+    diffs["present"] = kv
+    return diffs
+
+
+def has_nonfinite(outputs: List[Dict[str, np.ndarray]]) -> bool:
+    return any(not np.isfinite(o[gc.LOGITS]).all() for o in outputs)

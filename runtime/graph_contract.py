@@ -1,0 +1,73 @@
+"""The ONNX graph contract: input/output names, dtypes and symbolic shapes, in one place.
+
+Names follow optimum and onnxruntime-genai: ``input_ids``, ``attention_mask``, ``position_ids``,
+``past_key_values.{i}.key|value`` in, ``logits`` and ``present.{i}.key|value`` out. The KV layout is batch-first:
+[batch, kv_heads, past, head_dim].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple, Union
+
+from .spec import ModelSpec
+
+Dim = Union[int, str]
+
+BATCH, SEQ, PAST, TOTAL = "batch", "seq", "past", "past_plus_seq"
+
+INPUT_IDS = "input_ids"
+ATTENTION_MASK = "attention_mask"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+
+def past_key_name(layer: int) -> str:
+    return f"past_key_values.{layer}.key"
+
+
+def past_value_name(layer: int) -> str:
+    return f"past_key_values.{layer}.value"
+
+
+def present_key_name(layer: int) -> str:
+    return f"present.{layer}.key"
+
+
+def present_value_name(layer: int) -> str:
+    return f"present.{layer}.value"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "int64", "float32", "float16"
+    shape: Tuple[Dim, ...]
+
+    def to_dict(self):
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+
+def graph_inputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec]:
+    kv_shape = (BATCH, spec.num_kv_heads, PAST, spec.head_dim)
+    tensors = [
+        TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
+        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ)),
+    ]
+    for i in range(spec.num_layers):
+        tensors.append(TensorSpec(past_key_name(i), kv_dtype, kv_shape))
+        tensors.append(TensorSpec(past_value_name(i), kv_dtype, kv_shape))
+    return tensors
+
+
+def graph_outputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec]:
+    kv_shape = (BATCH, spec.num_kv_heads, TOTAL, spec.head_dim)
+    tensors = [TensorSpec(LOGITS, "float32", (BATCH, SEQ, spec.vocab_size))]
+    for i in range(spec.num_layers):
+        tensors.append(TensorSpec(present_key_name(i), kv_dtype, kv_shape))
+        tensors.append(TensorSpec(present_value_name(i), kv_dtype, kv_shape))
+    return tensors

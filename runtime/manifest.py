@@ -1,0 +1,156 @@
+"""The bundle manifest: schema, version, read, validate, write.
+
+An export bundle is a directory::
+
+    manifest.json        this file's schema
+    model.onnx           the graph (weights inline, or in model.onnx.data when large)
+    model.onnx.data      optional ONNX external data
+    config.json          the source checkpoint's config, copied
+    tokenizer files      copied from the checkpoint (tokenizer.model, tokenizer.json, tokenizer_config.json, ...)
+
+The exporter writes the manifest; the runtime reads only it to know the model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from .errors import BundleError
+from .graph_contract import TensorSpec
+from .spec import ModelSpec
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "glm-export-bundle"
+FORMAT_VERSION = 1
+PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
+
+
+def sha256_of(path: str, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Manifest:
+    spec: ModelSpec
+    precision: str
+    inputs: List[TensorSpec]
+    outputs: List[TensorSpec]
+    model_file: str = "model.onnx"
+    opset: int = 17
+    tool_version: str = ""
+    source: Dict[str, Any] = field(default_factory=dict)  # checkpoint path, layout, weight files
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> {"sha256", "bytes"}
+    tokenizer_files: List[str] = field(default_factory=list)
+    verification: Dict[str, Any] = field(default_factory=dict)  # max diffs per output, tolerance, steps
+    extra: Dict[str, Any] = field(default_factory=dict)  # stage-specific records (quantization, accuracy, ...)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_NAME,
+            "format_version": self.format_version,
+            "tool_version": self.tool_version,
+            "precision": self.precision,
+            "model_file": self.model_file,
+            "opset": self.opset,
+            "kv_layout": "batch, kv_heads, seq, head_dim",
+            "spec": self.spec.to_dict(),
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "source": self.source,
+            "files": self.files,
+            "tokenizer_files": self.tokenizer_files,
+            "verification": self.verification,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        if d.get("format") != FORMAT_NAME:
+            raise BundleError(f"{where}: not a glm-export bundle manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{where}: format_version missing or not an integer")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: manifest format_version {version} is newer than this glm-export understands "
+                f"({FORMAT_VERSION}); upgrade glm-export or re-export the bundle with this version"
+            )
+        try:
+            return cls(
+                spec=ModelSpec.from_dict(d["spec"]),
+                precision=d["precision"],
+                inputs=[TensorSpec.from_dict(t) for t in d["inputs"]],
+                outputs=[TensorSpec.from_dict(t) for t in d["outputs"]],
+                model_file=d.get("model_file", "model.onnx"),
+                opset=int(d.get("opset", 17)),
+                tool_version=d.get("tool_version", ""),
+                source=d.get("source", {}),
+                files=d.get("files", {}),
+                tokenizer_files=list(d.get("tokenizer_files", [])),
+                verification=d.get("verification", {}),
+                extra=d.get("extra", {}),
+                format_version=version,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+
+
+def write_manifest(bundle_dir: str, manifest: Manifest) -> str:
+    path = os.path.join(bundle_dir, MANIFEST_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(manifest.to_dict(), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    return path
+
+
+def record_files(bundle_dir: str, names: List[str]) -> Dict[str, Dict[str, Any]]:
+    """Checksums and sizes of the named bundle files, for the manifest."""
+    out = {}
+    for name in names:
+        p = os.path.join(bundle_dir, name)
+        out[name] = {"sha256": sha256_of(p), "bytes": os.path.getsize(p)}
+    return out
+
+
+def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: bool = False) -> Manifest:
+    """Read and validate ``bundle_dir/manifest.json``; every listed file must exist with its recorded size."""
+    if not os.path.isdir(bundle_dir):
+        raise BundleError(f"{bundle_dir}: bundle directory does not exist")
+    path = os.path.join(bundle_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise BundleError(f"{path}: missing; is {bundle_dir} a bundle written by 'glm-export onnx'?")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    manifest = Manifest.from_dict(data, where=path)
+    if check_files:
+        for name, rec in manifest.files.items():
+            p = os.path.join(bundle_dir, name)
+            if not os.path.isfile(p):
+                raise BundleError(f"{p}: listed in the manifest but missing from the bundle")
+            size = os.path.getsize(p)
+            if "bytes" in rec and size != rec["bytes"]:
+                raise BundleError(f"{p}: {size} bytes, manifest records {rec['bytes']}; the bundle is corrupt")
+            if verify_checksums and "sha256" in rec and sha256_of(p) != rec["sha256"]:
+                raise BundleError(f"{p}: checksum differs from the manifest; the bundle is corrupt")
+    return manifest
+
+
+def find_file(bundle_dir: str, manifest: Manifest, name: str) -> Optional[str]:
+    p = os.path.join(bundle_dir, name)
+    return p if os.path.isfile(p) else None

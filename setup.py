@@ -1,0 +1,39 @@
+"""glm-export: ONNX/TensorRT export and edge deployment for the ChatGLM family.
+
+The base install is the runtime (numpy, onnxruntime, tokenizer libraries, click); torch and the ONNX tooling come
+with the ``export`` extra, test tools with ``test``. TensorRT is never a pip dependency: it comes with JetPack or
+NVIDIA's packages on the target machine.
+"""
+from setuptools import find_packages, setup
+
+RUNTIME = [
+    "numpy>=1.21",
+    "onnxruntime>=1.16",
+    "click>=8.0",
+    "tqdm>=4.60",
+    "sentencepiece>=0.1.99",
+    "tiktoken>=0.5",
+    "tokenizers>=0.15",
+    "jinja2>=3.0",
+]
+EXPORT = [
+    "torch==2.13.0",  # pinned: the CPU build lies on local disk here; any other version downloads gigabytes
+    "onnx>=1.16",
+    "safetensors>=0.4",
+]
+TEST = [
+    "pytest>=8",
+    "transformers==5.24.0",  # the independent reference (GlmForCausalLM, Glm4ForCausalLM); never a runtime dep
+    "vermin==1.9.2",
+]
+
+setup(
+    name="glm-export",
+    version="0.1.0",
+    description="ONNX/TensorRT export and a lightweight runtime for ChatGLM2/3, GLM-4-9B and GLM-4-0414",
+    packages=find_packages(include=["exporter", "exporter.*", "runtime", "runtime.*", "calibration", "calibration.*"]),
+    python_requires=">=3.8",
+    install_requires=RUNTIME,
+    extras_require={"export": EXPORT, "test": EXPORT + TEST, "gpu": ["onnxruntime-gpu>=1.16"]},
+    entry_points={"console_scripts": ["glm-export=exporter.cli:main"]},
+)
