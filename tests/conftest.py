@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny checkpoints and their exported bundles, built once per test session."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+# (generation, layout, shape overrides, config overrides): every case the parity tests cover
+CASES = {
+    "chatglm3-thudm-hd32": ("chatglm3", "thudm", dict(head_dim=32, vocab_size=1001), {}),
+    "chatglm3_32k-thudm-hd64": ("chatglm3-32k", "thudm", dict(hidden_size=128, num_heads=2, head_dim=64), {}),
+    "chatglm2_32k-thudm-interp": ("chatglm2", "thudm", dict(num_kv_heads=1), {"rope_ratio": 16}),
+    "glm4-thudm": ("glm4", "thudm", dict(num_heads=4, num_kv_heads=2, head_dim=32), {}),
+    "glm4-hf": ("glm4", "hf", dict(head_dim=64, num_heads=2, num_kv_heads=2), {}),
+    "glm4_0414-hf": ("glm4-0414", "hf", dict(num_layers=3), {}),
+}
+
+
+class _Cache:
+    def __init__(self, root):
+        self.root = root
+        self.made = {}
+
+    def checkpoint(self, name, generation, layout, seed=0, weight_format="safetensors", config_overrides=None,
+                   **shape):
+        from exporter.tiny import write_tiny_checkpoint
+
+        key = ("ckpt", name)
+        if key not in self.made:
+            path = os.path.join(self.root, "ckpt-" + name)
+            write_tiny_checkpoint(path, generation=generation, layout=layout, seed=seed,
+                                  weight_format=weight_format, config_overrides=config_overrides, **shape)
+            self.made[key] = path
+        return self.made[key]
+
+    def bundle(self, name, ckpt, **kwargs):
+        from exporter.onnx_export import export_bundle
+
+        key = ("bundle", name)
+        if key not in self.made:
+            path = os.path.join(self.root, "bundle-" + name)
+            export_bundle(ckpt, path, **kwargs)
+            self.made[key] = path
+        return self.made[key]
+
+    def case(self, case_name):
+        gen, layout, shape, overrides = CASES[case_name]
+        ckpt = self.checkpoint(case_name, gen, layout, config_overrides=overrides, **shape)
+        return ckpt, self.bundle(case_name, ckpt)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    return _Cache(str(tmp_path_factory.mktemp("tiny-models")))
