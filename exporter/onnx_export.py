@@ -17,7 +17,7 @@ from typing import Dict, Optional
 
 from runtime import __version__
 from runtime import graph_contract as gc
-from runtime.errors import VerificationError
+from runtime.errors import ConfigError, VerificationError
 from runtime.manifest import Manifest, record_files, write_manifest
 from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
@@ -38,6 +38,8 @@ PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a ModelProto cannot be serialised beyond 
 # under 2x the fp32 weight bytes (1.8x measured on the 288M model) and every model over 2 GB external.
 INLINE_LIMIT = 256 * 1024**2
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 2
+# precisions a checkpoint exports to directly: torch dtype of the traced model, numpy dtype of past/present
+DIRECT_PRECISIONS = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16")}
 
 
 @dataclass
@@ -177,9 +179,20 @@ def export_bundle(
     rope_scaling: Optional[str] = None,
     opset: int = OPSET,
     progress=None,
+    precision: str = "fp32",
 ) -> ExportResult:
-    """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow."""
+    """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
+
+    ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
+    softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
+    """
+    import numpy as np
     import torch
+
+    if precision not in DIRECT_PRECISIONS:
+        raise ConfigError(f"--precision: a checkpoint exports directly to {' or '.join(DIRECT_PRECISIONS)}, "
+                          f"got {precision!r} (use 'glm-export quantize' for the others)")
+    torch_dtype, kv_dtype = (getattr(torch, DIRECT_PRECISIONS[precision][0]), DIRECT_PRECISIONS[precision][1])
 
     from .verify import make_plan, max_diffs, run_onnx, run_torch
 
@@ -189,7 +202,7 @@ def export_bundle(
     weight_files = find_weight_files(ckpt_dir)
     with staged_directory(out_dir, overwrite) as tmp:
         progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
-        model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch.float32, progress))
+        model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch_dtype, progress))
         plan = make_plan(spec)
         reference = run_torch(model, spec, plan) if verify else None
 
@@ -205,11 +218,11 @@ def export_bundle(
         if verify:
             progress.stage("verifying with onnxruntime: prefill + 3 cached decode steps, batch 2, left padding")
             session = ort_session(os.path.join(tmp, MODEL_FILE))
-            got = run_onnx(session, spec, plan)
+            got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
             del session
             diffs = max_diffs(plan, got, reference)
             scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
-            tol = allowed_diff("onnx_vs_torch", "fp32", scale)
+            tol = allowed_diff("onnx_vs_torch", precision, scale)
             if not all(v <= tol for v in diffs.values()):
                 listing = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
                 raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
@@ -217,9 +230,9 @@ def export_bundle(
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
         manifest = Manifest(
             spec=spec,
-            precision="fp32",
-            inputs=gc.graph_inputs(spec),
-            outputs=gc.graph_outputs(spec),
+            precision=precision,
+            inputs=gc.graph_inputs(spec, kv_dtype),
+            outputs=gc.graph_outputs(spec, kv_dtype),
             model_file=MODEL_FILE,
             opset=opset,
             tool_version=__version__,
@@ -234,7 +247,7 @@ def export_bundle(
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification={
                 "against": "pytorch",
-                "tolerance": tolerance("onnx_vs_torch", "fp32"),
+                "tolerance": tolerance("onnx_vs_torch", precision),
                 "allowed_max_abs_diff": tol,
                 "max_abs_diff": diffs,
                 "steps": "prefill + 3 decode, batch 2, left padding",
