@@ -64,15 +64,17 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
 @click.option("--rope-scaling", type=click.Choice(["interpolation", "base"]), default=None,
               help="How THUDM's rope_ratio applies (default: detected; ChatGLM2-32k interpolates, ChatGLM3-32k/GLM-4 scale the base).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21))
+@click.option("--fp16", is_flag=True, help="FP16 weights and KV cache; norms, softmax, rotary and logits stay fp32.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, as_json, quiet):
+def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, fp16, as_json, quiet):
     """Export a ChatGLM checkpoint to a verified ONNX bundle with a KV cache."""
     from exporter.onnx_export import export_bundle
     from runtime.progress import TqdmProgress
 
     result = export_bundle(model_dir, out_dir, verify=verify, overwrite=overwrite, rope_scaling=rope_scaling,
-                           opset=opset, progress=TqdmProgress(enabled=not quiet and not as_json))
+                           opset=opset, progress=TqdmProgress(enabled=not quiet and not as_json),
+                           precision="fp16" if fp16 else "fp32")
     if as_json:
         click.echo(json.dumps({
             "bundle": result.bundle_dir,
