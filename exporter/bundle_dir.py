@@ -30,6 +30,9 @@ def staged_directory(out_dir: str, overwrite: bool, option: str = "--out") -> It
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary directory
     except OSError as e:
         raise OutputPathError(f"{option} {out_dir}: cannot write there ({e.strerror or e})") from None
     try:
