@@ -1,0 +1,272 @@
+"""TensorRT engines from export bundles: ``engine_from_bundle(bundle_dir, out_dir, options)``.
+
+Reads the bundle's manifest, checks the graph for TensorRT (``exporter.trt_check``), makes the prefill and decode
+optimization profiles (``exporter.trt_profiles``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
+beside it), builds, and writes ``engine.plan`` and ``engine.json`` into ``out_dir`` through a temporary directory
+that is renamed into place. ``engine.json`` records what the runtime needs to refuse an engine that cannot run here
+(``runtime.trt_compat``) and to pick a profile per step (``runtime.trt_profiles_select``).
+
+Every decision (precision plan, profiles, the graph check, the record) is a pure function; only
+``engine_from_bundle`` imports ``tensorrt`` and cuda-python, and only when called. ``exporter.trtexec_cmd`` gives the
+equivalent ``trtexec`` command line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from runtime.errors import BackendError, BundleError
+from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from runtime.progress import NullProgress
+from runtime.trt_compat import (
+    ENGINE_FORMAT,
+    ENGINE_FORMAT_VERSION,
+    ENGINE_PLAN,
+    ENGINE_RECORD,
+    engine_compatibility,
+)
+from runtime.trt_profiles_select import Profile
+
+from .bundle_dir import check_destination, staged_directory
+from .trt_check import check_for_tensorrt
+from .trt_profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
+
+__all__ = [
+    "EngineOptions",
+    "PrecisionPlan",
+    "engine_compatibility",
+    "engine_from_bundle",
+    "engine_record",
+    "precision_plan",
+    "tensorrt_available",
+]
+
+MIN_TRT_MAJOR = 10
+INSTALL_HINT = "pip install tensorrt-cu12 cuda-python (TensorRT 10 and a CUDA GPU are needed)"
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How to build: shapes, precision switches and builder settings (the CLI's options, one field each)."""
+
+    profile: ProfileRequest
+    fp16: bool = False  # weakly typed builds only: let TensorRT choose FP16 kernels (BuilderFlag.FP16)
+    strongly_typed: Optional[bool] = None  # None: strongly typed for fp16/int8/int4 bundles, weakly typed for fp32
+    workspace_mib: Optional[int] = None  # MemoryPoolType.WORKSPACE limit; None leaves TensorRT's default
+    optimization_level: int = 3  # builder_optimization_level, 0..5
+    tf32: bool = True  # TensorRT's default; False clears BuilderFlag.TF32 for full fp32 matmul precision
+    timing_cache: Optional[str] = None  # read if present, written back after the build
+    overwrite: bool = False
+    skip_check: bool = False  # build even where exporter.trt_check reports problems
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:
+            raise EngineOptionError(f"--optimization-level must be 0..5, got {self.optimization_level}")
+        if self.workspace_mib is not None and self.workspace_mib < 1:
+            raise EngineOptionError(f"--workspace must be at least 1 MiB, got {self.workspace_mib}")
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How a bundle's precision becomes a TensorRT network and builder flags."""
+
+    strongly_typed: bool  # NetworkDefinitionCreationFlag.STRONGLY_TYPED: every tensor keeps its ONNX type
+    builder_flags: Tuple[str, ...] = field(default=())  # names in trt.BuilderFlag: "FP16", "INT8"
+
+    @property
+    def label(self) -> str:
+        if self.strongly_typed:
+            return "strongly typed"
+        return "+".join(("fp32",) + tuple(f.lower() for f in self.builder_flags))
+
+
+def precision_plan(bundle_precision: str, fp16: bool = False, strongly_typed: Optional[bool] = None) -> PrecisionPlan:
+    """The network mode and builder flags for a bundle of this precision.
+
+    TensorRT 10 runs explicitly quantized (Q/DQ) and fp16 graphs as written in strongly typed mode, and refuses
+    precision flags there; an fp32 bundle builds weakly typed, with FP16 kernels allowed by ``fp16``.
+    """
+    if bundle_precision == "int8-dynamic":
+        raise EngineOptionError(
+            "int8-dynamic bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build the "
+            "engine from an fp16, fp32 or int8 (static Q/DQ) bundle"
+        )
+    if bundle_precision not in ("fp32", "fp16", "int8", "int4"):
+        raise BundleError(f"manifest precision {bundle_precision!r} is not one glm-export knows; re-export the bundle")
+    typed = strongly_typed if strongly_typed is not None else bundle_precision != "fp32"
+    if fp16 and bundle_precision in ("fp16", "int4"):
+        raise EngineOptionError(f"--fp16 applies to fp32 and int8 bundles; this bundle is already {bundle_precision}")
+    if fp16 and typed:
+        raise EngineOptionError(
+            "--fp16 cannot be combined with a strongly typed build: TensorRT keeps every tensor in its ONNX type "
+            "there; export an fp16 bundle, or pass --weakly-typed"
+        )
+    if typed:
+        return PrecisionPlan(strongly_typed=True)
+    flags: List[str] = []
+    if bundle_precision == "int8":
+        flags.append("INT8")
+    if fp16 or bundle_precision in ("fp16", "int4"):
+        flags.append("FP16")
+    return PrecisionPlan(strongly_typed=False, builder_flags=tuple(flags))
+
+
+def engine_record(
+    manifest: Manifest,
+    manifest_sha256: str,
+    profiles: Sequence[Profile],
+    plan: PrecisionPlan,
+    options: EngineOptions,
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    engine_sha256: str,
+    engine_bytes: int,
+    source_bundle: str = "",
+) -> Dict[str, Any]:
+    """The contents of ``engine.json``."""
+    return {
+        "format": ENGINE_FORMAT,
+        "format_version": ENGINE_FORMAT_VERSION,
+        "tensorrt_version": trt_version,
+        "gpu_name": gpu_name,
+        "compute_capability": compute_capability,
+        "precision": manifest.precision,
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": list(plan.builder_flags),
+        "builder_optimization_level": options.optimization_level,
+        "tf32": options.tf32,
+        "workspace_mib": options.workspace_mib,
+        "profiles": [p.to_dict() for p in profiles],
+        "engine_file": ENGINE_PLAN,
+        "engine_sha256": engine_sha256,
+        "engine_bytes": engine_bytes,
+        "source_bundle": source_bundle,
+        "source_manifest_sha256": manifest_sha256,
+        "source_model_file": manifest.model_file,
+        "inputs": [t.to_dict() for t in manifest.inputs],
+        "outputs": [t.to_dict() for t in manifest.outputs],
+        "spec": manifest.spec.to_dict(),
+    }
+
+
+def tensorrt_available() -> Tuple[bool, str]:
+    """(True, version) where TensorRT 10+ imports, else (False, why)."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        return False, f"the tensorrt package is not installed ({e}); {INSTALL_HINT}"
+    except Exception as e:  # a broken install raises OSError/RuntimeError while loading libnvinfer
+        return False, f"the tensorrt package failed to load ({type(e).__name__}: {e})"
+    version = str(getattr(trt, "__version__", "0"))
+    major = version.split(".", 1)[0]
+    if not major.isdigit() or int(major) < MIN_TRT_MAJOR:
+        return False, f"TensorRT {version} is installed; glm-export needs TensorRT {MIN_TRT_MAJOR} or newer"
+    return True, version
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def engine_from_bundle(
+    bundle_dir: str, out_dir: str, options: EngineOptions, progress: Optional[NullProgress] = None
+) -> Dict[str, Any]:
+    """Build a TensorRT engine for the bundle into ``out_dir``; returns the ``engine.json`` record.
+
+    ``progress`` is a ``runtime.progress`` reporter (``NullProgress`` by default): each stage is one ``stage()``.
+    """
+    say = (progress or NullProgress()).stage
+    check_destination(out_dir, options.overwrite)
+    manifest = read_manifest(bundle_dir)
+    manifest_sha = sha256_of(os.path.join(bundle_dir, MANIFEST_NAME))
+    model_path = os.path.join(bundle_dir, manifest.model_file)
+    plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed)
+    profiles = profiles_for_manifest(manifest, options.profile)
+
+    ok, trt_version = tensorrt_available()
+    if not ok:
+        raise BackendError(trt_version)
+    report = check_for_tensorrt(model_path, profiles, trt_version)
+    if not report.ok:
+        if not options.skip_check:
+            raise BundleError(f"{model_path}: TensorRT cannot build this graph as it is.\n{report.text()}")
+        say(f"building despite {len(report.problems)} reported problem(s) (--skip-check)")
+
+    import tensorrt as trt
+
+    from runtime.backends.tensorrt import current_gpu
+
+    gpu_name, compute_capability = current_gpu()
+    say(f"TensorRT {trt_version} on {gpu_name} (compute capability {compute_capability}); {plan.label}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    say(f"parsing {model_path}")
+    if not parser.parse_from_file(model_path):  # resolves model.onnx.data beside the model
+        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
+        raise BundleError(f"{model_path}: TensorRT's ONNX parser failed:\n{errors}")
+    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    missing = sorted(set(network_inputs) - set(profiles[0].shapes))
+    if missing:
+        raise BundleError(f"{model_path}: graph inputs {missing} are not in the manifest; re-export the bundle")
+
+    config = builder.create_builder_config()
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if options.workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    config.builder_optimization_level = options.optimization_level
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name in network_inputs:
+            lo, opt, hi = p.shapes[name]
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        config.add_optimization_profile(profile)
+    cache_bytes = b""
+    if options.timing_cache and os.path.isfile(options.timing_cache):
+        with open(options.timing_cache, "rb") as f:
+            cache_bytes = f.read()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+
+    say(f"building the engine ({len(profiles)} profiles: {', '.join(p.name for p in profiles)})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError("TensorRT failed to build the engine; the TensorRT log above says why")
+    plan_bytes = bytes(memoryview(serialized))
+    if options.timing_cache:
+        _write_atomic(options.timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+
+    record = engine_record(
+        manifest,
+        manifest_sha,
+        profiles,
+        plan,
+        options,
+        trt_version,
+        gpu_name,
+        compute_capability,
+        hashlib.sha256(plan_bytes).hexdigest(),
+        len(plan_bytes),
+        os.path.abspath(bundle_dir),
+    )
+    with staged_directory(out_dir, options.overwrite) as tmp_dir:
+        with open(os.path.join(tmp_dir, ENGINE_PLAN), "wb") as f:
+            f.write(plan_bytes)
+        with open(os.path.join(tmp_dir, ENGINE_RECORD), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+    say(f"wrote {os.path.join(out_dir, ENGINE_PLAN)} ({len(plan_bytes) / 2**20:.1f} MiB)")
+    return record

@@ -1,0 +1,90 @@
+"""The ``trtexec`` command line equivalent to ``engine_from_bundle``: for machines where only TensorRT's own tools run.
+
+Pure: builds arguments, runs nothing. The flags follow trtexec's ``--help`` in TensorRT 10 (NVIDIA/TensorRT
+``samples/common/sampleOptions.cpp``):
+
+- several optimization profiles are given as ``--profile=0 --minShapes=... --optShapes=... --maxShapes=...
+  --profile=1 ...``: each ``--profile=N`` must be followed directly by its three shape flags, and the indices must be
+  contiguous from 0; a single profile may use the three shape flags without ``--profile``;
+- a shape spec is ``name:d0xd1x...`` joined by commas; a name holding ``:`` is wrapped in single quotes;
+- ``--memPoolSize=workspace:N`` takes MiB when no unit suffix is given (the form TensorRT 10's migration guide
+  uses);
+- precision: ``--stronglyTyped`` for a strongly typed network, else ``--fp16`` / ``--int8``; ``--noTF32``;
+- ``--timingCacheFile``, ``--builderOptimizationLevel=N``, and ``--skipInference`` to build without benchmarking.
+"""
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from runtime.trt_profiles_select import Profile, Shape
+
+from .trt_engine import PrecisionPlan
+
+FLAG_OF_BUILDER_FLAG = {"FP16": "--fp16", "INT8": "--int8"}
+
+
+@dataclass(frozen=True)
+class TrtexecCommand:
+    args: List[str]  # argv, ready for subprocess.run
+    shell: str  # the same, quoted for a POSIX shell
+
+
+def shape_spec(shapes: Sequence[Tuple[str, Shape]]) -> str:
+    """``[("input_ids", (1, 8)), ...]`` -> ``input_ids:1x8,...``."""
+    parts = []
+    for name, shape in shapes:
+        if "," in name or "'" in name:
+            raise ValueError(f"trtexec cannot name the input {name!r} (it holds ',' or a quote)")
+        label = f"'{name}'" if ":" in name else name
+        parts.append(label + ":" + "x".join(str(int(d)) for d in shape))
+    return ",".join(parts)
+
+
+def _profile_args(profile: Profile) -> List[str]:
+    which: List[List[Tuple[str, Shape]]] = [[], [], []]
+    for name, ranges in profile.shapes.items():
+        for k in range(3):
+            which[k].append((name, ranges[k]))
+    return [
+        "--minShapes=" + shape_spec(which[0]),
+        "--optShapes=" + shape_spec(which[1]),
+        "--maxShapes=" + shape_spec(which[2]),
+    ]
+
+
+def trtexec_command(
+    onnx_path: str,
+    engine_path: str,
+    profiles: Sequence[Profile],
+    plan: PrecisionPlan,
+    workspace_mib: Optional[int] = None,
+    timing_cache: Optional[str] = None,
+    optimization_level: Optional[int] = None,
+    tf32: bool = True,
+    trtexec: str = "trtexec",
+) -> TrtexecCommand:
+    """The trtexec invocation that builds the same engine as ``engine_from_bundle`` (without ``engine.json``)."""
+    if not profiles:
+        raise ValueError("at least one optimization profile is needed")
+    args = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}"]
+    if plan.strongly_typed:
+        args.append("--stronglyTyped")
+    args += [FLAG_OF_BUILDER_FLAG[f] for f in plan.builder_flags]
+    if not tf32:
+        args.append("--noTF32")
+    if len(profiles) == 1:
+        args += _profile_args(profiles[0])
+    else:
+        for i, profile in enumerate(profiles):
+            args.append(f"--profile={i}")
+            args += _profile_args(profile)
+    if workspace_mib is not None:
+        args.append(f"--memPoolSize=workspace:{int(workspace_mib)}")
+    if timing_cache:
+        args.append(f"--timingCacheFile={timing_cache}")
+    if optimization_level is not None:
+        args.append(f"--builderOptimizationLevel={int(optimization_level)}")
+    args.append("--skipInference")
+    return TrtexecCommand(args=args, shell=" ".join(shlex.quote(a) for a in args))
