@@ -1,0 +1,288 @@
+"""The Python API over an export bundle: load, generate, stream, chat.
+
+Where it stands: the top of the runtime. ``GlmModel.load`` reads the bundle's manifest (and nothing else about the
+model), opens the backend on the bundle's graph and, on first need, the bundle's tokenizer; the decode loop is
+``runtime.generate``. Nothing here imports torch, transformers or the exporter.
+
+    from runtime import GlmModel, GenerationConfig
+
+    with GlmModel.load("bundle/") as model:
+        print(model.generate("Hello", GenerationConfig(max_new_tokens=32)).text)
+        for piece in model.stream("Hello", GenerationConfig(do_sample=True, seed=0)):
+            print(piece.text, end="", flush=True)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import BundleError, GenerationError, TokenizerError
+from .generate import DEFAULT_PREFILL_CHUNK, Generation
+from .graph_contract import past_key_name
+from .manifest import Manifest, read_manifest
+from .sampling import GenerationConfig
+from .spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
+
+Prompt = Union[str, Sequence[int]]
+Message = Mapping[str, str]
+
+
+@dataclass
+class GenerationResult:
+    prompt_ids: List[int]
+    generated_ids: List[int]
+    text: Optional[str]  # decoded new text (no eos, ends before a stop string); None when the bundle has no tokenizer
+    finish_reason: str  # "eos" | "stop" | "length" | "context"
+    timings: Dict[str, float] = field(default_factory=dict)  # prefill_ms, decode_ms, decode_steps, decode_tokens_per_s
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "prompt_ids": list(self.prompt_ids),
+            "generated_ids": list(self.generated_ids),
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "timings": dict(self.timings),
+        }
+
+
+class StreamPiece(NamedTuple):
+    token_id: int
+    text: str  # the text this token releases (may be "" while a multi-byte character or a stop prefix waits)
+    finish_reason: Optional[str]  # set on the last piece
+
+
+class TextStream:
+    """Iterate for :class:`StreamPiece`s (``.text`` and ``.token_id``); ``result`` is set once it is exhausted."""
+
+    def __init__(self, run: Generation):
+        self._run = run
+        self.result: Optional[GenerationResult] = None
+
+    def __iter__(self) -> Iterator[StreamPiece]:
+        for event in self._run:
+            yield StreamPiece(event.token_id, event.text, event.finish_reason)
+        self.result = _results(self._run)[0]
+
+    def text_pieces(self) -> Iterator[str]:
+        """Only the non-empty text pieces."""
+        return (p.text for p in self if p.text)
+
+
+class GlmModel:
+    """An exported ChatGLM bundle, ready to generate."""
+
+    def __init__(self, bundle_dir: str, manifest: Manifest, backend, prefill_chunk: Optional[int]):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.spec: ModelSpec = manifest.spec
+        self.backend = backend
+        self.prefill_chunk = prefill_chunk
+        self._tokenizer = None
+        self._tokenizer_loaded = False
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str,
+        provider: str = "cpu",
+        threads: Optional[int] = None,
+        *,
+        io_binding: bool = True,
+        prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
+        verify_checksums: bool = False,
+    ) -> "GlmModel":
+        """Open a bundle written by ``glm-export onnx``.
+
+        Raises BundleError for a missing or corrupt file or a manifest newer than this runtime, BackendError when the
+        provider is not available. ``verify_checksums`` re-hashes every file (slow on big bundles); by default only
+        their presence and sizes are checked.
+        """
+        bundle_dir = os.fspath(bundle_dir)
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        model_path = os.path.join(bundle_dir, manifest.model_file)
+        if not os.path.isfile(model_path):
+            raise BundleError(f"{model_path}: the bundle's graph is missing")
+        kv_dtype = _kv_dtype(manifest, model_path)
+        from .backends.onnxruntime import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(
+            model_path, manifest.spec, kv_dtype=kv_dtype, provider=provider, threads=threads, io_binding=io_binding
+        )
+        return cls(bundle_dir, manifest, backend, prefill_chunk)
+
+    # ------------------------------------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        if self.backend is not None:
+            self.backend.close()
+
+    def __enter__(self) -> "GlmModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ tokenizer
+
+    @property
+    def tokenizer(self):
+        """The bundle's tokenizer, loaded on first use; None when the bundle has none."""
+        if not self._tokenizer_loaded:
+            self._tokenizer_loaded = True
+            if self.spec.tokenizer_kind != TOKENIZER_NONE:
+                from .tokenizer import load_tokenizer
+
+                self._tokenizer = load_tokenizer(self.bundle_dir, self.spec)
+        return self._tokenizer
+
+    def _require_tokenizer(self, why: str):
+        tok = self.tokenizer
+        if tok is None:
+            raise TokenizerError(f"{self.bundle_dir}: the bundle has no tokenizer, so {why}; pass token ids instead")
+        return tok
+
+    def encode(self, prompt: Prompt) -> List[int]:
+        """A text prompt -> ids with the model's prompt prefix; an id prompt is returned as a list, unchanged."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise GenerationError("prompt is empty: give some text or token ids")
+            return list(self._require_tokenizer("text prompts cannot be encoded").encode_prompt(prompt))
+        return _id_list(prompt)
+
+    def _decoder_factory(self):
+        tok = self.tokenizer
+        if tok is None:
+            return None
+        from .tokenizer import StreamDecoder
+
+        return lambda: StreamDecoder(tok)
+
+    # ------------------------------------------------------------------------------------------------ generation
+
+    def start(
+        self,
+        prompts: Sequence[Sequence[int]],
+        config: Optional[GenerationConfig] = None,
+        extra_eos: Sequence[int] = (),
+    ) -> Generation:
+        """A :class:`Generation` over id prompts with this model's context, eos ids and tokenizer; ``extra_eos``
+        ids also end a sequence (the chat stop ids), on top of the config's or the model's eos ids."""
+        config = config if config is not None else GenerationConfig()
+        if extra_eos:
+            eos = config.eos_token_ids if config.eos_token_ids is not None else self.spec.eos_token_ids
+            eos = tuple(eos) + tuple(sorted(int(t) for t in extra_eos if t not in eos))
+            config = dataclasses.replace(config, eos_token_ids=eos)
+        return Generation(
+            self.backend,
+            prompts,
+            config,
+            context_length=self.spec.max_position_embeddings,
+            vocab_size=self.spec.vocab_size,
+            eos_token_ids=self.spec.eos_token_ids,
+            pad_token_id=self.spec.pad_token_id,
+            decoder_factory=self._decoder_factory(),
+            prefill_chunk=self.prefill_chunk,
+        )
+
+    def generate(
+        self, prompt: Union[Prompt, Sequence[Prompt]], config: Optional[GenerationConfig] = None
+    ) -> Union[GenerationResult, List[GenerationResult]]:
+        """Generate for one prompt (text or ids) -> a result, or for a list of prompts (one batch) -> a list."""
+        prompts, single = _split_prompts(prompt)
+        run = self.start([self.encode(p) for p in prompts], config)
+        for _ in run:
+            pass
+        results = _results(run)
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt, config: Optional[GenerationConfig] = None) -> TextStream:
+        """Generate for one prompt, yielding a :class:`StreamPiece` per token as it is chosen."""
+        prompts, single = _split_prompts(prompt)
+        if not single:
+            raise GenerationError("stream() takes one prompt; use generate() for a batch")
+        return TextStream(self.start([self.encode(prompts[0])], config))
+
+    def require_chat(self) -> None:
+        """TokenizerError unless the bundle has a tokenizer and a chat format."""
+        self._require_tokenizer("chat is unavailable")
+        if self.spec.chat_format == CHAT_NONE:
+            raise TokenizerError(f"{self.bundle_dir}: the model has no chat format; use a plain prompt")
+
+    def chat_ids(self, messages: Sequence[Message]) -> List[int]:
+        """The model's chat format for ``messages`` ({"role": "system"|"user"|"assistant", "content": ...}),
+        ending with the assistant's turn to speak."""
+        if not messages:
+            raise GenerationError("chat needs at least one message")
+        from .tokenizer import build_chat_ids
+
+        return list(build_chat_ids(self._require_tokenizer("chat is unavailable"), self.spec, list(messages)))
+
+    def _chat_run(self, messages: Sequence[Message], config: Optional[GenerationConfig]) -> Generation:
+        from .tokenizer import chat_stop_ids
+
+        ids = self.chat_ids(messages)
+        return self.start([ids], config, extra_eos=chat_stop_ids(self.tokenizer, self.spec))
+
+    def chat(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None) -> GenerationResult:
+        """One assistant reply to ``messages``; stops on the model's chat stop ids as well as its eos ids."""
+        run = self._chat_run(messages, config)
+        for _ in run:
+            pass
+        return _results(run)[0]
+
+    def chat_stream(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None) -> TextStream:
+        return TextStream(self._chat_run(messages, config))
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+
+
+def _kv_dtype(manifest: Manifest, where: str) -> str:
+    name = past_key_name(0)
+    for t in manifest.inputs:
+        if t.name == name:
+            if t.dtype not in ("float32", "float16"):
+                raise BundleError(f"{where}: manifest gives {name} dtype {t.dtype!r}; expected float32 or float16")
+            return t.dtype
+    raise BundleError(f"{where}: manifest lists no input {name}")
+
+
+def _id_list(prompt: Sequence[int]) -> List[int]:
+    try:
+        ids = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+        raise GenerationError(f"a prompt must be text or a list of token ids, got {prompt!r:.80}") from None
+    for orig in prompt:
+        if isinstance(orig, (bool, np.bool_)) or isinstance(orig, float) and not float(orig).is_integer():
+            raise GenerationError(f"token ids must be integers, got {orig!r}")
+    return ids
+
+
+def _split_prompts(prompt) -> Tuple[list, bool]:
+    """-> (prompts, single). A str or a flat list of ints is one prompt; a list of those is a batch."""
+    if isinstance(prompt, str):
+        return [prompt], True
+    if isinstance(prompt, np.ndarray):
+        prompt = prompt.tolist()
+    if not isinstance(prompt, (list, tuple)):
+        raise GenerationError(f"a prompt must be text or a list of token ids, got {type(prompt).__name__}")
+    if len(prompt) == 0:
+        return [prompt], True  # an empty prompt: refused with a clear message by the generation checks
+    if all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt):
+        return list(prompt), False
+    return [prompt], True
+
+
+def _results(run: Generation) -> List[GenerationResult]:
+    timings = run.timings
+    out = []
+    for seq in run.sequences:
+        if seq.finish_reason is None:
+            raise GenerationError("generation was not run to the end")
+        out.append(GenerationResult(list(seq.prompt_ids), list(seq.generated_ids), seq.text, seq.finish_reason,
+                                    dict(timings)))
+    return out

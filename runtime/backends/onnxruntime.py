@@ -1,0 +1,207 @@
+"""onnxruntime backend: one InferenceSession over the bundle's model.onnx, KV cache kept as OrtValues.
+
+Where it stands: ``runtime.api`` builds it from a bundle; ``runtime.generate`` calls :meth:`forward` once per
+prefill chunk and once per decoded token.
+
+With ``io_binding=True`` (the default) the ``present.*`` outputs are allocated by onnxruntime on the execution
+device and bound, unchanged, as the next step's ``past_key_values.*`` inputs: the cache never travels through numpy.
+Only ``input_ids``/``attention_mask``/``position_ids`` go in from the host and only the logits come back. The graph's
+own Concat still writes past+new into a fresh present each step (that is the ONNX contract); what this avoids is the
+extra host round trip of every layer's cache per token. ``io_binding=False`` is the plain ``session.run`` path, kept
+for comparison and for debugging. On the CPU provider both paths measure the same (onnxruntime's plain run does
+not copy CPU tensors either); the binding matters where the cache lives on a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..errors import BackendError, BundleError
+from ..spec import ModelSpec
+from ..graph_contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    past_key_name,
+    past_value_name,
+    present_key_name,
+    present_value_name,
+)
+from .base import KVCache, check_feed_shapes
+
+log = logging.getLogger("glm_export")
+
+# user-facing provider name -> (onnxruntime providers in preference order, OrtValue device type)
+PROVIDERS: Dict[str, Tuple[Tuple[str, ...], str]] = {
+    "cpu": (("CPUExecutionProvider",), "cpu"),
+    "cuda": (("CUDAExecutionProvider", "CPUExecutionProvider"), "cuda"),
+    "tensorrt": (("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"), "cuda"),
+}
+
+
+def _import_ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BackendError(
+            "onnxruntime is not installed; install it with 'pip install onnxruntime' "
+            "(or onnxruntime-gpu for --provider cuda/tensorrt)"
+        ) from None
+    return onnxruntime
+
+
+def parse_provider(provider: str) -> Tuple[str, int]:
+    """'cpu' | 'cuda' | 'cuda:1' | 'tensorrt[:N]' -> (name, device id)."""
+    name, _, idx = str(provider).strip().lower().partition(":")
+    if name not in PROVIDERS:
+        raise BackendError(f"unknown provider {provider!r}; choose one of: {', '.join(PROVIDERS)}")
+    if idx and not idx.isdigit():
+        raise BackendError(f"provider {provider!r}: the device index after ':' must be a number")
+    if idx and name == "cpu":
+        raise BackendError("provider 'cpu' takes no device index")
+    return name, int(idx or 0)
+
+
+class OnnxRuntimeBackend:
+    """A ChatGLM decoder graph (see ``runtime.graph_contract``) run by onnxruntime."""
+
+    def __init__(
+        self,
+        model_path: str,
+        spec: ModelSpec,
+        kv_dtype: str = "float32",
+        provider: str = "cpu",
+        threads: Optional[int] = None,
+        io_binding: bool = True,
+    ):
+        ort = _import_ort()
+        name, device_id = parse_provider(provider)
+        wanted, device_type = PROVIDERS[name]
+        available = ort.get_available_providers()
+        if wanted[0] not in available:
+            raise BackendError(
+                f"provider {name!r} needs onnxruntime's {wanted[0]}, which this onnxruntime "
+                f"({ort.__version__}) does not have; available: {', '.join(available)}"
+                + ("; install onnxruntime-gpu" if name != "cpu" else "")
+            )
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise BackendError(f"threads must be a positive integer, got {threads!r}")
+        if not os.path.isfile(model_path):
+            raise BundleError(f"{model_path}: model file missing from the bundle")
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only; the library logs, it does not print
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.inter_op_num_threads = 1
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+        providers = [(p, {"device_id": device_id}) if p != "CPUExecutionProvider" else p for p in wanted]
+        try:
+            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
+        if wanted[0] not in self.session.get_providers():  # onnxruntime falls back silently, e.g. missing CUDA libs
+            raise BackendError(
+                f"onnxruntime could not start {wanted[0]} (CUDA/TensorRT libraries missing?); "
+                f"the session runs on: {', '.join(self.session.get_providers())}"
+            )
+
+        self.provider = name
+        self.device_type = device_type
+        self.device_id = device_id
+        self.num_layers = spec.num_layers
+        self.kv_dtype = np.dtype(kv_dtype)
+        self.io_binding = bool(io_binding)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self._past_names = [n for i in range(self.num_layers) for n in (past_key_name(i), past_value_name(i))]
+        self._present_names = [n for i in range(self.num_layers) for n in (present_key_name(i), present_value_name(i))]
+        wanted_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + self._past_names
+        missing_in = [n for n in wanted_in if n not in self.input_names]
+        missing_out = [n for n in [LOGITS] + self._present_names if n not in self.output_names]
+        if missing_in or missing_out:
+            raise BundleError(
+                f"{model_path}: graph does not follow the manifest's contract; missing "
+                + ", ".join(missing_in + missing_out)
+            )
+        self._kv_heads, self._head_dim = spec.num_kv_heads, spec.head_dim
+        self._ort = ort
+
+    # -------------------------------------------------------------------------------------------- Backend protocol
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        outs = self.session.run(None, dict(feeds))
+        return dict(zip(self.output_names, outs))
+
+    def close(self) -> None:
+        self.session = None
+
+    def __enter__(self) -> "OnnxRuntimeBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -------------------------------------------------------------------------------------------- DecoderBackend
+
+    def empty_cache(self, batch: int) -> KVCache:
+        z = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self.kv_dtype)
+        if self.io_binding:
+            tensors = [self._ort.OrtValue.ortvalue_from_numpy(z, self.device_type, self.device_id)
+                       for _ in self._past_names]
+        else:
+            tensors = [z] * len(self._past_names)
+        return KVCache(tensors, batch, 0)
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache
+    ) -> Tuple[np.ndarray, KVCache]:
+        check_feed_shapes(input_ids, attention_mask, position_ids, cache)
+        if self.session is None:
+            raise BackendError("the backend was closed")
+        host = {
+            INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
+            ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
+            POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+        }
+        new_len = cache.length + input_ids.shape[1]
+        if not self.io_binding:
+            feeds = dict(host)
+            feeds.update(zip(self._past_names, cache.tensors))
+            outs = self.session.run([LOGITS] + self._present_names, feeds)
+            return _last(outs[0]), KVCache(list(outs[1:]), cache.batch, new_len)
+
+        binding = self.session.io_binding()
+        for name, arr in host.items():
+            binding.bind_cpu_input(name, arr)  # the arrays stay alive in `host` until run returns
+        for name, value in zip(self._past_names, cache.tensors):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output(LOGITS, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, self.device_type, self.device_id)
+        self.session.run_with_iobinding(binding)
+        outs = binding.get_outputs()  # OrtValues in binding order
+        logits = _last(outs[0].numpy())
+        presents = [outs[i] for i in range(1, len(outs))]
+        return logits, KVCache(presents, cache.batch, new_len)
+
+    def select_rows(self, cache: KVCache, rows: np.ndarray) -> KVCache:
+        rows = np.asarray(rows, dtype=np.int64)
+        host = [t if isinstance(t, np.ndarray) else t.numpy() for t in cache.tensors]
+        kept = [np.ascontiguousarray(a[rows]) for a in host]
+        if self.io_binding:  # back onto the device; on the CPU the OrtValue wraps the array (it keeps it alive)
+            kept = [self._ort.OrtValue.ortvalue_from_numpy(a, self.device_type, self.device_id) for a in kept]
+        return KVCache(kept, int(rows.size), cache.length)
+
+    def cache_to_numpy(self, cache: KVCache) -> List[np.ndarray]:
+        return [t.numpy() if hasattr(t, "numpy") else np.array(t, copy=True) for t in cache.tensors]
+
+
+def _last(logits: np.ndarray) -> np.ndarray:
+    """[batch, seq, vocab] -> the last position's [batch, vocab], float32."""
+    return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)

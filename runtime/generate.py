@@ -1,0 +1,342 @@
+"""The decode loop: prefill, decode steps, stop rules; ``generate()`` yields token ids as they are chosen.
+
+Where it stands: ``runtime.api`` turns prompts into ids and hands them here with a backend
+(``runtime.backends``) and a ``GenerationConfig`` (``runtime.sampling``). Detokenising is outside the loop except
+for stop strings, which are checked on decoded text through an optional per-sequence decoder.
+
+Several prompts run as one batch, left-padded::
+
+    input_ids       [batch, n_max]       pads first, then the prompt
+    attention_mask  [batch, n_max + t]   0 on pads, 1 on every real token (grows by one column per step)
+    position_ids    [batch, seq]         cumsum(mask) - 1, clipped at 0: each row counts from its first real token
+
+Each sequence stops on its own, with a finish reason:
+
+    "eos"      it produced one of the end-of-sequence ids (kept as its last generated id)
+    "stop"     its decoded text contains a stop string (the text ends before it)
+    "length"   it produced max_new_tokens
+    "context"  prompt + generated reached the context length (the model's, or the user's smaller max_length)
+
+When a sequence finishes, its row leaves the running batch (``DecoderBackend.select_rows``, one copy of the cache),
+so the others stop paying for it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .backends.base import DecoderBackend, KVCache
+from .errors import GenerationError
+from .sampling import GenerationConfig, next_tokens
+
+FINISH_EOS = "eos"
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_CONTEXT = "context"
+FINISH_REASONS = (FINISH_EOS, FINISH_STOP, FINISH_LENGTH, FINISH_CONTEXT)
+
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per prefill forward; bounds the [batch, chunk, vocab] logits buffer
+
+
+class TextDecoder:
+    """What the loop needs from a streaming detokeniser (``runtime.tokenizer.StreamDecoder`` fits)."""
+
+    def push(self, token_id: int) -> str:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def flush(self) -> str:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class TokenEvent(NamedTuple):
+    """One chosen token of one sequence."""
+
+    index: int  # which prompt of the batch
+    token_id: int
+    text: str  # text this token releases ("" without a decoder; may be "" while bytes or a stop prefix wait)
+    finish_reason: Optional[str]  # set on the sequence's last token
+
+
+@dataclass
+class SequenceState:
+    prompt_ids: List[int]
+    generated_ids: List[int] = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    text: Optional[str] = None  # decoded generated text (ending before a stop string); None without a decoder
+
+
+class StopTextTracker:
+    """Decoded text of one sequence: finds stop strings and holds back text that may be the start of one.
+
+    Released text never contains any part of a stop string: a tail of the text that is a proper prefix of some stop
+    string is kept back until the next token decides it.
+    """
+
+    def __init__(self, decoder: TextDecoder, stops: Sequence[str] = ()):
+        self.decoder = decoder
+        self.stops = tuple(stops)
+        self._longest = max((len(s) for s in self.stops), default=0)
+        self.text = ""
+        self.released = 0
+        self.stop_at: Optional[int] = None
+
+    def push(self, token_id: int) -> str:
+        return self._add(self.decoder.push(int(token_id)), final=False)
+
+    def finish(self) -> str:
+        """Flush the decoder and release everything that is left (up to a stop string, if one was found)."""
+        if self.stop_at is not None:
+            return ""
+        return self._add(self.decoder.flush(), final=True)
+
+    @property
+    def final_text(self) -> str:
+        return self.text if self.stop_at is None else self.text[: self.stop_at]
+
+    def _add(self, new: str, final: bool) -> str:
+        search_from = max(0, len(self.text) - self._longest + 1)
+        self.text += new
+        end = len(self.text)
+        hits = [i for i in (self.text.find(s, search_from) for s in self.stops) if i >= 0]
+        if hits:
+            self.stop_at = end = min(hits)
+        elif not final:
+            end -= self._held_back()
+        piece = self.text[self.released : end]
+        self.released = max(self.released, end)
+        return piece
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for k in range(min(self._longest - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+# ------------------------------------------------------------------------------------------------ model steps
+
+
+def prefill(
+    backend: DecoderBackend,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK,
+) -> Tuple[np.ndarray, KVCache]:
+    """Run the (left-padded) prompts [batch, n] through the model from an empty cache, ``chunk_size`` columns per
+    forward (None or 0: all at once). Returns the last position's logits [batch, vocab] and the cache."""
+    batch, n = input_ids.shape
+    cache = backend.empty_cache(batch)
+    step = n if not chunk_size or chunk_size >= n else int(chunk_size)
+    logits = None
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        logits, cache = backend.forward(
+            input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end], cache
+        )
+    return logits, cache
+
+
+def decode_step(
+    backend: DecoderBackend, tokens: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: KVCache
+) -> Tuple[np.ndarray, KVCache]:
+    """Feed one token per row: tokens, positions [batch]; attention_mask [batch, cache.length + 1]."""
+    return backend.forward(tokens[:, None], attention_mask, positions[:, None], cache)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask, position_ids [batch, n_max] for left-padded prompts."""
+    n_max = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), n_max), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), n_max), dtype=np.int64)
+    for r, p in enumerate(prompts):
+        if len(p):
+            ids[r, n_max - len(p) :] = p
+            mask[r, n_max - len(p) :] = 1
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    return ids, mask, positions
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+class Generation:
+    """One run over a batch of prompts. Iterate it (once) for :class:`TokenEvent`s; afterwards ``sequences`` hold
+    each prompt's ids, text and finish reason and ``timings`` the speed.
+
+    Everything that can be refused is checked in the constructor, before any model work. ``eos_token_ids`` are the
+    model's; ``config.eos_token_ids``, when set, replaces them. ``context_length`` is the model's; a smaller
+    ``config.max_length`` lowers it. ``decoder_factory`` makes one streaming detokeniser per sequence (text and stop
+    strings); without it the events carry no text.
+    """
+
+    def __init__(
+        self,
+        backend: DecoderBackend,
+        prompts: Sequence[Sequence[int]],
+        config: GenerationConfig,
+        *,
+        context_length: int,
+        vocab_size: int,
+        eos_token_ids: Sequence[int] = (),
+        pad_token_id: int = 0,
+        decoder_factory: Optional[Callable[[], TextDecoder]] = None,
+        prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
+    ):
+        if not isinstance(config, GenerationConfig):
+            raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
+        config.validate()
+        if not prompts:
+            raise GenerationError("no prompts given")
+        if config.max_length is not None:
+            context_length = min(context_length, config.max_length)
+        checked = []
+        for i, p in enumerate(prompts):
+            where = f"prompt {i}" if len(prompts) > 1 else "prompt"
+            try:
+                ids = [int(t) for t in p]
+            except (TypeError, ValueError):
+                raise GenerationError(f"{where} must be a list of token ids") from None
+            if not ids:
+                raise GenerationError(f"{where} is empty: give at least one token")
+            bad = [t for t in ids if t < 0 or t >= vocab_size]
+            if bad:
+                raise GenerationError(f"{where} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+            if len(ids) >= context_length:
+                raise GenerationError(
+                    f"{where} is {len(ids)} tokens, but the context holds {context_length}: at most "
+                    f"{context_length - 1} prompt tokens leave room for one new token; shorten the prompt"
+                )
+            checked.append(ids)
+        if config.stop and decoder_factory is None:
+            raise GenerationError("stop strings need a tokenizer to decode the text; this bundle has none")
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
+            raise GenerationError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
+
+        self.backend = backend
+        self.config = config
+        self.context_length = int(context_length)
+        # the config's eos ids, when given, replace the model's
+        eos = config.eos_token_ids if config.eos_token_ids is not None else eos_token_ids
+        self.eos_token_ids = frozenset(int(t) for t in eos)
+        self.pad_token_id = int(pad_token_id) if 0 <= int(pad_token_id) < vocab_size else 0
+        self.prefill_chunk = prefill_chunk
+        self.sequences = [SequenceState(prompt_ids=p) for p in checked]
+        self._trackers = (
+            [StopTextTracker(decoder_factory(), config.stop) for _ in checked] if decoder_factory else None
+        )
+        self.step_ms: List[float] = []  # per decode step: forward + choosing the next tokens
+        self.prefill_ms: Optional[float] = None  # prompt forwards + choosing the first tokens
+        self._started = False
+
+    @property
+    def timings(self) -> Dict[str, float]:
+        decode_s = sum(self.step_ms) / 1000.0
+        return {
+            "prefill_ms": self.prefill_ms if self.prefill_ms is not None else 0.0,
+            "decode_ms": decode_s * 1000.0,
+            "decode_steps": len(self.step_ms),
+            "decode_tokens_per_s": (len(self.step_ms) / decode_s) if decode_s > 0 else 0.0,
+        }
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        if self._started:
+            raise GenerationError("a Generation runs once; start a new one")
+        self._started = True
+        return self._run()
+
+    def _run(self) -> Iterator[TokenEvent]:
+        cfg, seqs = self.config, self.sequences
+        ids, mask, positions = left_pad([s.prompt_ids for s in seqs], self.pad_token_id)
+        n_max = ids.shape[1]
+        # the mask for the longest possible run, one column per step; every new column is a real token
+        steps_max = min(cfg.max_new_tokens, self.context_length)
+        full_mask = np.ones((len(seqs), n_max + steps_max), dtype=np.int64)
+        full_mask[:, :n_max] = mask
+        next_pos = np.array([len(s.prompt_ids) for s in seqs], dtype=np.int64)
+        live = np.arange(len(seqs))  # which sequence each row of the running batch is
+        rng = cfg.make_rng() if cfg.do_sample else None
+        seen = [set(s.prompt_ids) for s in seqs] if cfg.repetition_penalty != 1.0 else None
+
+        t0 = time.perf_counter()
+        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk)
+        tokens = self._choose(logits, live, rng, seen)
+        self.prefill_ms = (time.perf_counter() - t0) * 1000.0
+
+        step = 0
+        while True:
+            done = np.zeros(live.size, dtype=bool)
+            for j, r in enumerate(live.tolist()):
+                event = self._accept(r, int(tokens[j]))
+                if seen is not None:
+                    seen[r].add(event.token_id)
+                done[j] = event.finish_reason is not None
+                yield event
+            if done.all():
+                return
+            if done.any():  # drop finished rows from the batch, so the others stop paying for them
+                keep = np.flatnonzero(~done)
+                cache = self.backend.select_rows(cache, keep)
+                live, tokens, next_pos, full_mask = live[keep], tokens[keep], next_pos[keep], full_mask[keep]
+            step += 1
+            t0 = time.perf_counter()
+            logits, cache = decode_step(
+                self.backend, tokens, np.ascontiguousarray(full_mask[:, : n_max + step]), next_pos, cache
+            )
+            tokens = self._choose(logits, live, rng, seen)
+            self.step_ms.append((time.perf_counter() - t0) * 1000.0)
+            next_pos = next_pos + 1
+
+    def _choose(self, logits: np.ndarray, live: np.ndarray, rng, seen) -> np.ndarray:
+        """Next token for each row of the running batch (``live`` maps rows to sequences)."""
+        row_seen = [seen[r] for r in live] if seen is not None else None
+        return next_tokens(logits, self.config, rng, row_seen)
+
+    def _accept(self, r: int, token: int) -> TokenEvent:
+        """Append the token to sequence r and decide whether it finishes the sequence."""
+        seq = self.sequences[r]
+        seq.generated_ids.append(token)
+        tracker = self._trackers[r] if self._trackers is not None else None
+        piece, reason = "", None
+        if token in self.eos_token_ids:
+            reason = FINISH_EOS  # the eos token is not decoded into the text
+        elif tracker is not None:
+            piece = tracker.push(token)
+            if tracker.stop_at is not None:
+                reason = FINISH_STOP
+        if reason is None:
+            if len(seq.generated_ids) >= self.config.max_new_tokens:
+                reason = FINISH_LENGTH
+            elif len(seq.prompt_ids) + len(seq.generated_ids) >= self.context_length:
+                reason = FINISH_CONTEXT
+        if reason is not None:
+            seq.finish_reason = reason
+            if tracker is not None:
+                piece += tracker.finish()
+                seq.text = tracker.final_text
+        return TokenEvent(r, token, piece, reason)
+
+
+def generate(
+    backend: DecoderBackend,
+    prompts: Sequence[Sequence[int]],
+    config: GenerationConfig,
+    **kwargs,
+) -> Generation:
+    """Start generating for a batch of token-id prompts; iterate the result for :class:`TokenEvent`s.
+
+    Keyword arguments are :class:`Generation`'s: ``context_length``, ``vocab_size`` (required), ``eos_token_ids``,
+    ``pad_token_id``, ``decoder_factory``, ``prefill_chunk``.
+    """
+    return Generation(backend, prompts, config, **kwargs)
+
+
+def generate_ids(backend: DecoderBackend, prompt: Sequence[int], config: GenerationConfig, **kwargs) -> Iterator[int]:
+    """The simplest form: one prompt in, its new token ids out as they are chosen (checks happen here, at once)."""
+    run = Generation(backend, [prompt], config, **kwargs)
+    return (event.token_id for event in run)
