@@ -34,6 +34,11 @@ setup(
     packages=find_packages(include=["exporter", "exporter.*", "runtime", "runtime.*", "calibration", "calibration.*"]),
     python_requires=">=3.8",
     install_requires=RUNTIME,
-    extras_require={"export": EXPORT, "test": EXPORT + TEST, "gpu": ["onnxruntime-gpu>=1.16"]},
+    extras_require={
+        "export": EXPORT,
+        "test": EXPORT + TEST,
+        "bench": EXPORT + TEST + ["onnxruntime-genai==0.18.0"],  # the peer measured by bench/decode_peers.py
+        "gpu": ["onnxruntime-gpu>=1.16"],
+    },
     entry_points={"console_scripts": ["glm-export=exporter.cli:main"]},
 )
