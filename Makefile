@@ -21,6 +21,8 @@ demo: setup
 	$(VENV)/bin/glm-export onnx --model out/tiny-chatglm3 --out out/tiny-chatglm3-onnx --overwrite
 
 test: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash .ci/check_py38.sh
+	bash .ci/mypy_tensorrt.sh
 	$(PY) -m pytest -q tests
 
 clean:

@@ -8,14 +8,18 @@ cover. ``exporter.trt_engine`` runs it before building; it is also useful alone,
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import onnx
 from onnx import numpy_helper
 
+from runtime.manifest import read_manifest
 from runtime.trt_compat import major_minor
 from runtime.trt_profiles_select import Profile
+
+from .trt_profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
 
 # --- What TensorRT's ONNX parser supports, as data ---------------------------------------------------------------
 # Source: onnx/onnx-tensorrt docs/operators.md, the "Operator Support Matrix" of TensorRT 10.15 (rows marked Y), and
@@ -95,7 +99,7 @@ QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 class Problem:
     """One reason TensorRT would refuse (or mis-handle) the graph."""
 
-    kind: str  # "opset", "domain", "op", "dtype", "quantization", "dynamic-dim", "profile"
+    kind: str  # "opset", "domain", "op", "dtype", "quantization", "dynamic-dim", "profile", "precision"
     where: str  # "node 'x' (FusedMatMul)", "input 'input_ids'", "initializer 'w'", "model"
     why: str
 
@@ -121,6 +125,15 @@ class CheckReport:
 
     def of_kind(self, kind: str) -> List[Problem]:
         return [p for p in self.problems if p.kind == kind]
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "tensorrt_version": self.target_trt,
+            "ok": self.ok,
+            "opset": self.opset,
+            "nodes": self.node_count,
+            "problems": [{"kind": p.kind, "where": p.where, "why": p.why} for p in self.problems],
+        }
 
     def text(self, limit: int = 30) -> str:
         if self.ok:
@@ -162,6 +175,34 @@ def check_for_tensorrt(
     if profiles is not None:
         _check_profiles(graph, profiles, add)
     return report
+
+
+def check_bundle_for_tensorrt(
+    bundle_dir: str, request: Optional[ProfileRequest] = None, trt_version: str = DEFAULT_TARGET_TRT
+) -> Tuple[CheckReport, List[Profile]]:
+    """:func:`check_for_tensorrt` on a bundle: its ``model.onnx``, its precision and, with ``request``, whether the
+    prefill and decode profiles ``glm-export trt`` would build cover every graph input.
+
+    A missing or corrupt bundle, sizes the model cannot take (``EngineOptionError``) and a TensorRT release older than
+    10 (the operator tables describe TensorRT 10) raise; problems TensorRT would have are returned in the report.
+    """
+    target = major_minor(trt_version)
+    if target is None or target[0] < 10:
+        raise EngineOptionError(
+            f"--trt-version {trt_version!r}: give a TensorRT 10 release such as 10.3 (JetPack 6.1/6.2); the operator "
+            f"tables here describe TensorRT 10.x, and glm-export's TensorRT code needs TensorRT 10"
+        )
+    manifest = read_manifest(bundle_dir)
+    profiles = profiles_for_manifest(manifest, request) if request is not None else []
+    report = check_for_tensorrt(os.path.join(bundle_dir, manifest.model_file), profiles or None, trt_version)
+    if manifest.precision == "int8-dynamic":
+        report.problems.insert(0, Problem(
+            "precision",
+            "manifest.json",
+            "precision int8-dynamic: DynamicQuantizeLinear/MatMulInteger have no TensorRT equivalent; build from an "
+            "fp32, fp16 or static Q/DQ int8 bundle",
+        ))
+    return report, profiles
 
 
 def _default_opset(model: onnx.ModelProto) -> Optional[int]:

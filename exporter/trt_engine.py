@@ -43,10 +43,24 @@ __all__ = [
     "engine_record",
     "precision_plan",
     "tensorrt_available",
+    "workspace_mib_from_gib",
 ]
 
 MIN_TRT_MAJOR = 10
 INSTALL_HINT = "pip install tensorrt-cu12 cuda-python (TensorRT 10 and a CUDA GPU are needed)"
+PRINT_TRTEXEC_HINT = (
+    "or add --print-trtexec to print the equivalent trtexec command line and build with trtexec where TensorRT is"
+)
+
+
+def workspace_mib_from_gib(gib: Optional[float]) -> Optional[int]:
+    """``--workspace`` is given in GiB (fractions allowed); TensorRT's pool limit is kept in whole MiB."""
+    if gib is None:
+        return None
+    mib = int(round(float(gib) * 1024))
+    if mib < 1:
+        raise EngineOptionError(f"--workspace is in GiB and must be at least 1 MiB (0.001), got {gib}")
+    return mib
 
 
 @dataclass(frozen=True)
@@ -54,20 +68,21 @@ class EngineOptions:
     """How to build: shapes, precision switches and builder settings (the CLI's options, one field each)."""
 
     profile: ProfileRequest
-    fp16: bool = False  # weakly typed builds only: let TensorRT choose FP16 kernels (BuilderFlag.FP16)
-    strongly_typed: Optional[bool] = None  # None: strongly typed for fp16/int8/int4 bundles, weakly typed for fp32
-    workspace_mib: Optional[int] = None  # MemoryPoolType.WORKSPACE limit; None leaves TensorRT's default
-    optimization_level: int = 3  # builder_optimization_level, 0..5
-    tf32: bool = True  # TensorRT's default; False clears BuilderFlag.TF32 for full fp32 matmul precision
-    timing_cache: Optional[str] = None  # read if present, written back after the build
+    fp16: bool = False  # --fp16, weakly typed builds only: let TensorRT choose FP16 kernels (BuilderFlag.FP16)
+    strongly_typed: Optional[bool] = None  # None: strongly typed for fp16/int8/int4 bundles; False: --weakly-typed
+    workspace_mib: Optional[int] = None  # --workspace (GiB on the CLI): MemoryPoolType.WORKSPACE; None: TensorRT's
+    optimization_level: Optional[int] = None  # --builder-opt-level 0..5; None: TensorRT's default (3)
+    tf32: bool = True  # TensorRT's default; False (--no-tf32) clears BuilderFlag.TF32 for full fp32 matmuls
+    timing_cache: Optional[str] = None  # --timing-cache: read if present, written back after the build
     overwrite: bool = False
-    skip_check: bool = False  # build even where exporter.trt_check reports problems
+    skip_check: bool = False  # --skip-check: build even where exporter.trt_check reports problems
+    int8: bool = False  # --int8: the user states the bundle is INT8 (static Q/DQ); checked against the manifest
 
     def __post_init__(self) -> None:
-        if not 0 <= self.optimization_level <= 5:
-            raise EngineOptionError(f"--optimization-level must be 0..5, got {self.optimization_level}")
+        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
+            raise EngineOptionError(f"--builder-opt-level must be 0..5, got {self.optimization_level}")
         if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise EngineOptionError(f"--workspace must be at least 1 MiB, got {self.workspace_mib}")
+            raise EngineOptionError(f"--workspace must be at least 1 MiB, got {self.workspace_mib} MiB")
 
 
 @dataclass(frozen=True)
@@ -84,12 +99,26 @@ class PrecisionPlan:
         return "+".join(("fp32",) + tuple(f.lower() for f in self.builder_flags))
 
 
-def precision_plan(bundle_precision: str, fp16: bool = False, strongly_typed: Optional[bool] = None) -> PrecisionPlan:
+def precision_plan(
+    bundle_precision: str, fp16: bool = False, strongly_typed: Optional[bool] = None, int8: bool = False
+) -> PrecisionPlan:
     """The network mode and builder flags for a bundle of this precision.
 
     TensorRT 10 runs explicitly quantized (Q/DQ) and fp16 graphs as written in strongly typed mode, and refuses
-    precision flags there; an fp32 bundle builds weakly typed, with FP16 kernels allowed by ``fp16``.
+    precision flags there; an fp32 bundle builds weakly typed, with FP16 kernels allowed by ``fp16``. ``int8`` is the
+    user's statement that the bundle is INT8 with Q/DQ nodes (``--int8``): INT8 comes from the graph, never from a
+    flag, so a bundle of another precision is refused rather than calibrated.
     """
+    if int8 and bundle_precision != "int8":
+        fix = (
+            "export a static Q/DQ INT8 bundle (glm-export quantize) and build from it"
+            if bundle_precision == "int8-dynamic"
+            else "build without --int8, or quantize the bundle to static Q/DQ INT8 first (glm-export quantize)"
+        )
+        raise EngineOptionError(
+            f"--int8 builds from an INT8 (static Q/DQ) bundle, but this bundle's manifest says {bundle_precision}; "
+            f"TensorRT 10 takes INT8 scales only from Q/DQ nodes in the graph: {fix}"
+        )
     if bundle_precision == "int8-dynamic":
         raise EngineOptionError(
             "int8-dynamic bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build the "
@@ -138,7 +167,7 @@ def engine_record(
         "precision": manifest.precision,
         "strongly_typed": plan.strongly_typed,
         "builder_flags": list(plan.builder_flags),
-        "builder_optimization_level": options.optimization_level,
+        "builder_optimization_level": 3 if options.optimization_level is None else options.optimization_level,
         "tf32": options.tf32,
         "workspace_mib": options.workspace_mib,
         "profiles": [p.to_dict() for p in profiles],
@@ -188,12 +217,12 @@ def engine_from_bundle(
     manifest = read_manifest(bundle_dir)
     manifest_sha = sha256_of(os.path.join(bundle_dir, MANIFEST_NAME))
     model_path = os.path.join(bundle_dir, manifest.model_file)
-    plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed)
+    plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed, options.int8)
     profiles = profiles_for_manifest(manifest, options.profile)
 
     ok, trt_version = tensorrt_available()
     if not ok:
-        raise BackendError(trt_version)
+        raise BackendError(f"{trt_version}; {PRINT_TRTEXEC_HINT}")
     report = check_for_tensorrt(model_path, profiles, trt_version)
     if not report.ok:
         if not options.skip_check:
@@ -227,7 +256,8 @@ def engine_from_bundle(
         config.clear_flag(trt.BuilderFlag.TF32)
     if options.workspace_mib is not None:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    config.builder_optimization_level = options.optimization_level
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
     for p in profiles:
         profile = builder.create_optimization_profile()
         for name in network_inputs:

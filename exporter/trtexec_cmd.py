@@ -14,13 +14,17 @@ Pure: builds arguments, runs nothing. The flags follow trtexec's ``--help`` in T
 """
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from runtime.manifest import read_manifest
+from runtime.trt_compat import ENGINE_PLAN
 from runtime.trt_profiles_select import Profile, Shape
 
-from .trt_engine import PrecisionPlan
+from .trt_engine import EngineOptions, PrecisionPlan, precision_plan
+from .trt_profiles import profiles_for_manifest
 
 FLAG_OF_BUILDER_FLAG = {"FP16": "--fp16", "INT8": "--int8"}
 
@@ -88,3 +92,28 @@ def trtexec_command(
         args.append(f"--builderOptimizationLevel={int(optimization_level)}")
     args.append("--skipInference")
     return TrtexecCommand(args=args, shell=" ".join(shlex.quote(a) for a in args))
+
+
+def trtexec_for_bundle(
+    bundle_dir: str, engine_dir: str, options: EngineOptions, trtexec: str = "trtexec"
+) -> TrtexecCommand:
+    """The trtexec command that builds ``engine_dir/engine.plan`` from a bundle as ``engine_from_bundle`` would.
+
+    Runs the same option checks (manifest, precision plan, ``--int8``, profiles against the model's context) but
+    needs no TensorRT and writes nothing. Paths are kept as given, so the line works wherever the bundle is copied
+    to the same relative place. trtexec writes no ``engine.json``, and does not create ``engine_dir``.
+    """
+    manifest = read_manifest(bundle_dir)
+    plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed, options.int8)
+    profiles = profiles_for_manifest(manifest, options.profile)
+    return trtexec_command(
+        os.path.join(bundle_dir, manifest.model_file),
+        os.path.join(engine_dir, ENGINE_PLAN),
+        profiles,
+        plan,
+        workspace_mib=options.workspace_mib,
+        timing_cache=options.timing_cache,
+        optimization_level=options.optimization_level,
+        tf32=options.tf32,
+        trtexec=trtexec,
+    )

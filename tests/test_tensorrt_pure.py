@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from exporter.trt_check import check_for_tensorrt
 from exporter.trt_engine import EngineOptions, PrecisionPlan, engine_record, precision_plan, tensorrt_available
+from exporter.trt_engine import workspace_mib_from_gib
 from exporter.trt_profiles import EngineOptionError, ProfileRequest, profiles_for_generation
 from exporter.trt_profiles import profiles_for_manifest
 from exporter.trtexec_cmd import shape_spec, trtexec_command
@@ -289,10 +290,38 @@ def test_precision_plan_refusals(precision, fp16, typed, error, message):
 
 def test_engine_options_are_checked():
     request = ProfileRequest(1, 8, 16)
-    with pytest.raises(EngineOptionError, match="--optimization-level must be 0..5, got 6"):
+    with pytest.raises(EngineOptionError, match="--builder-opt-level must be 0..5, got 6"):
         EngineOptions(request, optimization_level=6)
     with pytest.raises(EngineOptionError, match="--workspace must be at least 1 MiB"):
         EngineOptions(request, workspace_mib=0)
+    assert EngineOptions(request).optimization_level is None  # TensorRT's own default unless asked
+
+
+def test_workspace_is_given_in_gib_and_kept_in_mib():
+    assert workspace_mib_from_gib(None) is None
+    assert workspace_mib_from_gib(2) == 2048
+    assert workspace_mib_from_gib(0.5) == 512
+    assert workspace_mib_from_gib(0.001) == 1
+    with pytest.raises(EngineOptionError, match="--workspace is in GiB"):
+        workspace_mib_from_gib(0.0001)
+
+
+@pytest.mark.parametrize("precision, fix", [
+    ("fp32", "build without --int8"),
+    ("fp16", "build without --int8"),
+    ("int4", "build without --int8"),
+    ("int8-dynamic", "export a static Q/DQ INT8 bundle"),
+])
+def test_int8_flag_must_match_the_manifest(precision, fix):
+    with pytest.raises(EngineOptionError) as e:
+        precision_plan(precision, int8=True)
+    assert f"manifest says {precision}" in str(e.value) and fix in str(e.value)
+
+
+def test_int8_flag_on_an_int8_bundle_changes_nothing():
+    assert precision_plan("int8", int8=True) == precision_plan("int8") == PrecisionPlan(strongly_typed=True)
+    weak = precision_plan("int8", strongly_typed=False, int8=True)
+    assert weak.builder_flags == ("INT8",)
 
 
 # ------------------------------------------------------------------------------------------- engine record/compat
@@ -313,6 +342,7 @@ def test_engine_record_holds_what_the_runtime_reads():
     assert record["format"] == ENGINE_FORMAT and record["format_version"] == 1
     assert record["tensorrt_version"] == "10.13.0.35" and record["compute_capability"] == "9.0"
     assert record["builder_flags"] == ["FP16"] and record["strongly_typed"] is False
+    assert record["builder_optimization_level"] == 3  # not given: TensorRT's default, recorded as its value
     assert record["source_manifest_sha256"] == "ab" * 32
     assert [Profile.from_dict(p) for p in record["profiles"]] == profiles
     assert [t["name"] for t in record["outputs"]][:2] == ["logits", "present.0.key"]

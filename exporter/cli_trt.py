@@ -1,0 +1,160 @@
+"""``glm-export trt`` and ``glm-export check``: thin commands over the TensorRT layer.
+
+``trt`` builds a native engine (``exporter.trt_engine.engine_from_bundle``) or, with ``--print-trtexec``, prints the
+equivalent ``trtexec`` command line (``exporter.trtexec_cmd.trtexec_for_bundle``) without TensorRT and without
+building. ``check --target tensorrt`` runs the static check (``exporter.trt_check.check_bundle_for_tensorrt``) and
+exits 0 when the bundle is clean, 1 when TensorRT would refuse something (a check that fails is not a usage error),
+and 2 on bad input (``GlmExportError``, printed on one line by the group). Heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Dict, Optional
+
+import click
+
+SIZE_HELP = {
+    "max_batch": "Most rows per step [default: 1].",
+    "max_input_len": "Longest prompt, in tokens [default: half of --max-seq-len].",
+    "max_seq_len": "Longest prompt + generated sequence [default: 2048, or the model's context when shorter].",
+    "opt_batch": "Batch TensorRT tunes for [default: 1].",
+    "opt_seq": "Prompt length TensorRT tunes for (decode: cached tokens) [default: half of --max-input-len].",
+}
+
+
+def _size_options(f: Callable) -> Callable:
+    # plain int (not IntRange): out-of-range sizes are refused by ProfileRequest with a one-line message
+    for name in reversed(("max_batch", "max_input_len", "max_seq_len", "opt_batch", "opt_seq")):
+        flag = "--" + name.replace("_", "-")
+        f = click.option(flag, name, type=int, default=None, metavar="N", help=SIZE_HELP[name])(f)
+    return f
+
+
+def _request(bundle: str, sizes: Dict[str, Optional[int]]):
+    from runtime.manifest import read_manifest
+    from runtime.trt_ep import request_with_defaults
+
+    manifest = read_manifest(bundle)
+    return request_with_defaults(manifest.spec.max_position_embeddings, **sizes)
+
+
+def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
+    return {k: kwargs.pop(k) for k in ("max_batch", "max_input_len", "max_seq_len", "opt_batch", "opt_seq")}
+
+
+@click.command("trt")
+@click.option("--model", "bundle", required=True, type=click.Path(),
+              help="Bundle directory written by 'glm-export onnx' (or 'glm-export quantize').")
+@click.option("--out", "engine_dir", required=True, type=click.Path(file_okay=False),
+              help="Engine directory to write: engine.plan + engine.json.")
+@click.option("--fp16", is_flag=True, help="fp32 (or --weakly-typed int8) bundles: let TensorRT use FP16 kernels.")
+@click.option("--int8", is_flag=True,
+              help="The bundle is INT8 with Q/DQ nodes ('glm-export quantize'); refused for any other bundle.")
+@click.option("--weakly-typed", is_flag=True,
+              help="Build fp16/int8 bundles weakly typed (TensorRT picks each layer's precision) instead of "
+                   "strongly typed; TensorRT 8.x trtexec has no --stronglyTyped.")
+@_size_options
+@click.option("--workspace", type=float, default=None, metavar="GiB",
+              help="Builder workspace limit in GiB (fractions allowed) [default: TensorRT's].")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="TensorRT timing cache: read if it exists, written after the build.")
+@click.option("--builder-opt-level", type=int, default=None, metavar="N",
+              help="Builder optimization level 0..5 [default: TensorRT's, 3].")
+@click.option("--no-tf32", is_flag=True, help="Clear TF32: full fp32 matmuls (slower, closer to onnxruntime).")
+@click.option("--skip-check", is_flag=True, help="Build even where 'glm-export check' reports problems.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--print-trtexec", is_flag=True,
+              help="Print the equivalent trtexec command line and exit: no TensorRT needed, nothing built or written.")
+@click.option("--trtexec", "trtexec_path", default="trtexec", show_default=True, metavar="PATH",
+              help="The trtexec named by --print-trtexec (JetPack: /usr/src/tensorrt/bin/trtexec).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, builder_opt_level, no_tf32,
+        skip_check, overwrite, print_trtexec, trtexec_path, as_json, quiet, **kwargs):
+    """Build a TensorRT 10 engine (prefill + decode profiles) from a bundle, or print the trtexec command for it."""
+    from exporter.trt_engine import EngineOptions, workspace_mib_from_gib
+
+    options = EngineOptions(
+        profile=_request(bundle, _sizes(kwargs)),
+        fp16=fp16,
+        strongly_typed=False if weakly_typed else None,
+        workspace_mib=workspace_mib_from_gib(workspace),
+        optimization_level=builder_opt_level,
+        tf32=not no_tf32,
+        timing_cache=timing_cache,
+        overwrite=overwrite,
+        skip_check=skip_check,
+        int8=int8,
+    )
+    if print_trtexec:
+        from exporter.trtexec_cmd import trtexec_for_bundle
+
+        cmd = trtexec_for_bundle(bundle, engine_dir, options, trtexec_path)
+        if as_json:
+            click.echo(json.dumps({"argv": cmd.args, "shell": cmd.shell}))
+            return
+        click.echo(cmd.shell)
+        if not quiet:
+            click.echo(f"# trtexec does not create {engine_dir}: mkdir -p it first. It writes no engine.json, so "
+                       f"glm-export's TensorRT backend cannot load its engine.", err=True)
+        return
+
+    from exporter.trt_engine import engine_from_bundle
+    from runtime.progress import TqdmProgress
+
+    record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json))
+    mode = "strongly typed" if record["strongly_typed"] else "+".join(["fp32"] + [f.lower() for f in
+                                                                                record["builder_flags"]])
+    summary = {
+        "engine_dir": engine_dir,
+        "engine_bytes": record["engine_bytes"],
+        "tensorrt_version": record["tensorrt_version"],
+        "gpu_name": record["gpu_name"],
+        "compute_capability": record["compute_capability"],
+        "precision": record["precision"],
+        "mode": mode,
+        "profiles": [p["name"] for p in record["profiles"]],
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"{engine_dir}: {record['precision']} bundle, {mode}, {record['engine_bytes'] / 2**20:.1f} MiB, "
+                   f"TensorRT {record['tensorrt_version']} on {record['gpu_name']} (compute capability "
+                   f"{record['compute_capability']}), profiles {', '.join(summary['profiles'])}")
+
+
+@click.command("check")
+@click.argument("bundle", type=click.Path())
+@click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
+              help="What to check the bundle against.")
+@_size_options
+@click.option("--trt-version", default="10.0", show_default=True, metavar="X.Y",
+              help="TensorRT 10 release to check for (JetPack 6.1/6.2: 10.3); operators added later are reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (every problem).")
+@click.pass_context
+def check(ctx, bundle, target, trt_version, as_json, **kwargs):
+    """Static check: would TensorRT take this bundle? Exit 0 clean, 1 problems found, 2 bad input.
+
+    Reads model.onnx without its weights and lists, with the node, input or tensor concerned: operators TensorRT's
+    ONNX parser lacks, contrib (com.microsoft) nodes, element types TensorRT has no type for (float64, ...), Q/DQ
+    TensorRT cannot run, and graph inputs the prefill/decode profiles for the given sizes would not cover.
+    """
+    from exporter.trt_check import check_bundle_for_tensorrt
+
+    request = _request(bundle, _sizes(kwargs))
+    report, profiles = check_bundle_for_tensorrt(bundle, request, trt_version)
+    if as_json:
+        click.echo(json.dumps(dict(
+            target=target,
+            bundle=bundle,
+            sizes={"max_batch": request.max_batch, "max_input_len": request.max_input_len,
+                   "max_seq_len": request.max_seq_len},
+            profiles=[p.to_dict() for p in profiles],
+            **report.to_dict(),
+        )))
+    else:
+        click.echo(f"{bundle}: TensorRT {trt_version} check, profiles for batch <= {request.max_batch}, "
+                   f"prompt <= {request.max_input_len}, sequence <= {request.max_seq_len}")
+        click.echo(report.text())
+    if not report.ok:
+        ctx.exit(1)
