@@ -45,5 +45,8 @@ FILES=(
     exporter/trt_check.py
     runtime/trt_compat.py
     runtime/trt_profiles_select.py
+    runtime/trt_ep.py
+    runtime/backends/onnxruntime.py
+    runtime/api.py
 )
 MYPYPATH="$PATCHED" "$VENV/bin/mypy" --config-file .ci/mypy_tensorrt.ini --cache-dir "$TOOLS/mypy-cache" "${FILES[@]}"

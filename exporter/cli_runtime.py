@@ -13,21 +13,107 @@ from typing import Any, Callable, Dict, List, Optional
 import click
 
 PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt")
+BACKEND_CHOICES = ("onnxruntime", "tensorrt")
 
 
 # ---------------------------------------------------------------------------------------------------- shared options
 
 
 def _model_options(f: Callable) -> Callable:
-    f = click.option("--prefill-chunk", type=click.IntRange(min=0), default=256, show_default=True,
-                     help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once).")(f)
-    f = click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads (default: onnxruntime's choice).")(f)
-    f = click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True,
-                     help="Execution provider (cuda/tensorrt need onnxruntime-gpu).")(f)
-    f = click.option("--model", "bundle", required=True, type=click.Path(),
-                     help="Bundle directory written by 'glm-export onnx'.")(f)
+    options = [
+        click.option("--model", "bundle", required=True, type=click.Path(),
+                     help="Bundle directory written by 'glm-export onnx' (manifest, tokenizer; the graph for "
+                          "onnxruntime)."),
+        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None,
+                     help="onnxruntime runs the bundle's graph; tensorrt runs a native engine (--engine) "
+                          "[default: tensorrt with --engine, else onnxruntime]."),
+        click.option("--engine", "engine_dir", type=click.Path(), default=None, metavar="ENGINE_DIR",
+                     help="--backend tensorrt: engine built from --model by 'glm-export trt --model BUNDLE_DIR "
+                          "--out ENGINE_DIR'."),
+        click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default=None,
+                     help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu) [default: cpu]."),
+        click.option("--device", type=click.IntRange(min=0), default=None,
+                     help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="onnxruntime intra-op threads (default: onnxruntime's choice)."),
+        click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
+                     help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
+                          "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
+                          "the whole prompt on --backend tensorrt]."),
+        click.option("--max-batch", type=int, default=None, metavar="N",
+                     help="--provider tensorrt: most rows per step in the provider's profile [default: 1]."),
+        click.option("--max-input-len", type=int, default=None, metavar="N",
+                     help="--provider tensorrt: most tokens per forward (prompt chunk) [default: half of "
+                          "--max-seq-len]."),
+        click.option("--max-seq-len", type=int, default=None, metavar="N",
+                     help="--provider tensorrt: longest prompt + generated sequence, the generation's context "
+                          "[default: 2048, or the model's context when shorter]."),
+        click.option("--trt-fp16", is_flag=True, default=None,
+                     help="--provider tensorrt: let TensorRT use FP16 kernels on an fp32 bundle (fp16 bundles "
+                          "always)."),
+        click.option("--trt-cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+                     help="--provider tensorrt: keep the provider's engine here, built once and reused "
+                          "[default: rebuilt every run]."),
+    ]
+    for option in reversed(options):
+        f = option(f)
     return f
+
+
+MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
+                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
+EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
+              "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
+
+
+def _pop_model_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: kwargs.pop(k) for k in MODEL_OPTIONS}
+
+
+def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]:
+    """``GlmModel.load`` keyword arguments from the shared model options (``MODEL_OPTIONS``). Options that do not
+    apply to the chosen backend or provider are refused with a one-line BackendError rather than ignored."""
+    from runtime.errors import BackendError
+
+    backend = opts.get("backend") or ("tensorrt" if opts.get("engine_dir") else "onnxruntime")
+    ep_given = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
+    kwargs: Dict[str, Any] = {"backend": backend}
+    if opts.get("prefill_chunk") is not None:
+        kwargs["prefill_chunk"] = opts["prefill_chunk"]
+    if backend == "tensorrt":
+        if not opts.get("engine_dir"):
+            raise BackendError("--backend tensorrt needs --engine ENGINE_DIR, an engine built from the bundle with "
+                               "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
+        onnxruntime_only = ep_given + [flag for key, flag in (("provider", "--provider"), ("threads", "--threads"))
+                                       if opts.get(key) is not None]
+        if not io_binding:
+            onnxruntime_only.append("--no-io-binding")
+        if onnxruntime_only:
+            raise BackendError(f"{', '.join(onnxruntime_only)}: onnxruntime options, not used by --backend tensorrt "
+                               f"(an engine's sizes are fixed when 'glm-export trt' builds it)")
+        kwargs["engine_dir"] = opts["engine_dir"]
+        kwargs["device"] = opts.get("device") or 0
+        return kwargs
+    if opts.get("engine_dir"):
+        raise BackendError("--engine is for --backend tensorrt; --backend onnxruntime runs the bundle's model.onnx")
+    provider = opts.get("provider") or "cpu"
+    if ep_given and provider != "tensorrt":
+        raise BackendError(f"{', '.join(ep_given)}: options of onnxruntime's TensorRT execution provider; add "
+                           f"--provider tensorrt (or use --backend tensorrt --engine ENGINE_DIR)")
+    if opts.get("device") is not None:
+        if provider == "cpu":
+            raise BackendError("--device selects a CUDA device: use it with --provider cuda/tensorrt or --backend "
+                               "tensorrt")
+        provider = f"{provider}:{opts['device']}"
+    kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
+    if provider.startswith("tensorrt"):
+        from runtime.trt_ep import TrtProviderOptions
+
+        kwargs["trt_options"] = TrtProviderOptions(
+            max_batch=opts.get("max_batch"), max_input_len=opts.get("max_input_len"),
+            max_seq_len=opts.get("max_seq_len"), fp16=bool(opts.get("trt_fp16")), cache_dir=opts.get("trt_cache_dir"),
+        )
+    return kwargs
 
 
 def _sampling_options(f: Callable) -> Callable:
@@ -71,11 +157,10 @@ def config_from_options(opts: Dict[str, Any], sample_by_default: bool, default_m
     )
 
 
-def _load(bundle: str, provider: str, threads: Optional[int], prefill_chunk: int, io_binding: bool = True):
+def _load(opts: Dict[str, Any], io_binding: bool = True):
     from runtime.api import GlmModel
 
-    return GlmModel.load(bundle, provider=provider, threads=threads, prefill_chunk=prefill_chunk,
-                         io_binding=io_binding)
+    return GlmModel.load(opts["bundle"], **load_kwargs(opts, io_binding))
 
 
 def _parse_ids(text: str) -> List[int]:
@@ -107,8 +192,9 @@ def _status_line(result) -> str:
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object: prompt_ids, generated_ids, text, finish_reason, timings.")
-def run(bundle, provider, threads, prefill_chunk, prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
+def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
     """Generate a continuation (or a chat reply) for one prompt."""
+    model_opts = _pop_model_options(sampling)
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if as_chat and prompt is None:
@@ -120,7 +206,7 @@ def run(bundle, provider, threads, prefill_chunk, prompt, prompt_ids, as_chat, s
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     config = config_from_options(sampling, sample_by_default=False, default_max_new=128)
 
-    with _load(bundle, provider, threads, prefill_chunk) as model:
+    with _load(model_opts) as model:
         if as_chat:
             messages = ([{"role": "system", "content": system}] if system is not None else [])
             messages.append({"role": "user", "content": prompt})
@@ -155,18 +241,19 @@ CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.8}  # ChatGLM's own chat default
 @_model_options
 @click.option("--system", default=None, help="System message kept at the start of the conversation.")
 @_sampling_options
-def chat(bundle, provider, threads, prefill_chunk, system, **sampling):
+def chat(system, **sampling):
     """Talk to the model: one line per turn on stdin; /clear forgets the history, /quit (or end of input) leaves.
 
     Samples with temperature 0.8 and top-p 0.8 unless --greedy or other sampling options are given.
     """
     from runtime.errors import GenerationError
 
+    model_opts = _pop_model_options(sampling)
     config = config_from_options(sampling, sample_by_default=True, default_max_new=1024, chat_defaults=CHAT_SAMPLING)
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
     interactive = sys.stdin.isatty()
-    with _load(bundle, provider, threads, prefill_chunk) as model:
+    with _load(model_opts) as model:
         model.require_chat()
         while True:
             if interactive:
@@ -233,10 +320,10 @@ def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, 
     from runtime.sampling import GenerationConfig
 
     spec = model.spec
-    if prompt_len + new_tokens > spec.max_position_embeddings:
+    if prompt_len + new_tokens > model.context_length:
         raise GenerationError(
             f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the context of "
-            f"{spec.max_position_embeddings} tokens"
+            f"{model.context_length} tokens"
         )
     rng = np.random.default_rng(seed)
     forbidden = set(spec.eos_token_ids) | set(spec.special_tokens.values())
@@ -280,18 +367,23 @@ def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, 
 @click.option("--io-binding/--no-io-binding", default=True, show_default=True,
               help="Keep the KV cache in onnxruntime between steps (off: plain session.run, for comparison).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(bundle, provider, threads, prefill_chunk, prompt_lens, new_tokens, batches, runs, warmup, io_binding,
-          as_json):
+def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, **kwargs):
     """Measure prefill latency, decode tokens/s, per-token latency p50/p90 and peak RSS on random prompts."""
-    with _load(bundle, provider, threads, prefill_chunk, io_binding) as model:
+    opts = _pop_model_options(kwargs)
+    with _load(opts, io_binding) as model:
         rows = [
             bench_model(model, p, b, new_tokens, runs, warmup)
             for p in (prompt_lens or (32,))
             for b in (batches or (1,))
         ]
+        backend = model.backend_name
+        provider = getattr(model.backend, "provider", None)
+        prefill_chunk = model.prefill_chunk
     rss = _peak_rss_mib()
     if as_json:
-        click.echo(json.dumps({"model": bundle, "provider": provider, "threads": threads, "io_binding": io_binding,
+        click.echo(json.dumps({"model": opts["bundle"], "backend": backend, "engine": opts["engine_dir"],
+                               "provider": provider, "threads": opts["threads"],
+                               "io_binding": io_binding if backend == "onnxruntime" else None,
                                "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss}))
         return
     click.echo(f"{'prompt':>6} {'batch':>5} {'prefill ms':>10} {'tok/s/seq':>9} {'tok/s':>8} "

@@ -13,6 +13,7 @@ _LAZY = {
     "TextStream": "runtime.api",
     "StreamPiece": "runtime.api",
     "GenerationConfig": "runtime.sampling",
+    "TrtProviderOptions": "runtime.trt_ep",
 }
 __all__ = ["__version__"] + sorted(_LAZY)
 

@@ -10,22 +10,37 @@ model), opens the backend on the bundle's graph and, on first need, the bundle's
         print(model.generate("Hello", GenerationConfig(max_new_tokens=32)).text)
         for piece in model.stream("Hello", GenerationConfig(do_sample=True, seed=0)):
             print(piece.text, end="", flush=True)
+
+Backends: ``backend="onnxruntime"`` (default; ``provider`` cpu, cuda or tensorrt, the last with ``trt_options``, a
+``runtime.trt_ep.TrtProviderOptions``) or ``backend="tensorrt"`` with ``engine_dir``, a native engine built by
+``glm-export trt --model BUNDLE_DIR --out ENGINE_DIR`` (the bundle still gives the manifest and the tokenizer).
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Mapping, NamedTuple, Optional
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import BundleError, GenerationError, TokenizerError
+from .errors import BackendError, BundleError, GenerationError, TokenizerError
+from .backends.base import DecoderBackend
 from .generate import DEFAULT_PREFILL_CHUNK, Generation
-from .graph_contract import past_key_name
+from .graph_contract import SEQ, TOTAL, past_key_name
 from .manifest import Manifest, read_manifest
 from .sampling import GenerationConfig
 from .spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
+from .trt_ep import TrtProviderOptions
+from .trt_profiles_select import Profile, prefill_chunk_refusal, widest
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
+
+BACKENDS = ("onnxruntime", "tensorrt")
+AUTO = "auto"  # prefill_chunk: DEFAULT_PREFILL_CHUNK on onnxruntime (at most the TensorRT profile's max input
+#                length with provider tensorrt), the whole prompt in one forward on a native TensorRT engine
 
 Prompt = Union[str, Sequence[int]]
 Message = Mapping[str, str]
@@ -75,33 +90,66 @@ class TextStream:
 class GlmModel:
     """An exported ChatGLM bundle, ready to generate."""
 
-    def __init__(self, bundle_dir: str, manifest: Manifest, backend, prefill_chunk: Optional[int]):
+    def __init__(self, bundle_dir: str, manifest: Manifest, backend: DecoderBackend, prefill_chunk: Optional[int],
+                 context_length: Optional[int] = None, backend_name: str = "onnxruntime"):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.spec: ModelSpec = manifest.spec
         self.backend = backend
+        self.backend_name = backend_name
         self.prefill_chunk = prefill_chunk
-        self._tokenizer = None
+        # prompt + generated tokens: the model's trained context, or less where a TensorRT profile ends earlier
+        full = manifest.spec.max_position_embeddings
+        self.context_length = int(context_length if context_length is not None else full)
+        self._tokenizer: Optional[Tokenizer] = None
         self._tokenizer_loaded = False
 
     @classmethod
     def load(
         cls,
         bundle_dir: str,
-        provider: str = "cpu",
+        provider: Optional[str] = None,
         threads: Optional[int] = None,
         *,
+        backend: str = "onnxruntime",
+        engine_dir: Optional[str] = None,
+        device: int = 0,
+        trt_options: Optional[TrtProviderOptions] = None,
         io_binding: bool = True,
-        prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
+        prefill_chunk: Union[int, None, str] = AUTO,
         verify_checksums: bool = False,
     ) -> "GlmModel":
         """Open a bundle written by ``glm-export onnx``.
 
+        ``backend="onnxruntime"`` (default) runs the bundle's graph; ``provider`` is "cpu" (default), "cuda[:N]" or
+        "tensorrt[:N]" (onnxruntime's TensorRT execution provider, sized and switched by ``trt_options``; its
+        profile's max sequence length becomes the model's ``context_length``). ``threads`` and ``io_binding`` are
+        onnxruntime's.
+
+        ``backend="tensorrt"`` runs the native engine in ``engine_dir`` (built from this bundle by ``glm-export
+        trt``) on CUDA device ``device``; the bundle gives the manifest and the tokenizer. ``context_length`` is the
+        engine's max sequence length, prompts are prefilled in one forward unless ``prefill_chunk`` is given and
+        the engine's profiles admit it.
+
+        ``prefill_chunk``: prompt tokens per forward (None or 0: the whole prompt; "auto": the backend's default).
+
         Raises BundleError for a missing or corrupt file or a manifest newer than this runtime, BackendError when the
-        provider is not available. ``verify_checksums`` re-hashes every file (slow on big bundles); by default only
-        their presence and sizes are checked.
+        backend or provider is not available (naming what to install) or options do not fit the backend,
+        EngineOptionError for TensorRT sizes that are invalid. ``verify_checksums`` re-hashes every file (slow on
+        big bundles); by default only their presence and sizes are checked.
         """
         bundle_dir = os.fspath(bundle_dir)
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+        if not (prefill_chunk is None or prefill_chunk == AUTO
+                or (isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk >= 0)):
+            raise GenerationError(f"prefill_chunk must be a whole number >= 0, None or 'auto', got {prefill_chunk!r}")
+        if backend == "tensorrt":
+            return cls._load_engine(bundle_dir, engine_dir, device, prefill_chunk, verify_checksums,
+                                    provider=provider, threads=threads, trt_options=trt_options)
+        if engine_dir is not None:
+            raise BackendError("engine_dir is for backend='tensorrt'; the onnxruntime backend runs the bundle's graph")
+        provider = provider if provider is not None else "cpu"
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
         model_path = os.path.join(bundle_dir, manifest.model_file)
         if not os.path.isfile(model_path):
@@ -109,10 +157,38 @@ class GlmModel:
         kv_dtype = _kv_dtype(manifest, model_path)
         from .backends.onnxruntime import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(
-            model_path, manifest.spec, kv_dtype=kv_dtype, provider=provider, threads=threads, io_binding=io_binding
+        runner = OnnxRuntimeBackend(
+            model_path, manifest.spec, kv_dtype=kv_dtype, provider=provider, threads=threads, io_binding=io_binding,
+            manifest=manifest, trt_options=trt_options,
         )
-        return cls(bundle_dir, manifest, backend, prefill_chunk)
+        profiles = [runner.profile] if runner.profile is not None else None  # provider tensorrt: one profile
+        chunk, context = plan_limits(manifest.spec.max_position_embeddings, prefill_chunk, profiles, native=False)
+        return cls(bundle_dir, manifest, runner, chunk, context, "onnxruntime")
+
+    @classmethod
+    def _load_engine(cls, bundle_dir: str, engine_dir: Optional[str], device: int, prefill_chunk: Union[int, None, str],
+                     verify_checksums: bool, provider: Optional[str], threads: Optional[int],
+                     trt_options: Optional[TrtProviderOptions]) -> "GlmModel":
+        if engine_dir is None:
+            raise BackendError("backend 'tensorrt' needs engine_dir, an engine built with "
+                               "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
+        for name, value in (("provider", provider), ("threads", threads), ("trt_options", trt_options)):
+            if value is not None:
+                raise BackendError(f"{name} is an onnxruntime option; backend 'tensorrt' runs the engine on CUDA "
+                                   f"device {device} with the sizes it was built for")
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise BackendError(f"device must be a CUDA device index >= 0, got {device!r}")
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        from .backends.tensorrt import TensorRTBackend
+
+        runner = TensorRTBackend(os.fspath(engine_dir), bundle_dir, device=device)
+        try:
+            chunk, context = plan_limits(manifest.spec.max_position_embeddings, prefill_chunk, runner.profiles,
+                                         native=True)
+        except BaseException:
+            runner.close()
+            raise
+        return cls(bundle_dir, manifest, runner, chunk, context, "tensorrt")
 
     # ------------------------------------------------------------------------------------------------ lifetime
 
@@ -123,13 +199,13 @@ class GlmModel:
     def __enter__(self) -> "GlmModel":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # ------------------------------------------------------------------------------------------------ tokenizer
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Optional[Tokenizer]:
         """The bundle's tokenizer, loaded on first use; None when the bundle has none."""
         if not self._tokenizer_loaded:
             self._tokenizer_loaded = True
@@ -139,7 +215,7 @@ class GlmModel:
                 self._tokenizer = load_tokenizer(self.bundle_dir, self.spec)
         return self._tokenizer
 
-    def _require_tokenizer(self, why: str):
+    def _require_tokenizer(self, why: str) -> Tokenizer:
         tok = self.tokenizer
         if tok is None:
             raise TokenizerError(f"{self.bundle_dir}: the bundle has no tokenizer, so {why}; pass token ids instead")
@@ -153,7 +229,8 @@ class GlmModel:
             return list(self._require_tokenizer("text prompts cannot be encoded").encode_prompt(prompt))
         return _id_list(prompt)
 
-    def _decoder_factory(self):
+    def _decoder_factory(self) -> Optional[Callable[[], Any]]:
+        """One ``StreamDecoder`` (a ``runtime.generate.TextDecoder`` by duck typing) per sequence, or None."""
         tok = self.tokenizer
         if tok is None:
             return None
@@ -167,7 +244,7 @@ class GlmModel:
         self,
         prompts: Sequence[Sequence[int]],
         config: Optional[GenerationConfig] = None,
-        extra_eos: Sequence[int] = (),
+        extra_eos: Collection[int] = (),
     ) -> Generation:
         """A :class:`Generation` over id prompts with this model's context, eos ids and tokenizer; ``extra_eos``
         ids also end a sequence (the chat stop ids), on top of the config's or the model's eos ids."""
@@ -180,7 +257,7 @@ class GlmModel:
             self.backend,
             prompts,
             config,
-            context_length=self.spec.max_position_embeddings,
+            context_length=self.context_length,
             vocab_size=self.spec.vocab_size,
             eos_token_ids=self.spec.eos_token_ids,
             pad_token_id=self.spec.pad_token_id,
@@ -225,7 +302,8 @@ class GlmModel:
         from .tokenizer import chat_stop_ids
 
         ids = self.chat_ids(messages)
-        return self.start([ids], config, extra_eos=chat_stop_ids(self.tokenizer, self.spec))
+        tokenizer = self._require_tokenizer("chat is unavailable")
+        return self.start([ids], config, extra_eos=chat_stop_ids(tokenizer, self.spec))
 
     def chat(self, messages: Sequence[Message], config: Optional[GenerationConfig] = None) -> GenerationResult:
         """One assistant reply to ``messages``; stops on the model's chat stop ids as well as its eos ids."""
@@ -239,6 +317,43 @@ class GlmModel:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def plan_limits(
+    max_positions: int,
+    prefill_chunk: Union[int, None, str],
+    profiles: Optional[Sequence[Profile]] = None,
+    native: bool = False,
+) -> Tuple[Optional[int], int]:
+    """(prefill chunk, context length) for a backend whose steps must lie in ``profiles`` (None: no limits).
+
+    - no profiles (onnxruntime on cpu/cuda): "auto" is ``DEFAULT_PREFILL_CHUNK``; the context is the model's;
+    - onnxruntime's TensorRT provider (one envelope profile, ``native=False``): "auto" is at most the profile's max
+      input length, so any prompt up to the context prefills in chunks the profile admits; the context ends at the
+      profile's max sequence length;
+    - a native engine (``native=True``): "auto" is the whole prompt in one forward (what its prefill profile is for;
+      its buffers are sized for it, so chunks save nothing); a given chunk must fit the profiles
+      (:func:`runtime.trt_profiles_select.prefill_chunk_refusal`); the context ends at the engine's max sequence.
+    """
+    if not profiles:
+        return _as_chunk(DEFAULT_PREFILL_CHUNK if prefill_chunk == AUTO else prefill_chunk), int(max_positions)
+    context = min(int(max_positions), widest(profiles, TOTAL))
+    if not native:
+        chunk = min(DEFAULT_PREFILL_CHUNK, widest(profiles, SEQ)) if prefill_chunk == AUTO else prefill_chunk
+        return _as_chunk(chunk), context
+    chunk = None if prefill_chunk == AUTO else prefill_chunk
+    why = prefill_chunk_refusal(profiles, _as_chunk(chunk))
+    if why is not None:
+        raise GenerationError(f"prefill chunk {chunk} does not fit the engine: {why}; use 0 (the whole prompt in one "
+                              f"forward, what the engine's prefill profile is built for)")
+    return _as_chunk(chunk), context
+
+
+def _as_chunk(chunk: Union[int, None, str]) -> Optional[int]:
+    """A resolved prefill chunk: None (whole prompt) or a positive number of tokens."""
+    if chunk is None or chunk == AUTO:
+        return None
+    return int(chunk) or None
 
 
 def _kv_dtype(manifest: Manifest, where: str) -> str:
@@ -262,7 +377,7 @@ def _id_list(prompt: Sequence[int]) -> List[int]:
     return ids
 
 
-def _split_prompts(prompt) -> Tuple[list, bool]:
+def _split_prompts(prompt: Any) -> Tuple[list, bool]:
     """-> (prompts, single). A str or a flat list of ints is one prompt; a list of those is a batch."""
     if isinstance(prompt, str):
         return [prompt], True

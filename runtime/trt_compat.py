@@ -1,4 +1,4 @@
-"""Whether a TensorRT engine built by ``glm-export tensorrt`` can run here: pure checks on its ``engine.json``.
+"""Whether a TensorRT engine built by ``glm-export trt`` can run here: pure checks on its ``engine.json``.
 
 A serialized TensorRT engine is tied to the TensorRT release and to the GPU architecture it was built on. The builder
 (``exporter.trt_engine``) records both in ``engine.json`` beside ``engine.plan``; the runtime backend compares them with
@@ -14,7 +14,7 @@ ENGINE_FORMAT_VERSION = 1
 ENGINE_PLAN = "engine.plan"
 ENGINE_RECORD = "engine.json"
 
-REBUILD = "rebuild the engine here with 'glm-export tensorrt BUNDLE_DIR OUT_DIR'"
+REBUILD = "rebuild the engine here with 'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR --overwrite'"
 
 
 def major_minor(version: str) -> Optional[Tuple[int, int]]:

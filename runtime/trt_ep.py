@@ -33,6 +33,7 @@ from .trt_profiles_select import Profile, Range, Shape, ShapeRange
 __all__ = [
     "EngineOptionError",
     "ProfileRequest",
+    "TrtProviderOptions",
     "envelope_profile",
     "ep_shape_spec",
     "generation_dims",
@@ -291,3 +292,55 @@ def tensorrt_ep_options(
     for k, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
         options[key] = ep_shape_spec([(name, ranges[k]) for name, ranges in profile.shapes.items()])
     return options
+
+
+@dataclass(frozen=True)
+class TrtProviderOptions:
+    """What ``GlmModel.load(..., provider="tensorrt", trt_options=...)`` (``glm-export run --provider tensorrt``)
+    gives onnxruntime's TensorRT execution provider: the sizes of its one profile and the build switches.
+
+    Sizes left None take the defaults of :func:`request_with_defaults` (batch 1, sequence ``min(2048, context)``,
+    prompt half the sequence), so a model loaded with the provider can never outgrow its profile: the generation
+    context is ``max_seq_len`` and every step is checked against the profile before it reaches onnxruntime.
+    ``cache_dir`` keeps the built engine between sessions (strongly advised: building takes minutes).
+    """
+
+    max_batch: Optional[int] = None
+    max_input_len: Optional[int] = None
+    max_seq_len: Optional[int] = None
+    opt_batch: Optional[int] = None
+    opt_seq: Optional[int] = None
+    fp16: bool = False
+    cache_dir: Optional[str] = None
+    workspace_mib: Optional[int] = None
+    builder_opt_level: Optional[int] = None
+    tune_for: str = "decode"
+
+    def request(self, manifest: Manifest) -> ProfileRequest:
+        """The sizes, defaults filled in for this bundle's context."""
+        return request_with_defaults(
+            manifest.spec.max_position_embeddings,
+            max_batch=self.max_batch,
+            max_input_len=self.max_input_len,
+            max_seq_len=self.max_seq_len,
+            opt_batch=self.opt_batch,
+            opt_seq=self.opt_seq,
+        )
+
+    def profile(self, manifest: Manifest) -> Profile:
+        """The provider's single (envelope) profile for this bundle."""
+        return envelope_profile(manifest.inputs, self.request(manifest), manifest.spec.max_position_embeddings,
+                                self.tune_for)
+
+    def provider_options(self, manifest: Manifest, device_id: int = 0) -> Dict[str, str]:
+        """The ``TensorrtExecutionProvider`` options dict (:func:`tensorrt_ep_options`)."""
+        return tensorrt_ep_options(
+            manifest,
+            self.request(manifest),
+            fp16=self.fp16,
+            cache_dir=self.cache_dir,
+            device_id=device_id,
+            workspace_mib=self.workspace_mib,
+            builder_opt_level=self.builder_opt_level,
+            tune_for=self.tune_for,
+        )

@@ -9,7 +9,7 @@ there and calls :func:`select_profile` before every step. Pure Python: no Tensor
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import BundleError, GenerationError
 from .graph_contract import BATCH, PAST, SEQ, TOTAL
@@ -74,13 +74,29 @@ def step_dims(batch: int, seq: int, past: int) -> Dict[str, int]:
     return {BATCH: batch, SEQ: seq, PAST: past, TOTAL: past + seq}
 
 
-def select_profile(profiles: Sequence[Profile], batch: int, seq: int, past: int) -> int:
+REBUILD_COMMAND = "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR --overwrite"
+
+
+def rebuild_engine(option: str = "") -> str:
+    """The remedy for a step outside a native engine's profiles: rebuild with a larger size option."""
+    return f"rebuild the engine with '{REBUILD_COMMAND}{' ' + option if option else ''}'"
+
+
+def select_profile(
+    profiles: Sequence[Profile],
+    batch: int,
+    seq: int,
+    past: int,
+    owner: str = "the engine's",
+    remedy: Callable[[str], str] = rebuild_engine,
+) -> int:
     """Index of the profile to run a step of ``seq`` new tokens after ``past`` cached ones, for ``batch`` rows.
 
     Among the profiles that admit the step, the one with the narrowest ``seq`` range wins (so a one-token step after
     a non-empty cache runs on the decode profile even where the prefill profile would admit it too); ties go to the
     lower index. A step that no profile admits is refused with a message that says which limit it breaks and how the
-    engine was built.
+    engine was built: ``owner`` names whose limits they are ("the engine's"), ``remedy(option)`` says how to get
+    larger ones (by default: rebuild the engine with that size option, e.g. ``--max-batch 4``).
     """
     if batch < 1 or seq < 1 or past < 0:
         raise GenerationError(f"invalid step: batch {batch}, {seq} new tokens, {past} cached tokens")
@@ -93,41 +109,64 @@ def select_profile(profiles: Sequence[Profile], batch: int, seq: int, past: int)
             candidates.append((hi - lo, i))
     if candidates:
         return min(candidates)[1]
-    raise GenerationError(_refusal(profiles, batch, seq, past))
+    raise GenerationError(_refusal(profiles, batch, seq, past, owner, remedy))
 
 
-def _refusal(profiles: Sequence[Profile], batch: int, seq: int, past: int) -> str:
-    """Why no profile admits the step, phrased in the build options the user can change."""
+def widest(profiles: Sequence[Profile], dim: str) -> int:
+    """The largest value of ``dim`` any of the profiles admits (0 where none has the dim)."""
+    return max((p.dims[dim][2] for p in profiles if dim in p.dims), default=0)
 
-    def widest(dim: str) -> int:
-        return max((p.dims[dim][2] for p in profiles if dim in p.dims), default=0)
 
-    max_batch, max_seq, max_total = widest(BATCH), widest(SEQ), widest(TOTAL)
-    rebuild = "rebuild the engine with 'glm-export tensorrt'"
+def prefill_chunk_refusal(profiles: Sequence[Profile], chunk: Optional[int]) -> Optional[str]:
+    """None when a prompt prefilled ``chunk`` tokens per forward runs on these profiles for every prompt length they
+    admit in one forward (up to the widest ``seq``), else why not. None or 0 means the whole prompt in one forward,
+    which always fits. A chunk fits when each step after the first (``chunk`` new tokens after a multiple of
+    ``chunk`` cached ones) lies in some profile: a native engine's prefill profile takes at most max-seq-len minus
+    max-input-len cached tokens."""
+    max_in = widest(profiles, SEQ)
+    if not chunk or chunk >= max_in:
+        return None
+    past = int(chunk)
+    while past < max_in:
+        seq = min(int(chunk), max_in - past)
+        if not any(p.admits(1, seq, past) for p in profiles):
+            return (
+                f"a prompt of {max_in} tokens prefilled {chunk} tokens at a time needs a {seq}-token step after "
+                f"{past} cached tokens, which no optimization profile admits"
+            )
+        past += int(chunk)
+    return None
+
+
+def _refusal(
+    profiles: Sequence[Profile], batch: int, seq: int, past: int, owner: str, remedy: Callable[[str], str]
+) -> str:
+    """Why no profile admits the step, phrased in the size options the user can change."""
+    max_batch, max_seq, max_total = widest(profiles, BATCH), widest(profiles, SEQ), widest(profiles, TOTAL)
     if batch > max_batch:
-        return f"batch of {batch} rows is larger than the engine's max batch {max_batch}; {rebuild} --max-batch {batch}"
+        return f"batch of {batch} rows is larger than {owner} max batch {max_batch}; {remedy(f'--max-batch {batch}')}"
     if seq > max_seq:
         return (
-            f"a prompt of {seq} tokens is longer than the engine's max input length {max_seq}; shorten the prompt "
-            f"or {rebuild} --max-input-len {seq}"
+            f"a prompt of {seq} tokens is longer than {owner} max input length {max_seq}; shorten the prompt "
+            f"or {remedy(f'--max-input-len {seq}')}"
         )
     if past + seq > max_total:
         return (
-            f"{past} cached + {seq} new tokens = {past + seq} exceeds the engine's max sequence length {max_total}; "
-            f"start a new conversation or {rebuild} --max-seq-len {past + seq}"
+            f"{past} cached + {seq} new tokens = {past + seq} exceeds {owner} max sequence length {max_total}; "
+            f"start a new conversation or {remedy(f'--max-seq-len {past + seq}')}"
         )
     multi = [p for p in profiles if SEQ in p.dims and PAST in p.dims and p.dims[SEQ][2] >= seq]
     if seq > 1 and multi and past > max(p.dims[PAST][2] for p in multi):
         limit = max(p.dims[PAST][2] for p in multi)
         return (
-            f"a {seq}-token step after {past} cached tokens: the engine takes several tokens at once only after at "
-            f"most {limit} cached tokens (max-seq-len minus max-input-len); prefill the prompt in one step instead "
-            f"of chunks, feed one token at a time, or {rebuild} with a smaller --max-input-len"
+            f"a {seq}-token step after {past} cached tokens: {owner} profiles take several tokens at once only "
+            f"after at most {limit} cached tokens (max-seq-len minus max-input-len); prefill the prompt in one step "
+            f"instead of chunks, feed one token at a time, or {remedy(f'--max-input-len {max_total - past}')}"
         )
     ranges = "; ".join(
         p.name + ": " + ", ".join(f"{d} {lo}..{hi}" for d, (lo, _, hi) in p.dims.items()) for p in profiles
     )
     return (
         f"no optimization profile admits a step of {seq} new tokens after {past} cached tokens (batch {batch}); "
-        f"the engine's profiles are {ranges}"
+        f"{owner} profiles are {ranges}"
     )

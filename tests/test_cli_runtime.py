@@ -150,6 +150,7 @@ def test_bench_json(bundle):
         assert 0 < x["token_latency_p50_ms"] <= x["token_latency_p90_ms"]
     assert out["peak_rss_mib"] > 10
     assert out["io_binding"] is True and out["prefill_chunk"] == 256
+    assert out["backend"] == "onnxruntime" and out["engine"] is None and out["provider"] == "cpu"
 
 
 def test_bench_plain_path_chunked(bundle):
@@ -166,3 +167,122 @@ def test_bench_table_and_context_refusal(bundle):
     assert "prefill ms" in r.stdout and "peak RSS" in r.stdout
     r = invoke(["bench", "--model", bundle, "--prompt-len", "2040", "--new-tokens", "20", "--runs", "1"])
     assert r.exit_code == 2 and "exceeds the context" in r.stderr
+
+
+# ---------------------------------------------------------------------------------- --backend / --provider tensorrt
+
+
+def _one_error_line(r):
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.exit_code == 2, r.output
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    return lines[0]
+
+
+@pytest.fixture()
+def engine_dir(bundle, tmp_path):
+    """An engine directory whose engine.json is the record glm-export trt writes for this bundle (no engine.plan:
+    nothing here gets as far as TensorRT)."""
+    from exporter.trt_engine import EngineOptions, engine_record, precision_plan
+    from runtime.manifest import MANIFEST_NAME, read_manifest, sha256_of
+    from runtime.trt_ep import ProfileRequest, profiles_for_manifest
+
+    manifest = read_manifest(bundle)
+    request = ProfileRequest(max_batch=1, max_input_len=16, max_seq_len=64)
+    record = engine_record(manifest, sha256_of(os.path.join(bundle, MANIFEST_NAME)),
+                           profiles_for_manifest(manifest, request), precision_plan(manifest.precision),
+                           EngineOptions(request), "10.13.0.35", "NVIDIA H200", "9.0", "00" * 32, 0, bundle)
+    path = tmp_path / "engine"
+    path.mkdir()
+    (path / "engine.json").write_text(json.dumps(record))
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["run", "chat", "bench"])
+def test_backend_tensorrt_without_engine(bundle, command):
+    extra = ["--prompt-ids", "1,2"] if command == "run" else []
+    r = invoke([command, "--model", bundle, "--backend", "tensorrt"] + extra, input="hi\n")
+    line = _one_error_line(r)
+    assert line.startswith("error: --backend tensorrt needs --engine ENGINE_DIR")
+    assert "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR" in line
+
+
+@pytest.mark.parametrize("backend_args", [["--backend", "tensorrt"], []], ids=["explicit", "implied-by-engine"])
+def test_backend_tensorrt_when_tensorrt_is_not_installed(bundle, engine_dir, monkeypatch, backend_args):
+    """sys.modules["tensorrt"] = None makes `import tensorrt` fail as where it is not installed (no module is
+    faked), so this runs the same on machines that have TensorRT."""
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    r = invoke(["run", "--model", bundle, "--engine", engine_dir, "--prompt-ids", "1,2"] + backend_args)
+    line = _one_error_line(r)
+    assert line.startswith("error: the tensorrt package is not installed")
+    assert "pip install tensorrt-cu12" in line and "cuda-python" in line
+    r = invoke(["bench", "--model", bundle, "--engine", engine_dir, "--runs", "1"] + backend_args)
+    assert _one_error_line(r) == line
+
+
+def test_engine_directory_without_engine_json(bundle, tmp_path):
+    (tmp_path / "engine.plan").write_bytes(b"trtexec-built")
+    line = _one_error_line(invoke(["run", "--model", bundle, "--engine", str(tmp_path), "--prompt-ids", "1"]))
+    assert "engine.json: unreadable" in line and "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR" in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "onnxruntime", "--engine", "E"], "--engine is for --backend tensorrt"),
+    (["--backend", "tensorrt", "--engine", "E", "--threads", "2"], "--threads: onnxruntime options, not used by "
+                                                                   "--backend tensorrt"),
+    (["--engine", "E", "--provider", "cuda", "--max-seq-len", "64"], "--max-seq-len, --provider: onnxruntime options"),
+    (["--trt-fp16"], "--trt-fp16: options of onnxruntime's TensorRT execution provider; add --provider tensorrt"),
+    (["--provider", "cuda", "--max-seq-len", "64", "--trt-cache-dir", "c"],
+     "--max-seq-len, --trt-cache-dir: options of onnxruntime's TensorRT execution provider"),
+    (["--device", "1"], "--device selects a CUDA device"),
+])
+def test_options_that_do_not_apply_are_refused(bundle, args, message):
+    line = _one_error_line(invoke(["run", "--model", bundle, "--prompt-ids", "1,2"] + args))
+    assert message in line
+
+
+def test_bench_no_io_binding_is_onnxruntime_only(bundle):
+    line = _one_error_line(invoke(["bench", "--model", bundle, "--backend", "tensorrt", "--engine", "E",
+                                   "--no-io-binding"]))
+    assert "--no-io-binding: onnxruntime options" in line
+
+
+def test_provider_tensorrt_on_cpu_onnxruntime(bundle, tmp_path):
+    import onnxruntime
+
+    if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT execution provider")
+    r = invoke(["run", "--model", bundle, "--prompt-ids", "1,2", "--provider", "tensorrt", "--max-seq-len", "64",
+                "--trt-fp16", "--trt-cache-dir", str(tmp_path / "cache")])
+    line = _one_error_line(r)
+    assert "needs onnxruntime's TensorrtExecutionProvider" in line and "install onnxruntime-gpu" in line
+    r = invoke(["run", "--model", bundle, "--prompt-ids", "1,2", "--provider", "tensorrt", "--max-seq-len", "9999"])
+    assert "--max-seq-len 9999 is longer than the model's context of 2048" in _one_error_line(r)
+
+
+def test_load_kwargs_from_the_command_line_options():
+    from exporter.cli_runtime import MODEL_OPTIONS, load_kwargs
+    from runtime.trt_ep import TrtProviderOptions
+
+    def opts(**given):
+        return dict({k: None for k in MODEL_OPTIONS}, bundle="B", **given)
+
+    assert load_kwargs(opts()) == {"backend": "onnxruntime", "provider": "cpu", "threads": None, "io_binding": True}
+    assert load_kwargs(opts(provider="cuda", device=1, threads=3, prefill_chunk=0), io_binding=False) == {
+        "backend": "onnxruntime", "provider": "cuda:1", "threads": 3, "io_binding": False, "prefill_chunk": 0}
+    assert load_kwargs(opts(provider="tensorrt", device=2, max_batch=2, max_input_len=128, max_seq_len=512,
+                            trt_fp16=True, trt_cache_dir="/c")) == {
+        "backend": "onnxruntime", "provider": "tensorrt:2", "threads": None, "io_binding": True,
+        "trt_options": TrtProviderOptions(max_batch=2, max_input_len=128, max_seq_len=512, fp16=True,
+                                          cache_dir="/c")}
+    assert load_kwargs(opts(provider="tensorrt"))["trt_options"] == TrtProviderOptions()
+    assert load_kwargs(opts(engine_dir="E", prefill_chunk=8)) == {"backend": "tensorrt", "engine_dir": "E",
+                                                                  "device": 0, "prefill_chunk": 8}
+    assert load_kwargs(opts(backend="tensorrt", engine_dir="E", device=1))["device"] == 1
+
+
+def test_help_lists_the_backend_options():
+    r = invoke(["run", "--help"])
+    for flag in ("--backend [onnxruntime|tensorrt]", "--engine ENGINE_DIR", "--trt-cache-dir DIR", "--trt-fp16",
+                 "--max-seq-len N", "--max-input-len N", "--max-batch N", "--device"):
+        assert flag in r.stdout, flag

@@ -542,3 +542,85 @@ def test_backend_plain_run_and_lifetime(chatglm3):
         np.testing.assert_allclose(logits, out["logits"][:, -1], atol=1e-6, rtol=0)
     with pytest.raises(BackendError, match="closed"):
         be.forward(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"], be.empty_cache(1))
+
+
+# ------------------------------------------------------------------------- TensorRT provider and backend selection
+
+
+def test_tensorrt_provider_on_cpu_onnxruntime_is_a_one_line_backend_error(chatglm3, tmp_path):
+    """A real session attempt: this onnxruntime has no TensorrtExecutionProvider, so asking for it must say so."""
+    import onnxruntime
+
+    from runtime.trt_ep import EngineOptionError, TrtProviderOptions
+
+    if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the TensorRT execution provider")
+    trt = TrtProviderOptions(max_seq_len=64, fp16=True, cache_dir=str(tmp_path / "cache"))
+    for kwargs in (dict(provider="tensorrt"), dict(provider="tensorrt", trt_options=trt)):
+        with pytest.raises(BackendError) as e:
+            GlmModel.load(chatglm3.bundle_dir, **kwargs)
+        message = str(e.value)
+        assert len(message.splitlines()) == 1
+        assert "provider 'tensorrt' needs onnxruntime's TensorrtExecutionProvider" in message
+        assert "install onnxruntime-gpu" in message
+    # option mistakes are reported before the provider is looked for, so they show on any machine
+    with pytest.raises(EngineOptionError, match="--max-seq-len 100000 is longer than the model's context"):
+        GlmModel.load(chatglm3.bundle_dir, provider="tensorrt", trt_options=TrtProviderOptions(max_seq_len=100000))
+    with pytest.raises(BackendError, match="apply to provider 'tensorrt', not 'cpu'"):
+        GlmModel.load(chatglm3.bundle_dir, trt_options=trt)
+
+
+def test_generation_inside_a_tensorrt_provider_profile(chatglm3):
+    """What GlmModel does with the provider's profile, on the CPU session: chunks the profile takes, the context
+    ending at its max sequence, and steps outside it refused before they reach onnxruntime."""
+    from runtime.api import AUTO, plan_limits
+    from runtime.trt_ep import TrtProviderOptions
+
+    prompt = list(range(20, 27))  # 7 tokens: more than the profile's 4-token input, prefilled in chunks of 4
+    want = chatglm3.generate(prompt, GenerationConfig(max_new_tokens=5, eos_token_ids=()))
+    backend = _backend(chatglm3, True)
+    backend.profile = TrtProviderOptions(max_batch=2, max_input_len=4, max_seq_len=12).profile(chatglm3.manifest)
+    chunk, context = plan_limits(chatglm3.spec.max_position_embeddings, AUTO, [backend.profile])
+    assert (chunk, context) == (4, 12)
+    with GlmModel(chatglm3.bundle_dir, chatglm3.manifest, backend, chunk, context) as model:
+        res = model.generate(prompt, GenerationConfig(max_new_tokens=50, eos_token_ids=()))
+        assert res.finish_reason == "context" and res.generated_ids == want.generated_ids
+        assert len(prompt) + len(res.generated_ids) == 12
+        with pytest.raises(GenerationError, match="larger than the TensorRT provider profile's max batch 2.*"
+                                                  "--max-batch 3"):
+            model.generate([[5, 6], [7, 8], [9, 10]], GREEDY)
+        with pytest.raises(GenerationError, match="12 tokens, but the context holds 12"):
+            model.generate(list(range(20, 32)), GREEDY)
+    # without chunks, the whole 7-token prompt in one forward is more than the profile takes
+    whole = _backend(chatglm3, True)
+    whole.profile = backend.profile
+    with GlmModel(chatglm3.bundle_dir, chatglm3.manifest, whole, None, context) as model:
+        with pytest.raises(GenerationError, match="a prompt of 7 tokens is longer than the TensorRT provider "
+                                                  "profile's max input length 4; shorten the prompt or load the model "
+                                                  "with --max-input-len 7"):
+            model.generate(prompt, GREEDY)
+
+
+def test_load_refuses_backend_options_that_do_not_apply(chatglm3, tmp_path):
+    with pytest.raises(BackendError, match="unknown backend 'trt'"):
+        GlmModel.load(chatglm3.bundle_dir, backend="trt")
+    with pytest.raises(BackendError, match="backend 'tensorrt' needs engine_dir"):
+        GlmModel.load(chatglm3.bundle_dir, backend="tensorrt")
+    with pytest.raises(BackendError, match="threads is an onnxruntime option"):
+        GlmModel.load(chatglm3.bundle_dir, backend="tensorrt", engine_dir=str(tmp_path), threads=2)
+    with pytest.raises(BackendError, match="engine_dir is for backend='tensorrt'"):
+        GlmModel.load(chatglm3.bundle_dir, engine_dir=str(tmp_path))
+    with pytest.raises(BackendError, match="no such engine directory"):
+        GlmModel.load(chatglm3.bundle_dir, backend="tensorrt", engine_dir=str(tmp_path / "missing"))
+    with pytest.raises(GenerationError, match="prefill_chunk must be"):
+        GlmModel.load(chatglm3.bundle_dir, prefill_chunk=-1)
+
+
+def test_load_defaults_and_backend_name(chatglm3):
+    from runtime.generate import DEFAULT_PREFILL_CHUNK
+
+    assert chatglm3.backend_name == "onnxruntime" and chatglm3.backend.provider == "cpu"
+    assert chatglm3.prefill_chunk == DEFAULT_PREFILL_CHUNK
+    assert chatglm3.context_length == chatglm3.spec.max_position_embeddings
+    with GlmModel.load(chatglm3.bundle_dir, threads=1, prefill_chunk=0) as whole:
+        assert whole.prefill_chunk is None

@@ -1,6 +1,7 @@
 """TensorRT on a GPU: build an engine from a tiny exported bundle, run prefill and cached decode steps through the
-TensorRT backend, and compare with onnxruntime on the same bundle. Skipped, with the reason, where TensorRT or a CUDA
-GPU is missing."""
+TensorRT backend, and compare with onnxruntime on the same bundle: the backend directly, then greedy generation through
+``GlmModel.load(..., backend="tensorrt")`` and ``glm-export run --backend tensorrt``. Logits must agree within the
+``tensorrt_vs_onnx`` row of runtime/tolerances.py. Skipped, with the reason, where TensorRT or a CUDA GPU is missing."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from exporter.trt_profiles import ProfileRequest
 from onnx_steps import OnnxStepper, left_padded_batch
 from runtime import graph_contract as gc
 from runtime.errors import BackendError, GenerationError
+from runtime.sampling import GenerationConfig
 from runtime.tolerances import allowed_diff
 from runtime.trt_compat import ENGINE_PLAN, ENGINE_RECORD, engine_compatibility
 
@@ -47,7 +49,7 @@ def built(tiny_models, tmp_path_factory):
 
 
 def _close(got, want, what):
-    tol = allowed_diff("onnx_vs_torch", "fp32", float(np.abs(want).max()))
+    tol = allowed_diff("tensorrt_vs_onnx", "fp32", float(np.abs(want).max()))
     diff = float(np.abs(got - want).max())
     assert diff <= tol, f"{what}: max |TensorRT - onnxruntime| = {diff:.3g} > {tol:.3g}"
 
@@ -132,3 +134,110 @@ def test_engine_for_another_gpu_is_refused(built, tmp_path):
         json.dump(dict(record, compute_capability="1.0", gpu_name="an old GPU"), f)
     with pytest.raises(BackendError, match="rebuild the engine"):
         TensorRTBackend(moved)
+
+
+def _prompts(spec, lengths, seed):
+    forbidden = set(spec.eos_token_ids) | set(spec.special_tokens.values())
+    pool = np.array([i for i in range(spec.vocab_size) if i not in forbidden])
+    rng = np.random.default_rng(seed)
+    return [rng.choice(pool, n).tolist() for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def models(built):
+    from runtime.api import GlmModel
+
+    bundle, out, _ = built
+    with GlmModel.load(bundle, backend="tensorrt", engine_dir=out) as trt_model:
+        with GlmModel.load(bundle, threads=1) as ort_model:
+            yield trt_model, ort_model
+
+
+def test_glm_model_on_the_engine_generates_what_onnxruntime_generates(models):
+    from runtime.generate import decode_step, left_pad, prefill
+
+    trt_model, ort_model = models
+    assert trt_model.backend_name == "tensorrt" and ort_model.backend_name == "onnxruntime"
+    assert trt_model.context_length == REQUEST.max_seq_len  # the engine's, not the model's 2048
+    assert trt_model.prefill_chunk is None  # the whole prompt in one forward: the prefill profile
+    prompts = _prompts(trt_model.spec, (9, 5), seed=4)
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=())
+    got, want = trt_model.generate(prompts, config), ort_model.generate(prompts, config)
+    assert [r.generated_ids for r in got] == [r.generated_ids for r in want]
+    assert all(len(r.generated_ids) == 12 and r.finish_reason == "length" for r in got)
+
+    # the logits along that path, step by step, on both backends
+    ids, mask, pos = left_pad(prompts, trt_model.spec.pad_token_id)
+    lt, ct = prefill(trt_model.backend, ids, mask, pos, None)
+    lo, co = prefill(ort_model.backend, ids, mask, pos, None)
+    _close(lt, lo, "prefill logits")
+    tokens = np.array([r.generated_ids for r in want], dtype=np.int64)
+    next_pos = np.array([len(p) for p in prompts], dtype=np.int64)
+    for step in range(tokens.shape[1] - 1):
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        lt, ct = decode_step(trt_model.backend, tokens[:, step], mask, next_pos, ct)
+        lo, co = decode_step(ort_model.backend, tokens[:, step], mask, next_pos, co)
+        _close(lt, lo, f"decode step {step}")
+        next_pos = next_pos + 1
+
+    # the row that stays after the other finishes: select_rows copies it on the device
+    ct, co = trt_model.backend.select_rows(ct, np.array([1])), ort_model.backend.select_rows(co, np.array([1]))
+    assert (ct.batch, ct.length) == (co.batch, co.length) == (1, ids.shape[1] + tokens.shape[1] - 1)
+    for a, b in zip(trt_model.backend.cache_to_numpy(ct), ort_model.backend.cache_to_numpy(co)):
+        _close(a, b, "selected cache row")
+    mask = np.concatenate([mask[1:], np.ones((1, 1), np.int64)], 1)
+    lt, _ = decode_step(trt_model.backend, tokens[1:, -1], mask, next_pos[1:], ct)
+    lo, _ = decode_step(ort_model.backend, tokens[1:, -1], mask, next_pos[1:], co)
+    _close(lt, lo, "decode step after select_rows")
+
+
+def test_engine_generation_ends_at_the_engine_context_and_refuses_long_prompts(models):
+    trt_model, _ = models
+    prompt = _prompts(trt_model.spec, (10,), seed=5)[0]
+    res = trt_model.generate(prompt, GenerationConfig(max_new_tokens=100, eos_token_ids=()))
+    assert res.finish_reason == "context" and len(prompt) + len(res.generated_ids) == REQUEST.max_seq_len
+    too_long = _prompts(trt_model.spec, (REQUEST.max_input_len + 1,), seed=6)[0]
+    with pytest.raises(GenerationError, match="longer than the engine's max input length 16"):
+        trt_model.generate(too_long, GenerationConfig(max_new_tokens=2))
+    with pytest.raises(GenerationError, match="larger than the engine's max batch 2"):
+        trt_model.generate(_prompts(trt_model.spec, (3, 3, 3), seed=7), GenerationConfig(max_new_tokens=2))
+
+
+def test_engine_with_a_prefill_chunk_the_profiles_take(built, models):
+    from runtime.api import GlmModel
+
+    bundle, out, _ = built
+    _, ort_model = models
+    prompts = _prompts(ort_model.spec, (13, 6), seed=8)
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=())
+    with GlmModel.load(bundle, backend="tensorrt", engine_dir=out, prefill_chunk=4) as chunked:
+        assert chunked.prefill_chunk == 4  # steps after 4, 8, 12 cached tokens: the prefill profile takes <= 32
+        got = chunked.generate(prompts, config)
+    assert [r.generated_ids for r in got] == [r.generated_ids for r in ort_model.generate(prompts, config)]
+
+
+def test_engine_from_another_bundle_is_refused(built, tmp_path):
+    from runtime.api import GlmModel
+
+    bundle, out, _ = built
+    other = str(tmp_path / "other")
+    shutil.copytree(bundle, other)
+    with open(os.path.join(other, "manifest.json"), "a") as f:
+        f.write("\n")  # same contents as JSON, another sha256
+    with pytest.raises(BackendError, match="built from another bundle"):
+        GlmModel.load(other, backend="tensorrt", engine_dir=out)
+
+
+def test_cli_run_on_the_engine(built, models):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    bundle, out, _ = built
+    _, ort_model = models
+    prompt = _prompts(ort_model.spec, (7,), seed=9)[0]
+    args = ["run", "--model", bundle, "--prompt-ids", ",".join(map(str, prompt)), "--max-new-tokens", "8", "--json"]
+    r = CliRunner().invoke(main, args + ["--backend", "tensorrt", "--engine", out], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    want = ort_model.generate(prompt, GenerationConfig(max_new_tokens=8))
+    assert json.loads(r.stdout)["generated_ids"] == want.generated_ids

@@ -389,6 +389,76 @@ def test_version_and_gpu_text_helpers():
     assert gpu_name_text(" Orin ") == "Orin"
 
 
+THE_COMMAND = "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR"
+
+
+def test_refusals_name_the_trt_command():
+    """The build command is 'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR' (there is no 'glm-export tensorrt')."""
+    record, _ = _record(compute_capability="8.9")
+    refusals = [
+        engine_compatibility(record, "10.13.0.35", "NVIDIA H200", "9.0"),
+        engine_matches_bundle(record, "ef" * 32),
+    ]
+    prof = profiles_for_generation(_manifest().inputs, ProfileRequest(4, 8, 32))
+    for batch, seq, past in ((5, 1, 3), (1, 9, 0), (1, 1, 32)):
+        with pytest.raises(GenerationError) as e:
+            select_profile(prof, batch, seq, past)
+        refusals.append(str(e.value))
+    for refusal in refusals:
+        assert refusal is not None and THE_COMMAND in refusal, refusal
+        assert "glm-export tensorrt" not in refusal
+    assert refusals[2].endswith(f"rebuild the engine with '{THE_COMMAND} --overwrite --max-batch 5'")
+
+
+def test_chunk_after_too_many_cached_tokens_suggests_an_input_length_that_admits_it():
+    prof = profiles_for_generation(_manifest().inputs, ProfileRequest(1, 24, 32))  # prefill past <= 8
+    with pytest.raises(GenerationError) as e:
+        select_profile(prof, 1, 4, 20)
+    assert "a 4-token step after 20 cached tokens" in str(e.value) and "--max-input-len 12'" in str(e.value)
+    rebuilt = profiles_for_generation(_manifest().inputs, ProfileRequest(1, 12, 32))
+    assert select_profile(rebuilt, 1, 4, 20) == 0  # the suggested size admits the step
+
+
+def test_engine_directory_errors_name_the_build_command(tmp_path):
+    from runtime.backends.tensorrt import read_engine_record
+    from runtime.errors import BackendError
+
+    with pytest.raises(BackendError, match="no such engine directory") as e:
+        read_engine_record(str(tmp_path / "missing"))
+    assert THE_COMMAND in str(e.value)
+    with pytest.raises(BackendError, match="engine.json: unreadable") as e:
+        read_engine_record(str(tmp_path))  # e.g. a trtexec engine directory: engine.plan and no engine.json
+    assert THE_COMMAND in str(e.value) and len(str(e.value).splitlines()) == 1
+    (tmp_path / "engine.json").write_text("[1, 2]")
+    with pytest.raises(BackendError, match="expected a JSON object"):
+        read_engine_record(str(tmp_path))
+
+
+def test_missing_tensorrt_and_cuda_python_name_what_to_install(tmp_path, monkeypatch):
+    """The import checks, with the packages made unimportable (setting sys.modules[name] = None makes `import name`
+    raise ImportError; no stand-in module is created)."""
+    import sys
+
+    from runtime.backends.tensorrt import TensorRTBackend, _cudart, _import_tensorrt
+    from runtime.errors import BackendError
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(BackendError) as e:
+        _import_tensorrt()
+    assert str(e.value).startswith("the tensorrt package is not installed")
+    assert "pip install tensorrt-cu12" in str(e.value) and len(str(e.value).splitlines()) == 1
+    with pytest.raises(BackendError) as e:
+        _cudart()
+    assert str(e.value).startswith("cuda-python is not installed") and "pip install cuda-python" in str(e.value)
+    # a backend checks engine.json first (no TensorRT needed for that), then tensorrt, then cuda-python
+    record, _ = _record()
+    (tmp_path / "engine.json").write_text(json.dumps(record))
+    with pytest.raises(BackendError, match="the tensorrt package is not installed"):
+        TensorRTBackend(str(tmp_path))
+
+
 def test_tensorrt_available_reports_why_not():
     import importlib.util
 

@@ -190,6 +190,143 @@ def test_exporter_names_are_the_runtime_objects():
         assert getattr(ex, name) is getattr(rt, name)
 
 
+# ------------------------------------------------------------ --provider tensorrt in the onnxruntime backend (pure)
+
+
+def test_provider_config_cpu_and_cuda():
+    from runtime.backends.onnxruntime import provider_config
+
+    assert provider_config("cpu") == (["CPUExecutionProvider"], [{}])
+    assert provider_config("cuda:1") == (["CUDAExecutionProvider", "CPUExecutionProvider"], [{"device_id": "1"}, {}])
+
+
+def test_provider_config_tensorrt_passes_the_ep_options():
+    from runtime.backends.onnxruntime import provider_config
+    from runtime.trt_ep import TrtProviderOptions
+
+    manifest = _manifest(num_layers=2)
+    trt = TrtProviderOptions(max_batch=4, max_input_len=8, max_seq_len=32, opt_batch=2, opt_seq=5, fp16=True,
+                             cache_dir="/var/cache/glm", builder_opt_level=2)
+    providers, options = provider_config("tensorrt:1", manifest, trt)
+    assert providers == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert options[0] == tensorrt_ep_options(manifest, REQUEST, fp16=True, cache_dir="/var/cache/glm", device_id=1,
+                                             builder_opt_level=2)
+    assert options[0]["trt_engine_cache_path"] == "/var/cache/glm" and options[0]["trt_fp16_enable"] == "True"
+    assert _parse(options[0]["trt_profile_max_shapes"])["attention_mask"] == [(4, 32)]
+    assert options[1:] == [{"device_id": "1"}, {}]
+    assert all(isinstance(v, str) for o in options for v in o.values())
+
+
+def test_provider_config_tensorrt_defaults_cover_the_model_context():
+    from runtime.backends.onnxruntime import provider_config
+
+    _, options = provider_config("tensorrt", _manifest(max_positions=64))
+    # defaults: batch 1, sequence min(2048, 64) = 64, prompt 32; no cache dir, no FP16 on an fp32 bundle
+    assert _parse(options[0]["trt_profile_max_shapes"])["input_ids"] == [(1, 32)]
+    assert _parse(options[0]["trt_profile_max_shapes"])["attention_mask"] == [(1, 64)]
+    assert options[0]["trt_fp16_enable"] == "False" and "trt_engine_cache_path" not in options[0]
+    assert options[0]["device_id"] == "0"
+
+
+def test_provider_config_refusals():
+    from runtime.backends.onnxruntime import provider_config
+    from runtime.errors import BackendError
+    from runtime.trt_ep import TrtProviderOptions
+
+    with pytest.raises(BackendError, match="needs the bundle's manifest"):
+        provider_config("tensorrt")
+    with pytest.raises(BackendError, match="apply to provider 'tensorrt', not 'cuda'"):
+        provider_config("cuda", _manifest(), TrtProviderOptions(fp16=True))
+    with pytest.raises(BackendError, match="unknown provider"):
+        provider_config("tensorrtx", _manifest())
+    with pytest.raises(EngineOptionError, match="a int4 bundle cannot run"):
+        provider_config("tensorrt", _manifest("int4"))
+    with pytest.raises(EngineOptionError, match="--max-seq-len 128 is longer than the model's context of 64"):
+        provider_config("tensorrt", _manifest(max_positions=64), TrtProviderOptions(max_seq_len=128))
+
+
+def test_provider_options_object_request_and_profile():
+    from runtime.trt_ep import TrtProviderOptions
+
+    manifest = _manifest(max_positions=64)
+    trt = TrtProviderOptions(max_batch=2, max_seq_len=40)
+    assert trt.request(manifest) == ProfileRequest(max_batch=2, max_input_len=20, max_seq_len=40)
+    profile = trt.profile(manifest)
+    assert profile.dims == envelope_profile(manifest.inputs, trt.request(manifest)).dims
+    assert (profile.max_of("batch"), profile.max_of("seq"), profile.max_of("past_plus_seq")) == (2, 20, 40)
+
+
+def test_plan_limits_per_backend():
+    from runtime.api import AUTO, plan_limits
+    from runtime.generate import DEFAULT_PREFILL_CHUNK
+    from runtime.trt_ep import TrtProviderOptions
+
+    manifest = _manifest(max_positions=1024)
+    # onnxruntime on cpu/cuda: no profile, the model's context; 0 means the whole prompt (None)
+    assert plan_limits(1024, AUTO) == (DEFAULT_PREFILL_CHUNK, 1024)
+    assert plan_limits(1024, 0) == (None, 1024) and plan_limits(1024, 7) == (7, 1024)
+    # the TensorRT provider: auto chunk at most the profile's input length; context = its max sequence
+    envelope = [TrtProviderOptions(max_input_len=100, max_seq_len=300).profile(manifest)]
+    assert plan_limits(1024, AUTO, envelope) == (100, 300)
+    big = [TrtProviderOptions(max_input_len=512, max_seq_len=1024).profile(manifest)]
+    assert plan_limits(1024, AUTO, big) == (DEFAULT_PREFILL_CHUNK, 1024)
+    # a native engine: auto is the whole prompt; a chunk must fit its prefill profile's past range
+    pair = profiles_for_generation(manifest.inputs, ProfileRequest(max_batch=1, max_input_len=24, max_seq_len=32))
+    assert plan_limits(1024, AUTO, pair, native=True) == (None, 32)
+    assert plan_limits(1024, 0, pair, native=True) == (None, 32)
+    assert plan_limits(1024, 1, pair, native=True) == (1, 32)  # one token at a time: the decode profile
+    # the prefill profile takes at most 32 - 24 = 8 cached tokens, so a 24-token prompt in chunks of 8 cannot run
+    with pytest.raises(GenerationError, match="prefill chunk 8 does not fit the engine: .*8-token step after 16"):
+        plan_limits(1024, 8, pair, native=True)
+    roomy = profiles_for_generation(manifest.inputs, ProfileRequest(max_batch=1, max_input_len=8, max_seq_len=32))
+    assert plan_limits(1024, 3, roomy, native=True) == (3, 32)  # past 3, 6 <= 24
+
+
+def _chunked_steps_run(profiles, n, chunk):
+    """Whether every forward of a chunked prefill of an n-token prompt lies in some profile (select_profile)."""
+    past = 0
+    while past < n:
+        seq = min(chunk, n - past)
+        try:
+            select_profile(profiles, 1, seq, past)
+        except GenerationError:
+            return False
+        past += seq
+    return True
+
+
+@pytest.mark.parametrize("max_input_len, max_seq_len", [(8, 32), (24, 32), (16, 48), (31, 32)])
+def test_prefill_chunk_refusal_agrees_with_select_profile(max_input_len, max_seq_len):
+    from runtime.trt_profiles_select import prefill_chunk_refusal
+
+    pair = profiles_for_generation(_manifest().inputs, ProfileRequest(1, max_input_len, max_seq_len))
+    assert prefill_chunk_refusal(pair, None) is None and prefill_chunk_refusal(pair, 0) is None
+    verdicts = []
+    for chunk in range(1, max_input_len + 2):
+        fits = prefill_chunk_refusal(pair, chunk) is None
+        every_prompt_runs = all(_chunked_steps_run(pair, n, chunk) for n in range(1, max_input_len + 1))
+        assert fits == every_prompt_runs, (chunk, prefill_chunk_refusal(pair, chunk))
+        verdicts.append(fits)
+    assert verdicts[0] and verdicts[-1]  # one token at a time (decode profile) and whole prompts always run
+    if max_seq_len - max_input_len < max_input_len - 1:
+        assert not all(verdicts)  # the prefill profile's past range is too short for some chunks
+
+
+def test_provider_profile_refusal_names_the_run_option():
+    from runtime.backends.onnxruntime import _reload_with
+    from runtime.trt_ep import TrtProviderOptions
+
+    profile = TrtProviderOptions(max_batch=2, max_input_len=8, max_seq_len=32).profile(_manifest())
+    kwargs = dict(owner="the TensorRT provider profile's", remedy=_reload_with)
+    with pytest.raises(GenerationError) as e:
+        select_profile([profile], 3, 1, 4, **kwargs)
+    assert str(e.value) == ("batch of 3 rows is larger than the TensorRT provider profile's max batch 2; load the "
+                            "model with --max-batch 3 (TrtProviderOptions in the Python API)")
+    with pytest.raises(GenerationError, match="31 cached \\+ 2 new tokens = 33 exceeds the TensorRT provider"):
+        select_profile([profile], 1, 2, 31, **kwargs)
+    assert select_profile([profile], 2, 8, 24, **kwargs) == 0  # past 24 with 8 new tokens: inside the envelope
+
+
 # ----------------------------------------------------------------------------------- docs/memory_table.py (Jetson)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,17 +10,25 @@ own Concat still writes past+new into a fresh present each step (that is the ONN
 extra host round trip of every layer's cache per token. ``io_binding=False`` is the plain ``session.run`` path, kept
 for comparison and for debugging. On the CPU provider both paths measure the same (onnxruntime's plain run does
 not copy CPU tensors either); the binding matters where the cache lives on a GPU.
+
+Providers and their options come from :func:`provider_config` (pure, tested without a GPU). For ``tensorrt`` that is
+``runtime.trt_ep.tensorrt_ep_options``: one explicit profile from the bundle's manifest and the sizes in
+``runtime.trt_ep.TrtProviderOptions``, the FP16 switch and the engine cache directory; every step is then checked
+against that profile before it reaches onnxruntime, so a step outside it is refused with the size option to raise.
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..errors import BackendError, BundleError
+from ..manifest import Manifest
 from ..spec import ModelSpec
+from ..trt_ep import TrtProviderOptions
+from ..trt_profiles_select import Profile, select_profile
 from ..graph_contract import (
     ATTENTION_MASK,
     INPUT_IDS,
@@ -43,7 +51,7 @@ PROVIDERS: Dict[str, Tuple[Tuple[str, ...], str]] = {
 }
 
 
-def _import_ort():
+def _import_ort() -> Any:
     try:
         import onnxruntime
     except ImportError:
@@ -66,6 +74,36 @@ def parse_provider(provider: str) -> Tuple[str, int]:
     return name, int(idx or 0)
 
 
+def provider_config(
+    provider: str,
+    manifest: Optional[Manifest] = None,
+    trt_options: Optional[TrtProviderOptions] = None,
+) -> Tuple[List[str], List[Dict[str, str]]]:
+    """``(providers, provider_options)`` for ``onnxruntime.InferenceSession``: the providers in preference order and
+    one options dict each (all values strings, as onnxruntime takes them).
+
+    cpu: CPU only. cuda[:N]: CUDA on device N, then CPU. tensorrt[:N]: TensorRT with
+    ``runtime.trt_ep.tensorrt_ep_options`` for this bundle (``trt_options``, defaults when None), then CUDA, then CPU
+    (for the nodes TensorRT does not take). ``manifest`` is needed for tensorrt (the profile covers every graph
+    input); ``trt_options`` with another provider is refused rather than ignored.
+    """
+    name, device_id = parse_provider(provider)
+    if name != "tensorrt" and trt_options is not None:
+        raise BackendError(f"TensorRT provider options apply to provider 'tensorrt', not {name!r}")
+    wanted = PROVIDERS[name][0]
+    options: List[Dict[str, str]] = []
+    for p in wanted:
+        if p == "CPUExecutionProvider":
+            options.append({})
+        elif p == "TensorrtExecutionProvider":
+            if manifest is None:
+                raise BackendError("provider 'tensorrt' needs the bundle's manifest to size its optimization profile")
+            options.append((trt_options or TrtProviderOptions()).provider_options(manifest, device_id))
+        else:
+            options.append({"device_id": str(device_id)})
+    return list(wanted), options
+
+
 class OnnxRuntimeBackend:
     """A ChatGLM decoder graph (see ``runtime.graph_contract``) run by onnxruntime."""
 
@@ -77,9 +115,13 @@ class OnnxRuntimeBackend:
         provider: str = "cpu",
         threads: Optional[int] = None,
         io_binding: bool = True,
+        *,
+        manifest: Optional[Manifest] = None,
+        trt_options: Optional[TrtProviderOptions] = None,
     ):
-        ort = _import_ort()
         name, device_id = parse_provider(provider)
+        provider_names, provider_options = provider_config(provider, manifest, trt_options)  # option errors first
+        ort = _import_ort()
         wanted, device_type = PROVIDERS[name]
         available = ort.get_available_providers()
         if wanted[0] not in available:
@@ -99,12 +141,16 @@ class OnnxRuntimeBackend:
         opts.inter_op_num_threads = 1
         if threads is not None:
             opts.intra_op_num_threads = threads
-        providers = [(p, {"device_id": device_id}) if p != "CPUExecutionProvider" else p for p in wanted]
         try:
-            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=providers)
+            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=provider_names,
+                                                provider_options=provider_options)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
+            if name == "cpu":
+                raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
+            raise BackendError(  # a bad file, or the provider failing (a TensorRT build, missing CUDA libraries)
+                f"{model_path}: onnxruntime cannot load it with provider {name!r} ({msg})"
+            ) from None
         if wanted[0] not in self.session.get_providers():  # onnxruntime falls back silently, e.g. missing CUDA libs
             raise BackendError(
                 f"onnxruntime could not start {wanted[0]} (CUDA/TensorRT libraries missing?); "
@@ -112,10 +158,14 @@ class OnnxRuntimeBackend:
             )
 
         self.provider = name
+        # the TensorRT provider's single profile: steps outside it are refused here, not deep inside onnxruntime
+        self.profile: Optional[Profile] = None
+        if name == "tensorrt" and manifest is not None:
+            self.profile = (trt_options or TrtProviderOptions()).profile(manifest)
         self.device_type = device_type
         self.device_id = device_id
         self.num_layers = spec.num_layers
-        self.kv_dtype = np.dtype(kv_dtype)
+        self.kv_dtype: np.dtype = np.dtype(kv_dtype)
         self.io_binding = bool(io_binding)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
@@ -144,7 +194,7 @@ class OnnxRuntimeBackend:
     def __enter__(self) -> "OnnxRuntimeBackend":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # -------------------------------------------------------------------------------------------- DecoderBackend
@@ -164,6 +214,9 @@ class OnnxRuntimeBackend:
         check_feed_shapes(input_ids, attention_mask, position_ids, cache)
         if self.session is None:
             raise BackendError("the backend was closed")
+        if self.profile is not None:
+            select_profile([self.profile], cache.batch, int(input_ids.shape[1]), cache.length,
+                           owner="the TensorRT provider profile's", remedy=_reload_with)
         host = {
             INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
             ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
@@ -200,6 +253,10 @@ class OnnxRuntimeBackend:
 
     def cache_to_numpy(self, cache: KVCache) -> List[np.ndarray]:
         return [t.numpy() if hasattr(t, "numpy") else np.array(t, copy=True) for t in cache.tensors]
+
+
+def _reload_with(option: str) -> str:
+    return f"load the model with {option} (TrtProviderOptions in the Python API)"
 
 
 def _last(logits: np.ndarray) -> np.ndarray:

@@ -1,11 +1,13 @@
-"""TensorRT backend: runs an engine built by ``glm-export tensorrt`` with the KV cache kept on the GPU.
+"""TensorRT backend: runs an engine built by ``glm-export trt --model BUNDLE_DIR --out ENGINE_DIR``, cache on the GPU.
 
-Implements ``runtime.backends.base.DecoderBackend``. Reads ``engine.json`` (refusing an engine built for another
-TensorRT release or GPU, see ``runtime.trt_compat``) and ``engine.plan``. The KV cache lives in two sets of device
-buffers sized for the engine's largest batch and sequence: a step reads ``past_key_values.*`` from the set its
-:class:`KVCache` names and writes ``present.*`` into the other (ping-pong), so only the token ids go in and only the
-last position's logits come back. ``select_profile`` picks the optimization profile per step. Imports ``tensorrt``
-and cuda-python only when a backend is made; never imports torch.
+Implements ``runtime.backends.base.DecoderBackend``; ``GlmModel.load(bundle, backend="tensorrt", engine_dir=...)``
+and ``glm-export run/chat/bench --backend tensorrt --engine ENGINE_DIR`` use it. Reads ``engine.json`` (refusing an
+engine built for another TensorRT release, GPU or bundle, see ``runtime.trt_compat``) and ``engine.plan``. The KV
+cache lives in two sets of device buffers sized for the engine's largest batch and sequence: a step reads
+``past_key_values.*`` from the set its :class:`KVCache` names and writes ``present.*`` into the other (ping-pong), so
+only the token ids go in and only the last position's logits come back; hence one live cache per backend at a time.
+``select_profile`` picks the optimization profile per step. Imports ``tensorrt`` and cuda-python only when a backend
+is made; never imports torch.
 """
 from __future__ import annotations
 
@@ -26,7 +28,19 @@ from ..trt_profiles_select import Profile, select_profile
 from .base import KVCache, check_feed_shapes
 
 log = logging.getLogger("glm_export")
-INSTALL_HINT = "install TensorRT 10 (pip install tensorrt-cu12) and cuda-python"
+INSTALL_HINT = "install TensorRT 10 (pip install tensorrt-cu12) and cuda-python (pip install cuda-python)"
+BUILD_HINT = "build one with 'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'"
+
+
+def _import_tensorrt() -> Any:
+    """The tensorrt module, or a one-line BackendError naming what to install."""
+    try:
+        import tensorrt
+    except ImportError as e:
+        raise BackendError(f"the tensorrt package is not installed ({e}); {INSTALL_HINT}") from None
+    except Exception as e:  # a broken install raises OSError/RuntimeError while loading libnvinfer
+        raise BackendError(f"the tensorrt package failed to load ({type(e).__name__}: {e}); {INSTALL_HINT}") from None
+    return tensorrt
 
 
 def _cudart() -> Any:
@@ -36,7 +50,8 @@ def _cudart() -> Any:
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            raise BackendError(f"cuda-python is not installed; {INSTALL_HINT}") from None
+            raise BackendError(f"cuda-python is not installed (no module cuda.bindings or cuda.cudart); "
+                               f"{INSTALL_HINT}") from None
     return cudart
 
 
@@ -54,14 +69,21 @@ def current_gpu(device: int = 0) -> Tuple[str, str]:
 
 
 def read_engine_record(engine_dir: str) -> Dict[str, Any]:
+    """``engine.json`` of an engine directory; BackendError (one line) where it is missing or not a record."""
+    if not os.path.isdir(engine_dir):
+        raise BackendError(f"{engine_dir}: no such engine directory; {BUILD_HINT}")
     path = os.path.join(engine_dir, ENGINE_RECORD)
     try:
         with open(path, encoding="utf-8") as f:
             record = json.load(f)
     except (OSError, ValueError) as e:
-        raise BackendError(f"{path}: unreadable ({e}); is {engine_dir} written by 'glm-export tensorrt'?") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise BackendError(
+            f"{path}: unreadable ({reason}); is {engine_dir} written by 'glm-export trt'? (trtexec writes no "
+            f"{ENGINE_RECORD}); {BUILD_HINT}"
+        ) from None
     if not isinstance(record, dict):
-        raise BackendError(f"{path}: expected a JSON object")
+        raise BackendError(f"{path}: expected a JSON object; {BUILD_HINT}")
     return record
 
 
@@ -69,21 +91,23 @@ class TensorRTBackend:
     """A ``DecoderBackend`` over one engine; caches are two device buffer sets used in turn."""
 
     def __init__(self, engine_dir: str, bundle_dir: Optional[str] = None, device: int = 0) -> None:
-        self._cudart = _cudart()
+        """Open ``engine_dir`` on CUDA device ``device``. With ``bundle_dir``, refuse an engine built from another
+        bundle. Checks, in order, each a one-line BackendError: ``engine.json`` readable, tensorrt importable,
+        cuda-python importable, engine built by this TensorRT major.minor for this GPU's compute capability."""
         self._buffers: List[int] = []
         self._stream: Any = None
+        record = read_engine_record(engine_dir)
+        _import_tensorrt()
+        self._cudart = _cudart()
         try:
-            self._open(engine_dir, bundle_dir, device)
+            self._open(record, engine_dir, bundle_dir, device)
         except BaseException:
             self.close()
             raise
 
-    def _open(self, engine_dir: str, bundle_dir: Optional[str], device: int) -> None:
-        try:
-            import tensorrt as trt
-        except ImportError as e:
-            raise BackendError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
-        record = read_engine_record(engine_dir)
+    def _open(self, record: Dict[str, Any], engine_dir: str, bundle_dir: Optional[str], device: int) -> None:
+        import tensorrt as trt  # importable: __init__ checked
+
         _ok(self._cudart.cudaSetDevice(device))
         gpu, cc = current_gpu(device)
         refusal = engine_compatibility(record, trt.__version__, gpu, cc)
@@ -150,7 +174,7 @@ class TensorRTBackend:
             ctx.set_input_shape(name, tuple(host.shape))
             ctx.set_tensor_address(name, self._dev[name])
         read = cache.tensors
-        write = self._sets[1] if read is self._sets[0] else self._sets[0]
+        write = self._other_set(read)
         for past_name, present_name, src, dst in zip(self._past_names, self._present_names, read, write):
             ctx.set_input_shape(past_name, (batch, self.kv_heads, past, self.head_dim))
             ctx.set_tensor_address(past_name, src)
@@ -159,6 +183,10 @@ class TensorRTBackend:
         if not ctx.execute_async_v3(int(self._stream)):  # TensorRT takes the stream as an integer handle
             raise BackendError("TensorRT execution failed; the TensorRT log says why")
         return write
+
+    def _other_set(self, tensors: List[int]) -> List[int]:
+        """The device set a step reading ``tensors`` writes into (the one not holding the live cache)."""
+        return self._sets[1] if tensors is self._sets[0] else self._sets[0]
 
     # ------------------------------------------------------------------------------------------- DecoderBackend
 
@@ -180,6 +208,21 @@ class TensorRTBackend:
         _ok(copy(logits.ctypes.data, row, last, seq * row, row, cache.batch, d2h, self._stream))
         _ok(self._cudart.cudaStreamSynchronize(self._stream))
         return logits.astype(np.float32, copy=False), KVCache(write, cache.batch, cache.length + seq)
+
+    def select_rows(self, cache: KVCache, rows: np.ndarray) -> KVCache:
+        """Copy ``rows`` of the live cache, in that order, into the other device set (device to device)."""
+        picked = [int(r) for r in np.asarray(rows, dtype=np.int64).reshape(-1)]
+        if any(r < 0 or r >= cache.batch for r in picked):
+            raise ValueError(f"rows {picked} outside a cache of {cache.batch} rows")
+        row_bytes = self.kv_heads * cache.length * self.head_dim * self.kv_dtype.itemsize
+        write = self._other_set(cache.tensors)
+        d2d = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice
+        for src, dst in zip(cache.tensors, write):
+            for j, r in enumerate(picked):
+                if row_bytes:
+                    _ok(self._cudart.cudaMemcpyAsync(dst + j * row_bytes, src + r * row_bytes, row_bytes, d2d,
+                                                     self._stream))
+        return KVCache(write, len(picked), cache.length)
 
     def cache_to_numpy(self, cache: KVCache) -> List[np.ndarray]:
         shape = (cache.batch, self.kv_heads, cache.length, self.head_dim)
