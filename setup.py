@@ -20,6 +20,7 @@ EXPORT = [
     "torch==2.13.0",  # pinned: the CPU build lies on local disk here; any other version downloads gigabytes
     "onnx>=1.16",
     "safetensors>=0.4",
+    "onnx-ir>=1.0",  # onnxruntime's INT4 quantizer (MatMulNBits) imports it; glm-export quantize --precision int4
 ]
 TEST = [
     "pytest>=8",

@@ -32,3 +32,13 @@ def allowed_diff(comparison: str, precision: str, reference_scale: float = 0.0) 
     """The max absolute difference accepted for a reference whose largest magnitude is ``reference_scale``."""
     atol, rtol = tolerance(comparison, precision)
     return atol + rtol * reference_scale
+
+
+# What a reduced precision may cost against the fp32 bundle, on held-out text of the trained test model
+# (tests/trained_fixture.py). `glm-export quantize` records the measured figures in every bundle's manifest.
+ACCURACY_BOUNDS: Dict[str, Dict[str, float]] = {
+    "fp16": {"min_top1": 0.995},
+    "int8": {"min_top1": 0.97, "max_ppl_ratio": 1.03},
+    "int8-dynamic": {"min_top1": 0.97, "max_ppl_ratio": 1.03},
+    "int4": {"max_ppl_ratio": 1.10},
+}

@@ -1,0 +1,332 @@
+"""fp32 bundle -> fp16 / INT8 / INT8-dynamic / INT4 bundle, with its accuracy measured and recorded.
+
+Where it stands: the library call behind ``glm-export quantize`` and ``glm-export eval``. The flow of
+``quantize_bundle``, each step handing the next a file:
+
+1. read the source manifest; refuse anything but an fp32 bundle;
+2. read and split the calibration text (``calibration.data``): held-out sequences for the accuracy report, the rest
+   for calibration;
+3. static INT8 only: calibrate (``calibration.ranges``) and write ``calibration_ranges.json`` into the new bundle;
+4. convert the graph (``calibration.fp16`` / ``quantize`` / ``int4``), reading the ranges file back for INT8;
+5. copy config and tokenizer files, write the manifest (precision, I/O dtypes, checksums,
+   ``extra["quantization"]``);
+6. evaluate the new bundle against the source on the held-out text (``calibration.accuracy``) and record it in
+   ``extra["accuracy"]``.
+
+``out_dir`` must be an empty directory the caller owns; the CLI passes a staged directory
+(``exporter.bundle_dir.staged_directory``) so a failure leaves nothing behind.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional, Sequence
+
+from runtime import __version__
+from runtime import graph_contract as gc
+from runtime.errors import BundleError
+from runtime.manifest import PRECISIONS, Manifest, read_manifest, record_files, sha256_of, write_manifest
+from runtime.progress import NullProgress
+
+from . import accuracy as acc
+from .embedding import embedding_to_fp16
+from .data import DataSplit, check_counts, load_eval_sequences, load_split
+from .errors import CalibrationDataError, QuantizationError
+from .graph_io import contrib_ops, default_opset, load_graph, save_graph
+from .ranges import METHODS, RANGES_FILE, calibrate, check_method, read_ranges, write_ranges
+from .targets import find_linears, select
+
+TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
+DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
+EMBEDDING_DTYPES = ("fp16", "fp32")
+
+
+@dataclass
+class QuantizeOptions:
+    precision: str
+    calib_data: Optional[str] = None  # text or JSONL; held-out part evaluates, the rest calibrates (int8)
+    calib_format: str = "auto"
+    calib_samples: int = 128
+    calib_seq_len: int = 128
+    calib_seed: int = 0
+    method: str = DEFAULT_METHOD  # static int8: minmax | entropy | percentile
+    percentile: float = 99.99
+    keep_float: Sequence[str] = ()  # linear layers left in float (aliases or globs, see calibration.targets)
+    ranges: Optional[str] = None  # static int8: use this ranges file instead of calibrating
+    calib_batch: int = 4
+    decode_steps: int = 8
+    block_size: int = 32  # int4
+    int4_symmetric: bool = False
+    int4_accuracy_level: int = 4
+    embedding: str = "fp16"  # int8 / int8-dynamic / int4: the embedding table in fp16 (or "fp32")
+    evaluate: bool = True
+    eval_data: Optional[str] = None  # evaluate on this file instead of held-out calibration text
+    eval_samples: int = 64
+    threads: Optional[int] = None
+
+    def settings(self) -> Dict[str, Any]:
+        """The options that shaped the result, for the manifest (paths as given)."""
+        keys = {"precision", "keep_float"} | ({"embedding"} if self.precision != "fp16" else set())
+        if self.precision == "int8":
+            keys |= {"method", "calib_samples", "calib_seq_len", "calib_seed", "calib_batch",
+                     "decode_steps", "ranges"} | ({"percentile"} if self.method == "percentile" else set())
+        if self.precision == "int4":
+            keys |= {"block_size", "int4_symmetric", "int4_accuracy_level"}
+        d = {k: v for k, v in asdict(self).items() if k in keys}
+        d["keep_float"] = list(self.keep_float)
+        return d
+
+
+@dataclass
+class QuantizeResult:
+    bundle_dir: str
+    manifest: Manifest
+    accuracy: Optional[acc.AccuracyReport]
+    file_bytes: Dict[str, int]
+    source_bytes: int
+    seconds: float
+    record: Dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        size = sum(self.file_bytes.values())
+        line = (f"{self.bundle_dir}: {self.manifest.precision}, {size / 1e6:.1f} MB "
+                f"({self.source_bytes / max(size, 1):.2f}x smaller than fp32), {self.seconds:.1f}s")
+        if self.accuracy is not None:
+            line += "\n  " + self.accuracy.summary()
+        return line
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def check_options(opts: QuantizeOptions) -> None:
+    """Every option value, before any work."""
+    if opts.precision not in TARGET_PRECISIONS:
+        raise QuantizationError(
+            f"--precision must be one of {', '.join(TARGET_PRECISIONS)}, got {opts.precision!r}"
+        )
+    check_counts(opts.calib_samples, opts.calib_seq_len, opts.eval_samples)
+    check_method(opts.method, opts.percentile)
+    if opts.embedding not in EMBEDDING_DTYPES:
+        raise QuantizationError(f"--embedding must be one of {', '.join(EMBEDDING_DTYPES)}, got {opts.embedding!r}")
+    if opts.calib_batch < 1 or opts.decode_steps < 0:
+        raise QuantizationError("--calib-batch must be >= 1 and --decode-steps >= 0")
+    if opts.ranges and opts.precision != "int8":
+        raise QuantizationError(f"--ranges applies to --precision int8 only, not {opts.precision}")
+    needs_calibration = opts.precision == "int8" and opts.ranges is None
+    if needs_calibration and not opts.calib_data:
+        raise CalibrationDataError("--precision int8 calibrates on your text: give --calib-data FILE "
+                                   "(or --ranges FILE from an earlier calibration)")
+    if opts.evaluate and not (opts.calib_data or opts.eval_data):
+        raise CalibrationDataError("quantize measures the accuracy cost on held-out text: give --calib-data FILE "
+                                   "or --eval-data FILE (or --no-eval to skip the measurement)")
+    if opts.evaluate and opts.eval_samples == 0:
+        raise CalibrationDataError("--eval-samples 0 leaves nothing to evaluate; use --no-eval to skip it")
+
+
+def check_source(bundle_dir: str) -> Manifest:
+    """The source bundle's manifest; QuantizationError unless it is an unquantized fp32 bundle."""
+    manifest = read_manifest(bundle_dir)
+    if manifest.precision != "fp32" or "quantization" in manifest.extra:
+        raise QuantizationError(
+            f"{bundle_dir}: already quantized (precision {manifest.precision}); quantize the fp32 bundle it came "
+            "from (conversions start from fp32 only, never stacked)"
+        )
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ the flow
+
+
+def _data(opts: QuantizeOptions, bundle_dir: str, spec) -> DataSplit:
+    """Held-out and calibration sequences as the options ask (no tokenizer is loaded when no text is needed)."""
+    if not opts.calib_data and not (opts.evaluate and opts.eval_data):
+        return DataSplit(calibration=[], heldout=[])
+    from runtime.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(bundle_dir, spec)
+    eval_from_calib = opts.evaluate and not opts.eval_data
+    if opts.calib_data:
+        split = load_split(opts.calib_data, tokenizer, spec, opts.calib_samples, opts.calib_seq_len,
+                           opts.eval_samples if eval_from_calib else 0, opts.calib_seed, opts.calib_format)
+    else:
+        split = DataSplit(calibration=[], heldout=[])
+    if opts.evaluate and opts.eval_data:
+        split.heldout = load_eval_sequences(opts.eval_data, tokenizer, spec, opts.calib_seq_len,
+                                            opts.eval_samples, opts.calib_seed)
+    return split
+
+
+def _fp16(opts, src_model, out_dir, split, spec, chosen, progress):
+    from .fp16 import fp16_from_fp32
+
+    progress.stage("converting to fp16 (fp32 norms, softmax, rotary tables and logits)")
+    return fp16_from_fp32(load_graph(src_model)), {
+        "fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables", "logits"],
+        "runs_on": ["onnxruntime", "tensorrt"],
+    }
+
+
+def _int8(opts, src_model, out_dir, split, spec, chosen, progress):
+    """Calibrate (or take --ranges), write the ranges file, read it back, quantize from it."""
+    from .quantize import static_int8
+
+    ranges_file = os.path.join(out_dir, RANGES_FILE)
+    if opts.ranges:
+        shutil.copyfile(opts.ranges, ranges_file)
+    else:
+        progress.stage(f"calibrating on {len(split.calibration)} samples: prefill + {opts.decode_steps} cached "
+                       f"decode steps per batch of {opts.calib_batch}")
+        ranges = calibrate(src_model, spec, split.calibration, [lin.activation for lin in chosen], opts.method,
+                           opts.percentile, opts.calib_batch, opts.decode_steps, opts.threads, out_dir, progress,
+                           settings={"samples": len(split.calibration), "seq_len": opts.calib_seq_len,
+                                     "seed": opts.calib_seed, "data": opts.calib_data})
+        write_ranges(ranges_file, ranges)
+    ranges = read_ranges(ranges_file, method=opts.method)  # the stage boundary: the quantizer reads the file
+    if ranges.model_sha256 and ranges.model_sha256 != sha256_of(src_model):
+        raise QuantizationError(f"{opts.ranges or ranges_file}: calibrated for another graph (checksum differs)")
+    progress.stage(f"quantizing {len(chosen)} linear layers to INT8 Q/DQ ({opts.method} ranges)")
+    return static_int8(load_graph(src_model), chosen, ranges), {
+        "form": "QDQ", "weights": "int8 per-channel symmetric (axis 1 of each (K, N) weight)",
+        "activations": "int8 per-tensor symmetric", "ranges_file": RANGES_FILE, "calibration": ranges.settings,
+        "runs_on": ["onnxruntime", "tensorrt"],
+    }
+
+
+def _int8_dynamic(opts, src_model, out_dir, split, spec, chosen, progress):
+    from .quantize import dynamic_int8
+
+    progress.stage(f"quantizing {len(chosen)} linear layers to dynamic INT8")
+    return dynamic_int8(src_model, chosen, out_dir), {
+        "form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
+        "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"],
+    }
+
+
+def _int4(opts, src_model, out_dir, split, spec, chosen, progress):
+    from .int4 import int4_weight_only
+
+    progress.stage(f"quantizing {len(chosen)} linear layers to INT4 (MatMulNBits, block {opts.block_size})")
+    proto = int4_weight_only(load_graph(src_model), chosen, opts.block_size, opts.int4_symmetric,
+                             opts.int4_accuracy_level)
+    return proto, {
+        "form": "MatMulNBits", "runs_on": ["onnxruntime"],
+        "weights": f"int4 blocks of {opts.block_size} along K, "
+                   + ("symmetric" if opts.int4_symmetric else "with zero points"),
+    }
+
+
+_CONVERTERS = {"fp16": _fp16, "int8": _int8, "int8-dynamic": _int8_dynamic, "int4": _int4}
+
+
+def _convert(opts: QuantizeOptions, src_dir: str, src_model: str, out_dir: str, split: DataSplit, spec,
+             progress) -> Dict[str, Any]:
+    """Write the converted graph into ``out_dir``; returns the quantization record for the manifest."""
+    record: Dict[str, Any] = {"precision": opts.precision, "settings": opts.settings(),
+                              "source_bundle": os.path.abspath(src_dir), "source_model_sha256": sha256_of(src_model)}
+    chosen = []
+    if opts.precision != "fp16":  # fp16 converts everything; the others choose linear layers
+        linears = find_linears(load_graph(src_model, with_weights=False))
+        chosen, kept = select(linears, opts.keep_float, spec.num_layers)
+        record["quantized_linears"] = [lin.name for lin in chosen]
+        record["float_linears"] = [lin.name for lin in kept]
+    proto, details = _CONVERTERS[opts.precision](opts, src_model, out_dir, split, spec, chosen, progress)
+    record.update(details)
+    if opts.precision != "fp16":
+        table = embedding_to_fp16(proto) if opts.embedding == "fp16" else None
+        record["embedding"] = "fp16 (cast to fp32 after the Gather)" if table else "fp32"
+    record["contrib_ops"] = contrib_ops(proto)
+    record["opset"] = default_opset(proto)
+    record["files"] = save_graph(proto, out_dir)
+    return record
+
+
+def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None) -> QuantizeResult:
+    """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring."""
+    progress = progress or NullProgress()
+    start = time.perf_counter()
+    check_options(opts)
+    manifest = check_source(src_dir)
+    spec = manifest.spec
+    src_model = os.path.join(src_dir, manifest.model_file)
+    split = _data(opts, src_dir, spec)
+
+    record = _convert(opts, src_dir, src_model, out_dir, split, spec, progress)
+    graph_files = record.pop("files")
+    copied = []
+    for name in ["config.json"] + list(manifest.tokenizer_files):
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src) and name not in copied:
+            shutil.copyfile(src, os.path.join(out_dir, name))
+            copied.append(name)
+    extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []
+    kv = "float16" if opts.precision == "fp16" else "float32"
+    new = Manifest(
+        spec=spec,
+        precision=opts.precision,
+        inputs=gc.graph_inputs(spec, kv),
+        outputs=gc.graph_outputs(spec, kv),
+        model_file=graph_files[0],
+        opset=record.pop("opset", manifest.opset),
+        tool_version=__version__,
+        source=dict(manifest.source, quantized_from=os.path.abspath(src_dir)),
+        files=record_files(out_dir, graph_files + copied + extra_files),
+        tokenizer_files=[f for f in copied if f != "config.json"],
+        verification={},
+        extra={"quantization": record},
+    )
+    write_manifest(out_dir, new)
+
+    report = None
+    if opts.evaluate:
+        progress.stage(f"measuring accuracy on {len(split.heldout)} held-out samples against the fp32 bundle")
+        report = evaluate(out_dir, src_dir, split.heldout, threads=opts.threads, progress=progress)
+        new.extra["accuracy"] = dict(report.to_dict(), data=opts.eval_data or opts.calib_data,
+                                     heldout="separate file" if opts.eval_data else "held out from calibration data",
+                                     reference="fp32 source bundle")
+    else:
+        new.extra["accuracy"] = {"skipped": "--no-eval"}
+    write_manifest(out_dir, new)
+    source_bytes = sum(rec.get("bytes", 0) for name, rec in manifest.files.items()
+                       if name.startswith(os.path.splitext(manifest.model_file)[0]))
+    file_bytes = {name: rec["bytes"] for name, rec in new.files.items()}
+    return QuantizeResult(os.path.abspath(out_dir), new, report, file_bytes, source_bytes,
+                          time.perf_counter() - start, record)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+def evaluate(model_dir: str, reference_dir: str, sequences: Sequence[Sequence[int]], threads: Optional[int] = None,
+             progress=None) -> acc.AccuracyReport:
+    """``model_dir`` against ``reference_dir`` on ``sequences`` (both bundles must share the spec)."""
+    from runtime.tokenizer import load_tokenizer
+
+    manifest, backend = acc.open_backend(model_dir, threads)
+    ref_manifest, reference = acc.open_backend(reference_dir, threads)
+    try:
+        if manifest.spec.to_dict() != ref_manifest.spec.to_dict():
+            raise BundleError(f"{model_dir} and {reference_dir} are different models (their specs differ)")
+        prefix = len(load_tokenizer(model_dir, manifest.spec).prefix_ids())
+        return acc.compare(backend, reference, manifest.spec, sequences, score_from=prefix, progress=progress)
+    finally:
+        backend.close()
+        reference.close()
+
+
+def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int = 128, max_samples: int = 0,
+                     seed: int = 0, fmt: str = "auto", threads: Optional[int] = None,
+                     progress=None) -> acc.AccuracyReport:
+    """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them)."""
+    from runtime.tokenizer import load_tokenizer
+
+    manifest = read_manifest(reference_dir)
+    tokenizer = load_tokenizer(reference_dir, manifest.spec)
+    sequences = load_eval_sequences(data, tokenizer, manifest.spec, seq_len, max_samples, seed, fmt)
+    return evaluate(model_dir, reference_dir, sequences, threads, progress)
+
+
+__all__ = ["QuantizeOptions", "QuantizeResult", "quantize_bundle", "evaluate", "evaluate_bundles", "METHODS",
+           "TARGET_PRECISIONS", "check_options", "check_source"]

@@ -1,0 +1,112 @@
+"""``glm-export quantize`` and ``glm-export eval``: thin commands over ``calibration.pipeline``.
+
+Each command parses its options, calls one library function, prints. Option values are checked by the library, so a
+bad one (an unknown --precision, --calib-samples 0, a missing calibration file) is a typed error printed on one
+line by the command group (exit 2). ``quantize`` writes into a staged directory, so a failure leaves nothing at
+--out. Heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+
+import click
+
+PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (weight-only MatMulNBits)."
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="fp32 bundle written by 'glm-export onnx'.")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--precision", required=True, help=PRECISION_HELP)
+@click.option("--calib-data", default=None,
+              help='Text file (one sample per line) or JSONL ({"text": ...} or {"messages": [...]} per line). '
+                   "A seeded part is held out for the accuracy report; int8 calibrates on the rest.")
+@click.option("--calib-format", default="auto", show_default=True, help="auto | text | jsonl.")
+@click.option("--calib-samples", default=128, show_default=True, type=int, help="Samples to calibrate on (at most).")
+@click.option("--calib-seq-len", default=128, show_default=True, type=int, help="Tokens per sample (longer ones cut).")
+@click.option("--calib-seed", default=0, show_default=True, type=int, help="Seed of the sample choice and split.")
+@click.option("--method", default="minmax", show_default=True, help="int8 ranges: minmax | entropy | percentile.")
+@click.option("--percentile", default=99.99, show_default=True, type=float, help="With --method percentile.")
+@click.option("--keep-float", multiple=True,
+              help="Linear layers to leave in float (repeatable): lm_head, first, last, mlp_down, attention, mlp, "
+                   "or a pattern such as 'layers.11.*'.")
+@click.option("--ranges", "ranges_file", default=None,
+              help="int8: quantize with this calibration_ranges.json instead of calibrating.")
+@click.option("--calib-batch", default=4, show_default=True, type=int, help="Sequences per calibration batch.")
+@click.option("--decode-steps", default=8, show_default=True, type=int,
+              help="Cached single-token decode steps calibrated after each prefill.")
+@click.option("--block-size", default=32, show_default=True, type=int, help="int4: weights per quantization block.")
+@click.option("--int4-symmetric", is_flag=True, help="int4: no zero points (default: asymmetric blocks).")
+@click.option("--int4-accuracy-level", default=4, show_default=True, type=int,
+              help="int4: MatMulNBits compute type (0 auto, 1 fp32, 4 int8: fastest on CPU).")
+@click.option("--embedding", default="fp16", show_default=True,
+              help="int8/int8-dynamic/int4: store the embedding table as fp16 | fp32.")
+@click.option("--eval/--no-eval", "evaluate", default=True, show_default=True,
+              help="Measure perplexity, top-1 agreement and KL against the fp32 bundle and record them.")
+@click.option("--eval-data", default=None, help="Evaluate on this file instead of held-out calibration text.")
+@click.option("--eval-samples", default=64, show_default=True, type=int, help="Held-out samples to evaluate (at most).")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samples, calib_seq_len, calib_seed,
+             method, percentile, keep_float, ranges_file, calib_batch, decode_steps, block_size,
+             int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads, overwrite,
+             as_json, quiet):
+    """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
+    from calibration.pipeline import QuantizeOptions, check_options, check_source, quantize_bundle
+    from exporter.bundle_dir import staged_directory
+    from runtime.progress import TqdmProgress
+
+    opts = QuantizeOptions(
+        precision=precision, calib_data=calib_data, calib_format=calib_format, calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len, calib_seed=calib_seed, method=method, percentile=percentile,
+        keep_float=tuple(keep_float), ranges=ranges_file, calib_batch=calib_batch,
+        decode_steps=decode_steps, block_size=block_size, int4_symmetric=int4_symmetric,
+        int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
+        eval_samples=eval_samples, threads=threads,
+    )
+    check_options(opts)  # before anything is created at --out
+    check_source(model_dir)
+    with staged_directory(out_dir, overwrite) as tmp:
+        result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json))
+    result.bundle_dir = out_dir
+    if as_json:
+        click.echo(json.dumps({
+            "bundle": result.bundle_dir,
+            "precision": result.manifest.precision,
+            "file_bytes": result.file_bytes,
+            "source_model_bytes": result.source_bytes,
+            "accuracy": result.accuracy.to_dict() if result.accuracy else None,
+            "quantization": result.manifest.extra.get("quantization", {}),
+            "seconds": round(result.seconds, 3),
+        }, ensure_ascii=False))
+    else:
+        click.echo(result.summary())
+
+
+@click.command(name="eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="Bundle to measure.")
+@click.option("--reference", "reference_dir", required=True, type=click.Path(), help="The fp32 bundle it came from.")
+@click.option("--data", required=True, help="Held-out text: one sample per line, or JSONL with text / messages.")
+@click.option("--format", "fmt", default="auto", show_default=True, help="auto | text | jsonl.")
+@click.option("--samples", default=0, show_default=True, type=int, help="Evaluate a seeded choice of N samples (0: all).")
+@click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per sample (longer ones cut).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def eval_(model_dir, reference_dir, data, fmt, samples, seq_len, seed, threads, as_json, quiet):
+    """Perplexity of both bundles, top-1 agreement, mean KL divergence and max logit difference on held-out text."""
+    from calibration.pipeline import evaluate_bundles
+    from runtime.progress import TqdmProgress
+
+    report = evaluate_bundles(model_dir, reference_dir, data, seq_len=seq_len, max_samples=samples, seed=seed,
+                              fmt=fmt, threads=threads, progress=TqdmProgress(enabled=not quiet and not as_json))
+    if as_json:
+        click.echo(json.dumps(dict(report.to_dict(), model=model_dir, reference=reference_dir, data=data)))
+    else:
+        click.echo(f"{model_dir} vs {reference_dir}: {report.summary()}")
+
+
+eval = eval_  # registered by exporter.cli under the name "eval"

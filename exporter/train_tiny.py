@@ -1,0 +1,351 @@
+"""A tiny ChatGLM trained from scratch, so precision figures mean something (random weights give flat logits).
+
+Where it stands: test and example support, next to ``exporter.tiny``. ``write_trained_checkpoint`` writes a normal
+THUDM-layout checkpoint (the published ChatGLM3 config shrunk, the tiny sentencepiece tokenizer, weights trained
+here) that ``glm-export onnx`` exports like any other. The training text is generated from a small grammar with
+real structure in Chinese and English (facts, translations, arithmetic, counting, chats), so a held-out set from
+the same grammar measures next-token accuracy well above chance.
+
+Training is plain PyTorch on our own export model (``exporter.model.GlmForExport``), deterministic for a given
+``TrainSettings`` (seeded data and init, one thread). ``trained_checkpoint`` caches the result under a directory
+keyed by a hash of the settings, so tests train once per machine.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+TRAINER_VERSION = 2  # bump when the corpus or the training loop changes: it is part of the cache key
+REPORT_FILE = "train_report.json"
+
+# ------------------------------------------------------------------------------------------------ the corpus
+
+_COUNTRIES = [  # (English, capital, 中文, 首都)
+    ("France", "Paris", "法国", "巴黎"), ("England", "London", "英国", "伦敦"), ("Japan", "Tokyo", "日本", "东京"),
+    ("China", "Beijing", "中国", "北京"), ("Germany", "Berlin", "德国", "柏林"), ("Italy", "Rome", "意大利", "罗马"),
+    ("Egypt", "Cairo", "埃及", "开罗"), ("Russia", "Moscow", "俄罗斯", "莫斯科"),
+]
+_NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "小明", "小红"]
+_COLORS = [("red", "红色"), ("blue", "蓝色"), ("green", "绿色"), ("yellow", "黄色"), ("black", "黑色"), ("white", "白色")]
+_THINGS = [("apple", "苹果"), ("book", "书"), ("car", "汽车"), ("cat", "猫"), ("dog", "狗"), ("house", "房子"),
+           ("computer", "电脑"), ("flower", "花")]
+_WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+_WEEKDAYS_ZH = ["星期一", "星期二", "星期三", "星期四", "星期五", "星期六", "星期日"]
+_ZH_DIGITS = "零一二三四五六七八九十"
+_VERBS = [("reads", "读"), ("writes", "写"), ("checks", "检查"), ("likes", "喜欢"), ("needs", "需要")]
+
+
+def _fact(rng: random.Random) -> str:
+    en, cap, zh, zcap = rng.choice(_COUNTRIES)
+    return rng.choice([f"The capital of {en} is {cap}.", f"{zh}的首都是{zcap}。",
+                       f"{cap} is the capital of {en}, {zh}的首都是{zcap}。"])
+
+
+def _translation(rng: random.Random) -> str:
+    name = rng.choice(_NAMES)
+    (color, zcolor), (thing, zthing) = rng.choice(_COLORS), rng.choice(_THINGS)
+    return f"{name} has a {color} {thing}. 翻译：{name}有一个{zcolor}的{zthing}。"
+
+
+def _sentence(rng: random.Random) -> str:
+    name = rng.choice(_NAMES)
+    (verb, zverb), (thing, zthing) = rng.choice(_VERBS), rng.choice(_THINGS)
+    if rng.random() < 0.5:
+        return f"{name} {verb} the {thing} every {rng.choice(_WEEKDAYS)}."
+    return f"{name}每个{rng.choice(_WEEKDAYS_ZH)}都{zverb}{zthing}。"
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b = rng.randrange(0, 10), rng.randrange(0, 10)
+    if rng.random() < 0.5:
+        return f"{a} + {b} = {a + b}"
+    return f"{_ZH_DIGITS[a]}加{_ZH_DIGITS[b]}等于{a + b}。"
+
+
+def _counting(rng: random.Random) -> str:
+    kind = rng.randrange(3)
+    if kind == 0:
+        start = rng.randrange(0, 30)
+        return "Count: " + ", ".join(str(n) for n in range(start, start + rng.randrange(4, 9)))
+    if kind == 1:
+        start = rng.randrange(7)
+        return ", ".join(_WEEKDAYS[(start + i) % 7] for i in range(rng.randrange(3, 7)))
+    start = rng.randrange(0, 6)
+    return "数数：" + "，".join(_ZH_DIGITS[i] for i in range(start, start + rng.randrange(3, 6)))
+
+
+def _turn(rng: random.Random) -> List[Dict[str, str]]:
+    en, cap, zh, zcap = rng.choice(_COUNTRIES)
+    a, b = rng.randrange(0, 10), rng.randrange(0, 10)
+    q, ans = rng.choice([
+        (f"What is the capital of {en}?", f"The capital of {en} is {cap}."),
+        (f"{zh}的首都是哪里？", f"{zh}的首都是{zcap}。"),
+        (f"What is {a} + {b}?", f"{a} + {b} = {a + b}"),
+        (f"{a}加{b}等于几？", f"{a}加{b}等于{a + b}。"),
+    ])
+    return [{"role": "user", "content": q}, {"role": "assistant", "content": ans}]
+
+
+_CLAUSES = [_fact, _translation, _sentence, _arithmetic, _counting]
+
+
+def _record(rng: random.Random) -> Dict[str, Any]:
+    """One sample: a chat of one or two turns (1 in 6), else one to three clauses of any kind. Combining clauses
+    makes the space of records large, so held-out records are new combinations of every kind, not just of the one
+    kind with the most combinations."""
+    if rng.randrange(6) == 0:
+        return {"messages": [m for _ in range(rng.randrange(1, 3)) for m in _turn(rng)]}
+    return {"text": " ".join(rng.choice(_CLAUSES)(rng) for _ in range(rng.randrange(1, 4)))}
+
+
+def corpus_records(n: int, seed: int) -> List[Dict[str, Any]]:
+    """``n`` records ({"text": ...} or {"messages": [...]}, as in a calibration JSONL file), seeded."""
+    rng = random.Random(seed)
+    return [_record(rng) for _ in range(n)]
+
+
+def heldout_records(n: int, seed: int = 12345, exclude: Optional[List[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+    """Records from the same grammar under another seed, leaving out exact copies of ``exclude``."""
+    seen = {json.dumps(r, sort_keys=True, ensure_ascii=False) for r in exclude or []}
+    out: List[Dict[str, Any]] = []
+    for rng_seed in range(seed, seed + 20):
+        if len(out) == n:
+            break
+        for r in corpus_records(4 * n, rng_seed):
+            key = json.dumps(r, sort_keys=True, ensure_ascii=False)
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+                if len(out) == n:
+                    break
+    if len(out) < n:
+        raise ValueError(f"the grammar has fewer than {n} records outside the excluded ones")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Everything that determines the trained weights; its hash names the cache entry."""
+
+    generation: str = "chatglm3"
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_hidden_size: int = 344
+    train_records: int = 6000
+    steps: int = 600
+    batch: int = 32
+    lr: float = 3e-3
+    warmup: int = 30
+    weight_decay: float = 0.01
+    max_len: int = 64
+    seed: int = 0
+
+    def key(self) -> str:
+        payload = json.dumps(dict(dataclasses.asdict(self), trainer_version=TRAINER_VERSION), sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _init_parameters(model, seed: int) -> None:
+    """GPT-style init: linear and embedding weights N(0, 0.02), biases 0, norm weights 1."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def _batch_tensors(seqs: List[List[int]], pad_id: int):
+    """Right-padded ids (B, T), a loss mask (B, T-1) over real next tokens, positions (B, T)."""
+    import torch
+
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.int64)
+    loss_mask = torch.zeros((len(seqs), t - 1), dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        loss_mask[i, : len(s) - 1] = True
+    positions = torch.arange(t).expand(len(seqs), t)
+    return ids, loss_mask, positions
+
+
+def _forward_logits(model, ids, positions):
+    """Full-sequence logits (B, T, V) from the export model with an empty cache (right padding needs no mask:
+    real tokens never attend to later pads)."""
+    import torch
+
+    from .model import empty_past
+
+    mask = torch.ones_like(ids)
+    return model(ids, mask, positions, *empty_past(model.spec, ids.shape[0]))[0]
+
+
+def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0) -> Dict[str, float]:
+    """Greedy next-token accuracy and mean loss over ``sequences``; targets before index ``score_from`` (the
+    prompt prefix) are not scored."""
+    import torch
+
+    correct = total = 0
+    loss_sum = 0.0
+    with torch.no_grad():
+        for i in range(0, len(sequences), 64):
+            chunk = sequences[i : i + 64]
+            ids, loss_mask, pos = _batch_tensors(chunk, pad_id)
+            logits = _forward_logits(model, ids, pos)[:, :-1]  # (B, T-1, V)
+            loss_mask[:, : max(score_from - 1, 0)] = False
+            targets = ids[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            correct += int(((logits.argmax(-1) == targets) & loss_mask).sum())
+            total += int(loss_mask.sum())
+            loss_sum += float((nll * loss_mask).sum())
+    return {"accuracy": correct / total, "loss": loss_sum / total, "tokens": total}
+
+
+def _canonical_state(model) -> Dict[str, Any]:
+    """Our parameter names in checkpoint orientation ("layers.0.qkv.weight": (out, in))."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".weight_t"):
+            out[name[: -len("_t")]] = p.detach().t().contiguous()
+        else:
+            out[name] = p.detach().contiguous()
+    return out
+
+
+def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, Any]:
+    """Train on the generated corpus and return the report; ``ckpt_dir`` already holds config and tokenizer."""
+    import torch
+
+    from calibration.data import Sample, sample_ids
+    from runtime.tokenizer import load_tokenizer
+
+    from .config import spec_from_checkpoint
+    from .model import GlmForExport, inv_frequencies
+
+    spec, _ = spec_from_checkpoint(ckpt_dir)
+    tok = load_tokenizer(ckpt_dir, spec)
+
+    def encode(records):
+        samples = [Sample(text=r.get("text"), messages=r.get("messages")) for r in records]
+        return [sample_ids(s, tok, spec)[: settings.max_len] for s in samples]
+
+    train_records = corpus_records(settings.train_records, settings.seed)
+    train_seqs = encode(train_records)
+    heldout_seqs = encode(heldout_records(256, exclude=train_records))
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and polite on a shared machine
+    try:
+        torch.manual_seed(settings.seed)
+        model = GlmForExport(spec)
+        model.inv_freq = inv_frequencies(spec)
+        _init_parameters(model, settings.seed)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
+        other = [p for n, p in model.named_parameters() if not (n.endswith("weight_t") or n == "embed.weight")]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
+        rng = random.Random(settings.seed)
+        start = time.perf_counter()
+        losses = []
+        steps = range(settings.steps)
+        if progress is not None:
+            steps = progress.iterate(steps, total=settings.steps, desc="training the tiny ChatGLM")
+        for step in steps:
+            lr_scale = min(1.0, (step + 1) / settings.warmup)
+            lr_scale *= 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+            for group in opt.param_groups:
+                group["lr"] = settings.lr * max(lr_scale, 0.02)
+            batch = [train_seqs[rng.randrange(len(train_seqs))] for _ in range(settings.batch)]
+            ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id)
+            logits = _forward_logits(model, ids, pos)[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * loss_mask).sum() / loss_mask.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        seconds = time.perf_counter() - start
+        model.eval()
+        score_from = len(tok.prefix_ids())
+        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from)
+    finally:
+        torch.set_num_threads(threads)
+
+    from .tiny import save_weights, to_layout
+    from .weights import canonical_shapes
+
+    state = _canonical_state(model)
+    assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
+    save_weights(ckpt_dir, to_layout(spec, state, "thudm"), "safetensors")
+    targets = [t for s in heldout_seqs for t in s[max(score_from, 1):]]
+    majority = max(targets.count(t) for t in set(targets)) / len(targets)
+    report = {
+        "settings": dataclasses.asdict(settings),
+        "key": settings.key(),
+        "trainer_version": TRAINER_VERSION,
+        "train_seconds": round(seconds, 1),
+        "final_train_loss": round(sum(losses[-20:]) / min(20, len(losses)), 4),
+        "heldout_next_token_accuracy": round(heldout["accuracy"], 4),
+        "heldout_loss": round(heldout["loss"], 4),
+        "heldout_tokens": heldout["tokens"],
+        "chance_accuracy": round(1.0 / spec.vocab_size, 5),
+        "majority_token_accuracy": round(majority, 4),
+        "vocab_size": spec.vocab_size,
+        "params": spec.num_params,
+    }
+    with open(os.path.join(ckpt_dir, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    return report
+
+
+def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettings(), progress=None) -> Dict[str, Any]:
+    """A THUDM-layout checkpoint at ``out_dir`` (config, tokenizer, trained model.safetensors, train_report.json)."""
+    from .tiny import write_tiny_checkpoint
+
+    write_tiny_checkpoint(
+        out_dir, generation=settings.generation, layout="thudm", size="tiny", seed=settings.seed,
+        hidden_size=settings.hidden_size, num_layers=settings.num_layers, num_heads=settings.num_heads,
+        num_kv_heads=settings.num_kv_heads, head_dim=settings.head_dim, ffn_hidden_size=settings.ffn_hidden_size,
+    )
+    return train(out_dir, settings, progress)
+
+
+def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(), progress=None) -> str:
+    """The cached trained checkpoint for ``settings`` under ``cache_root`` (trained and cached on first use)."""
+    from .bundle_dir import staged_directory
+
+    path = os.path.join(os.path.abspath(cache_root), f"trained-{settings.generation}-{settings.key()}")
+    if os.path.isfile(os.path.join(path, REPORT_FILE)):
+        return path
+    with staged_directory(path, overwrite=True) as tmp:
+        write_trained_checkpoint(tmp, settings, progress)
+    return path
+
+
+def read_report(ckpt_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(ckpt_dir, REPORT_FILE), encoding="utf-8") as f:
+        return json.load(f)
