@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 
-def _prepare(work: str, prompt_len: int, new_tokens: int):
+def _prepare(work: str, prompt_len: int, new_tokens: int, threads: int):
     ckpt = os.path.join(work, "mid-glm")
     bundle = os.path.join(work, "mid-glm-onnx")
     genai_src, genai = os.path.join(work, "mid-genai-src"), os.path.join(work, "mid-genai-fp32")
@@ -50,6 +50,7 @@ def _prepare(work: str, prompt_len: int, new_tokens: int):
     with open(genai_cfg_path) as f:
         gcfg = json.load(f)
     gcfg["search"]["max_length"] = prompt_len + new_tokens  # else it preallocates the whole 8192 context
+    gcfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads  # same threads as the others
     with open(genai_cfg_path, "w") as f:
         json.dump(gcfg, f, indent=1)
     return ckpt, bundle, genai
@@ -138,7 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-peers-")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    ckpt, bundle, genai_path = _prepare(work, args.prompt_len, args.new_tokens)
+    ckpt, bundle, genai_path = _prepare(work, args.prompt_len, args.new_tokens, args.threads)
     prompt = np.random.default_rng(0).integers(10, 700, args.prompt_len).tolist()
     tools = [Ours(bundle, args.threads), Eager(ckpt, args.threads), GenAI(genai_path, args.threads)]
     for tool in tools:  # warm-up
