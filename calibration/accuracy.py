@@ -22,8 +22,7 @@ import numpy as np
 
 from runtime import graph_contract as gc
 from runtime.progress import NullProgress
-
-from .feeds import empty_past
+from runtime.steps import empty_past, left_pad, token_feeds
 
 # ------------------------------------------------------------------------------------------------ the math
 
@@ -111,13 +110,7 @@ class Accumulator:
 
 def prefill_logits(backend, spec, ids: Sequence[int]) -> np.ndarray:
     """Logits (T, V) float32 of one sequence, teacher-forced from an empty cache."""
-    t = len(ids)
-    feeds = {
-        gc.INPUT_IDS: np.asarray([ids], dtype=np.int64),  # (1, T)
-        gc.ATTENTION_MASK: np.ones((1, t), dtype=np.int64),
-        gc.POSITION_IDS: np.arange(t, dtype=np.int64)[None],
-    }
-    feeds.update(empty_past(spec, 1, backend.kv_dtype))
+    feeds = token_feeds(*left_pad([ids], spec.pad_token_id), empty_past(spec, 1, backend.kv_dtype))  # (1, T)
     return np.asarray(backend.run(feeds)[gc.LOGITS][0], dtype=np.float32)
 
 
@@ -139,17 +132,18 @@ def compare(backend, reference, spec, sequences: Sequence[Sequence[int]], score_
     return acc.report(time.perf_counter() - start)
 
 
-def open_backend(bundle_dir: str, threads: Optional[int] = None):
-    """The runtime's onnxruntime backend on a bundle (plain session.run: whole-sequence logits are needed)."""
+def open_backend(bundle_dir: str, threads: Optional[int] = None, manifest=None):
+    """(manifest, the runtime's onnxruntime backend) for a bundle (plain session.run: whole-sequence logits are
+    needed); ``manifest`` is read from the bundle unless given."""
     import os
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
     from runtime.manifest import read_manifest
 
-    manifest = read_manifest(bundle_dir)
-    kv = next((t.dtype for t in manifest.inputs if t.name == gc.past_key_name(0)), "float32")
+    manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     path = os.path.join(bundle_dir, manifest.model_file)
-    return manifest, OnnxRuntimeBackend(path, manifest.spec, kv_dtype=kv, threads=threads, io_binding=False)
+    return manifest, OnnxRuntimeBackend(path, manifest.spec, kv_dtype=manifest.kv_dtype, threads=threads,
+                                        io_binding=False)
 
 
 def accuracy_bounds() -> Dict[str, Dict[str, float]]:

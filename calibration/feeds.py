@@ -14,8 +14,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
 import numpy as np
 
-from runtime import graph_contract as gc
 from runtime.spec import ModelSpec
+from runtime.steps import empty_past, left_pad, past_from_outputs, token_feeds
 
 RunFn = Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
 
@@ -27,37 +27,6 @@ class Step:
     feeds: Dict[str, np.ndarray]
     real: np.ndarray  # (B, S) bool
     kind: str  # "prefill" | "decode"
-
-
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
-    """-> ids (B, T) int64 and attention mask (B, T) int64, each row right-aligned (left padding)."""
-    t = max(len(s) for s in seqs)
-    ids = np.full((len(seqs), t), pad_id, dtype=np.int64)
-    mask = np.zeros((len(seqs), t), dtype=np.int64)
-    for i, s in enumerate(seqs):
-        ids[i, t - len(s):] = s
-        mask[i, t - len(s):] = 1
-    return ids, mask
-
-
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """Position of each token counted from its row's first real token; pads get 0. (B, T) -> (B, T)"""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-
-
-def empty_past(spec: ModelSpec, batch: int, kv_dtype) -> Dict[str, np.ndarray]:
-    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)  # (B, KV, 0, D)
-    z = np.zeros(shape, dtype=kv_dtype)
-    return {n: z for i in range(spec.num_layers) for n in (gc.past_key_name(i), gc.past_value_name(i))}
-
-
-def past_from_outputs(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """The next step's past_key_values.* from this step's present.* outputs."""
-    past = {}
-    for i in range(spec.num_layers):
-        past[gc.past_key_name(i)] = outputs[gc.present_key_name(i)]
-        past[gc.past_value_name(i)] = outputs[gc.present_value_name(i)]
-    return past
 
 
 def batches_by_length(seqs: Sequence[Sequence[int]], batch_size: int) -> List[List[Sequence[int]]]:
@@ -81,19 +50,16 @@ def run_batch(
 ) -> Iterator[tuple]:
     """Run one batch through ``run`` (a float model): a prefill, then up to ``decode_steps`` single-token steps fed
     the cache it returned. Yields (Step, outputs) for each call."""
-    ids, mask = left_pad(batch, spec.pad_token_id)  # (B, T)
+    ids, mask, positions = left_pad(batch, spec.pad_token_id)  # (B, T)
     steps = decode_step_count(batch, decode_steps)
     t = ids.shape[1]
     split = t - steps
-    positions = positions_from_mask(mask)
-    feeds = {gc.INPUT_IDS: ids[:, :split], gc.ATTENTION_MASK: mask[:, :split], gc.POSITION_IDS: positions[:, :split]}
-    feeds.update(empty_past(spec, len(batch), kv_dtype))
+    feeds = token_feeds(ids[:, :split], mask[:, :split], positions[:, :split], empty_past(spec, len(batch), kv_dtype))
     outputs = run(feeds)
     yield Step(feeds, mask[:, :split] > 0, "prefill"), outputs
     for col in range(split, t):  # every row is real from here on (rows are right-aligned)
-        feeds = {gc.INPUT_IDS: ids[:, col: col + 1], gc.ATTENTION_MASK: mask[:, : col + 1],
-                 gc.POSITION_IDS: positions[:, col: col + 1]}
-        feeds.update(past_from_outputs(spec, outputs))
+        feeds = token_feeds(ids[:, col: col + 1], mask[:, : col + 1], positions[:, col: col + 1],
+                            past_from_outputs(spec, outputs))
         outputs = run(feeds)
         yield Step(feeds, mask[:, col: col + 1] > 0, "decode"), outputs
 

@@ -2,9 +2,10 @@
 
 Where it stands: every converter reads the source bundle's ``model.onnx`` (weights inline or in
 ``model.onnx.data``) through ``load_graph`` and writes its result with ``save_graph``, which follows the exporter's
-rule: weights over 256 MB go to ``model.onnx.data`` (always when the graph would pass protobuf's 2 GB limit),
-smaller graphs are one file. ``graph_with_outputs`` writes a calibration copy of a graph that also returns chosen
-intermediate tensors, pointing at the original weights instead of copying them.
+rule (file names and limit in ``runtime.manifest``): weights over 256 MB go to ``model.onnx.data`` (always when the
+graph would pass protobuf's 2 GB limit), smaller graphs are one file. ``graph_with_outputs`` writes a calibration
+copy of a graph that also returns chosen intermediate tensors, pointing at the original weights instead of copying
+them.
 """
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ import os
 import shutil
 from typing import List, Sequence
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
-INLINE_LIMIT = 256 * 1024**2  # bytes of weights; same rule as exporter.onnx_export
+from runtime.manifest import DATA_FILE, INLINE_LIMIT, MODEL_FILE  # the bundle layout, importable from here too
 
 
 def load_graph(path: str, with_weights: bool = True):
@@ -46,12 +45,20 @@ def save_graph(proto, out_dir: str) -> List[str]:
         onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location=DATA_FILE,
                         size_threshold=1024)
         return [MODEL_FILE, DATA_FILE]
-    for init in proto.graph.initializer:  # a graph loaded from an external-data bundle keeps the location fields
+    clear_external_data_locations(proto)
+    onnx.save_model(proto, path)
+    return [MODEL_FILE]
+
+
+def clear_external_data_locations(proto) -> None:
+    """Mark every initializer as inline. A graph loaded with its external data (``load_external_data=True``) holds
+    the bytes but keeps the location fields, which would make ``onnx.save_model`` look for the data file again."""
+    import onnx
+
+    for init in proto.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             init.data_location = onnx.TensorProto.DEFAULT
             del init.external_data[:]
-    onnx.save_model(proto, path)
-    return [MODEL_FILE]
 
 
 def graph_with_outputs(src_model: str, tensor_names: Sequence[str], work_dir: str) -> str:

@@ -6,13 +6,12 @@ here, before any work, with a message naming the field.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
-from runtime.errors import ConfigError, UnsupportedModelError
+from runtime.errors import ConfigError, UnsupportedModelError, read_json_object
 from runtime.spec import (
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
@@ -21,7 +20,6 @@ from runtime.spec import (
     ROPE_SCALING_INTERPOLATION,
     ROPE_SCALING_KINDS,
     ROPE_SCALING_NONE,
-    TOKENIZER_SENTENCEPIECE,
     TOKENIZER_TIKTOKEN,
     ModelSpec,
 )
@@ -73,24 +71,16 @@ def read_config_json(ckpt_dir: str) -> Dict[str, Any]:
     path = os.path.join(ckpt_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: missing; a checkpoint directory must hold config.json and its weights")
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not readable as JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return cfg
+    return read_json_object(path, ConfigError)
 
 
-def _require(cfg: Dict[str, Any], key: str, where: str, kind=int):
+def _require(cfg: Dict[str, Any], key: str, where: str) -> int:
+    """An integer field that must be present."""
     if key not in cfg or cfg[key] is None:
         raise ConfigError(f"{where}: field '{key}' is missing")
     value = cfg[key]
-    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
-    if kind is float and not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: field '{key}' must be a number, got {value!r}")
     return value
 
 
@@ -222,12 +212,9 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
 
     if layout == LAYOUT_THUDM:
         fields = _thudm_fields(cfg, where)
-        # the sentencepiece family is ChatGLM2/3 (role tokens decide), tiktoken is GLM-4
-        hint = CHAT_CHATGLM3
-        tok = detect_tokenizer(ckpt_dir, hint)
+        # the sentencepiece family is ChatGLM2/3 (detect_tokenizer says which: role tokens decide), tiktoken is GLM-4
+        tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM3)
         chat_family = CHAT_GLM4 if tok.kind == TOKENIZER_TIKTOKEN else tok.chat_format
-        if tok.kind == TOKENIZER_SENTENCEPIECE and chat_family not in (CHAT_CHATGLM2, CHAT_CHATGLM3):
-            chat_family = CHAT_CHATGLM3
         generation = {CHAT_CHATGLM2: "chatglm2", CHAT_CHATGLM3: "chatglm3", CHAT_GLM4: "glm4"}.get(chat_family, "chatglm3")
         ratio = fields.pop("rope_ratio")
         if rope_scaling is not None:
@@ -238,7 +225,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
             kind, source = _rope_ratio_meaning(ckpt_dir, cfg, chat_family)
         fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
         fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
-        fields["rope_scaling"] = kind if ratio != 1.0 or rope_scaling else ROPE_SCALING_NONE
+        fields["rope_scaling"] = kind
         pad = cfg.get("pad_token_id", 0)
     else:
         fields = _hf_fields(cfg, where, layout)

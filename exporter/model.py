@@ -6,7 +6,7 @@ objects, softmax and norm reductions in fp32, queries scaled before QK^T.
 """
 from __future__ import annotations
 
-from typing import Iterable, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
@@ -180,6 +180,18 @@ def model_from_weights(spec: ModelSpec, named_tensors: Iterable[Tuple[str, torch
     model.load_state_dict(state, strict=True, assign=True)
     model.inv_freq = inv_frequencies(spec)
     return model.eval().requires_grad_(False)
+
+
+def canonical_state(model: GlmForExport) -> Dict[str, torch.Tensor]:
+    """The inverse of :func:`model_from_weights`: our parameter names in checkpoint orientation
+    ("layers.0.qkv.weight": (out, in))."""
+    out = {}
+    for name, p in model.named_parameters():
+        if name.endswith(".weight_t"):
+            out[name[: -len("_t")]] = p.detach().t().contiguous()
+        else:
+            out[name] = p.detach().contiguous()
+    return out
 
 
 def empty_past(spec: ModelSpec, batch: int, dtype=torch.float32) -> List[torch.Tensor]:

@@ -10,15 +10,24 @@ from __future__ import annotations
 import gc as _gc
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, VerificationError
-from runtime.manifest import Manifest, record_files, write_manifest
+from runtime.manifest import (
+    DATA_FILE,
+    INLINE_LIMIT,
+    KV_DTYPE_OF_PRECISION,
+    MODEL_FILE,
+    Manifest,
+    copy_side_files,
+    record_files,
+    write_manifest,
+)
 from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
 
@@ -30,16 +39,11 @@ from .weights import find_weight_files, load_canonical_weights
 log = logging.getLogger("glm_export")
 
 OPSET = 17
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a ModelProto cannot be serialised beyond this
-# Weights up to this size are folded back into model.onnx (one file is handier for small models). Folding holds
-# the weights twice more in memory, so larger models keep model.onnx.data: that keeps the export's peak memory
-# under 2x the fp32 weight bytes (1.8x measured on the 288M model) and every model over 2 GB external.
-INLINE_LIMIT = 256 * 1024**2
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 2
-# precisions a checkpoint exports to directly: torch dtype of the traced model, numpy dtype of past/present
-DIRECT_PRECISIONS = {"fp32": ("float32", "float32"), "fp16": ("float16", "float16")}
+# precisions a checkpoint exports to directly; the traced model's torch dtype is its KV dtype
+# (runtime.manifest.KV_DTYPE_OF_PRECISION): float32 or float16 throughout
+DIRECT_PRECISIONS = ("fp32", "fp16")
 
 
 @dataclass
@@ -145,7 +149,7 @@ def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
 
 
 def inline_if_small(out_dir: str) -> None:
-    """Fold model.onnx.data back into model.onnx when the weights are small (see INLINE_LIMIT)."""
+    """Fold model.onnx.data back into model.onnx when the weights are small (see runtime.manifest.INLINE_LIMIT)."""
     import onnx
 
     data_path = os.path.join(out_dir, DATA_FILE)
@@ -153,9 +157,7 @@ def inline_if_small(out_dir: str) -> None:
         return
     graph_path = os.path.join(out_dir, MODEL_FILE)
     proto = onnx.load(graph_path, load_external_data=True)
-    for init in proto.graph.initializer:
-        init.data_location = onnx.TensorProto.DEFAULT
-        del init.external_data[:]
+    clear_external_data_locations(proto)
     onnx.save_model(proto, graph_path)
     del proto
     os.remove(data_path)
@@ -192,7 +194,8 @@ def export_bundle(
     if precision not in DIRECT_PRECISIONS:
         raise ConfigError(f"--precision: a checkpoint exports directly to {' or '.join(DIRECT_PRECISIONS)}, "
                           f"got {precision!r} (use 'glm-export quantize' for the others)")
-    torch_dtype, kv_dtype = (getattr(torch, DIRECT_PRECISIONS[precision][0]), DIRECT_PRECISIONS[precision][1])
+    kv_dtype = KV_DTYPE_OF_PRECISION[precision]
+    torch_dtype = getattr(torch, kv_dtype)
 
     from .verify import make_plan, max_diffs, run_onnx, run_torch
 
@@ -266,14 +269,3 @@ def export_bundle(
         seconds=time.perf_counter() - start,
     )
 
-
-def copy_side_files(ckpt_dir: str, out_dir: str, tokenizer_files) -> list:
-    """Copy config.json and the tokenizer files into the bundle; returns the copied names."""
-    names = ["config.json"] + [f for f in tokenizer_files if f != "config.json"]
-    copied = []
-    for name in names:
-        src = os.path.join(ckpt_dir, name)
-        if os.path.isfile(src):
-            shutil.copyfile(src, os.path.join(out_dir, name))
-            copied.append(name)
-    return copied

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from runtime.errors import ConfigError
 
@@ -275,21 +275,20 @@ def write_tiny_checkpoint(
     os.makedirs(out_dir, exist_ok=True)
 
     kind, chat_format = _TOKENIZER_OF[(generation, layout)]
-    specials: Dict[str, int] = {}
+    tokenizer_eos: List[int] = []
     total = 256
     if tokenizer:
         from .tiny_tokenizers import write_tiny_tokenizer
 
         tok = write_tiny_tokenizer(out_dir, kind, chat_format, seed=seed)
-        specials, total = tok.special_tokens, tok.total_vocab
+        tokenizer_eos, total = list(tok.eos_token_ids), tok.total_vocab
     vocab = shape.vocab_size or total + 7
     if vocab < total:
         raise ConfigError(f"vocab_size {vocab} is smaller than the tokenizer's {total} tokens")
     if kind == "sentencepiece":
-        eos, pad = 2, 0
+        eos, pad = 2, 0  # an integer, as the published ChatGLM2/3 configs write it
     else:
-        names = ("<|endoftext|>", "<|user|>", "<|observation|>")
-        eos = [specials[n] for n in names] if all(n in specials for n in names) else [vocab - 1]
+        eos = tokenizer_eos or [vocab - 1]  # GLM-4: <|endoftext|>, <|user|>, <|observation|>
         pad = eos[0]
     cfg = tiny_config(generation, layout, shape, vocab, eos, pad)
     cfg.update(config_overrides or {})

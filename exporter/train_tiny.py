@@ -222,17 +222,6 @@ def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_fr
     return {"accuracy": correct / total, "loss": loss_sum / total, "tokens": total}
 
 
-def _canonical_state(model) -> Dict[str, Any]:
-    """Our parameter names in checkpoint orientation ("layers.0.qkv.weight": (out, in))."""
-    out = {}
-    for name, p in model.named_parameters():
-        if name.endswith(".weight_t"):
-            out[name[: -len("_t")]] = p.detach().t().contiguous()
-        else:
-            out[name] = p.detach().contiguous()
-    return out
-
-
 def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, Any]:
     """Train on the generated corpus and return the report; ``ckpt_dir`` already holds config and tokenizer."""
     import torch
@@ -241,7 +230,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     from runtime.tokenizer import load_tokenizer
 
     from .config import spec_from_checkpoint
-    from .model import GlmForExport, inv_frequencies
+    from .model import GlmForExport, canonical_state
 
     spec, _ = spec_from_checkpoint(ckpt_dir)
     tok = load_tokenizer(ckpt_dir, spec)
@@ -258,8 +247,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     torch.set_num_threads(1)  # deterministic, and polite on a shared machine
     try:
         torch.manual_seed(settings.seed)
-        model = GlmForExport(spec)
-        model.inv_freq = inv_frequencies(spec)
+        model = GlmForExport(spec)  # on the CPU, its inv_freq buffer already computed (no meta device here)
         _init_parameters(model, settings.seed)
         model.train()
         decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
@@ -297,7 +285,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     from .tiny import save_weights, to_layout
     from .weights import canonical_shapes
 
-    state = _canonical_state(model)
+    state = canonical_state(model)
     assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
     save_weights(ckpt_dir, to_layout(spec, state, "thudm"), "safetensors")
     targets = [t for s in heldout_seqs for t in s[max(score_from, 1):]]

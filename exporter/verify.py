@@ -12,6 +12,7 @@ import numpy as np
 
 from runtime import graph_contract as gc
 from runtime.spec import ModelSpec
+from runtime.steps import decode_feeds, empty_past, past_from_outputs, positions_from_mask, token_feeds
 
 
 @dataclass
@@ -34,21 +35,12 @@ def make_plan(spec: ModelSpec, batch: int = 2, prompt_len: int = 7, pad: int = 3
     return VerifyPlan(ids, mask, decode)
 
 
-def positions_from_mask(mask: np.ndarray) -> np.ndarray:
-    """position of each token counted from its row's first real token; pads get 0. (B, T) -> (B, T)"""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
-
-
 def step_feeds(plan: VerifyPlan) -> List[Dict[str, np.ndarray]]:
     """The non-cache inputs of each step: the prefill, then one token per row."""
-    feeds = []
     mask = plan.attention_mask
-    pos_all = positions_from_mask(mask)
-    feeds.append({gc.INPUT_IDS: plan.input_ids, gc.ATTENTION_MASK: mask, gc.POSITION_IDS: pos_all})
+    feeds = [token_feeds(plan.input_ids, mask, positions_from_mask(mask))]
     for tok in plan.decode_tokens:
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        pos = positions_from_mask(mask)[:, -1:]
-        feeds.append({gc.INPUT_IDS: tok[:, None], gc.ATTENTION_MASK: mask, gc.POSITION_IDS: pos})
+        feeds.append(decode_feeds(tok, feeds[-1][gc.ATTENTION_MASK]))
     return feeds
 
 
@@ -62,10 +54,10 @@ def run_torch(model, spec: ModelSpec, plan: VerifyPlan) -> List[Dict[str, np.nda
     """Logits of every step from our PyTorch model, feeding its own presents back as pasts."""
     import torch
 
-    from .model import empty_past
+    from .model import empty_past as torch_empty_past
 
     dtype = next(model.parameters()).dtype
-    past = empty_past(spec, plan.input_ids.shape[0], dtype)
+    past = torch_empty_past(spec, plan.input_ids.shape[0], dtype)
     out = []
     with torch.no_grad():
         for feed in step_feeds(plan):
@@ -78,27 +70,15 @@ def run_torch(model, spec: ModelSpec, plan: VerifyPlan) -> List[Dict[str, np.nda
 
 def run_onnx(session, spec: ModelSpec, plan: VerifyPlan, kv_dtype=np.float32) -> List[Dict[str, np.ndarray]]:
     """The same steps through an onnxruntime session, presents fed back as pasts."""
-    batch = plan.input_ids.shape[0]
-    past = {}
-    for i in range(spec.num_layers):
-        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtype)
-        past[gc.past_key_name(i)] = empty
-        past[gc.past_value_name(i)] = empty
+    past = empty_past(spec, plan.input_ids.shape[0], kv_dtype)
     names = [o.name for o in session.get_outputs()]
     out = []
     for feed in step_feeds(plan):
         results = dict(zip(names, session.run(None, {**feed, **past})))
-        for i in range(spec.num_layers):
-            past[gc.past_key_name(i)] = results[gc.present_key_name(i)]
-            past[gc.past_value_name(i)] = results[gc.present_value_name(i)]
+        past = past_from_outputs(spec, results)
         out.append({gc.LOGITS: results[gc.LOGITS].astype(np.float32)})
-    out[-1]["present"] = [past[k].astype(np.float32) for k in sorted(past, key=_layer_order)]
+    out[-1]["present"] = [past[name].astype(np.float32) for name in gc.past_names(spec.num_layers)]  # layer order
     return out
-
-
-def _layer_order(name: str):
-    _, layer, kind = name.split(".")
-    return int(layer), kind != "key"
 
 
 def max_diffs(plan: VerifyPlan, got: List[Dict], want: List[Dict]) -> Dict[str, float]:
@@ -114,7 +94,3 @@ def max_diffs(plan: VerifyPlan, got: List[Dict], want: List[Dict]) -> Dict[str, 
         kv = max(kv, float(np.abs(g - w).transpose(0, 2, 1, 3)[final_mask].max()))
     diffs["present"] = kv
     return diffs
-
-
-def has_nonfinite(outputs: List[Dict[str, np.ndarray]]) -> bool:
-    return any(not np.isfinite(o[gc.LOGITS]).all() for o in outputs)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
-from runtime.errors import WeightsError
+from runtime.errors import WeightsError, first_line
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
 
@@ -204,8 +204,7 @@ def _load_bin(path: str):
         try:
             _BIN_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(f"{path}: not loadable as weights-only torch file ({first})") from None
+            raise WeightsError(f"{path}: not loadable as weights-only torch file ({first_line(e)})") from None
     return _BIN_CACHE[path]
 
 

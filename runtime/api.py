@@ -17,7 +17,6 @@ Backends: ``backend="onnxruntime"`` (default; ``provider`` cpu, cuda or tensorrt
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Mapping, NamedTuple, Optional
@@ -28,7 +27,7 @@ import numpy as np
 from .errors import BackendError, BundleError, GenerationError, TokenizerError
 from .backends.base import DecoderBackend
 from .generate import DEFAULT_PREFILL_CHUNK, Generation
-from .graph_contract import SEQ, TOTAL, past_key_name
+from .graph_contract import SEQ, TOTAL
 from .manifest import Manifest, read_manifest
 from .sampling import GenerationConfig
 from .spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
@@ -81,10 +80,6 @@ class TextStream:
         for event in self._run:
             yield StreamPiece(event.token_id, event.text, event.finish_reason)
         self.result = _results(self._run)[0]
-
-    def text_pieces(self) -> Iterator[str]:
-        """Only the non-empty text pieces."""
-        return (p.text for p in self if p.text)
 
 
 class GlmModel:
@@ -154,12 +149,11 @@ class GlmModel:
         model_path = os.path.join(bundle_dir, manifest.model_file)
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
-        kv_dtype = _kv_dtype(manifest, model_path)
         from .backends.onnxruntime import OnnxRuntimeBackend
 
         runner = OnnxRuntimeBackend(
-            model_path, manifest.spec, kv_dtype=kv_dtype, provider=provider, threads=threads, io_binding=io_binding,
-            manifest=manifest, trt_options=trt_options,
+            model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
+            io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )
         profiles = [runner.profile] if runner.profile is not None else None  # provider tensorrt: one profile
         chunk, context = plan_limits(manifest.spec.max_position_embeddings, prefill_chunk, profiles, native=False)
@@ -248,18 +242,14 @@ class GlmModel:
     ) -> Generation:
         """A :class:`Generation` over id prompts with this model's context, eos ids and tokenizer; ``extra_eos``
         ids also end a sequence (the chat stop ids), on top of the config's or the model's eos ids."""
-        config = config if config is not None else GenerationConfig()
-        if extra_eos:
-            eos = config.eos_token_ids if config.eos_token_ids is not None else self.spec.eos_token_ids
-            eos = tuple(eos) + tuple(sorted(int(t) for t in extra_eos if t not in eos))
-            config = dataclasses.replace(config, eos_token_ids=eos)
         return Generation(
             self.backend,
             prompts,
-            config,
+            config if config is not None else GenerationConfig(),
             context_length=self.context_length,
             vocab_size=self.spec.vocab_size,
             eos_token_ids=self.spec.eos_token_ids,
+            extra_eos_token_ids=extra_eos,
             pad_token_id=self.spec.pad_token_id,
             decoder_factory=self._decoder_factory(),
             prefill_chunk=self.prefill_chunk,
@@ -354,16 +344,6 @@ def _as_chunk(chunk: Union[int, None, str]) -> Optional[int]:
     if chunk is None or chunk == AUTO:
         return None
     return int(chunk) or None
-
-
-def _kv_dtype(manifest: Manifest, where: str) -> str:
-    name = past_key_name(0)
-    for t in manifest.inputs:
-        if t.name == name:
-            if t.dtype not in ("float32", "float16"):
-                raise BundleError(f"{where}: manifest gives {name} dtype {t.dtype!r}; expected float32 or float16")
-            return t.dtype
-    raise BundleError(f"{where}: manifest lists no input {name}")
 
 
 def _id_list(prompt: Sequence[int]) -> List[int]:

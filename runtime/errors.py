@@ -1,8 +1,11 @@
 """Typed errors shared by every stage of glm-export.
 
 Each error is a user-facing fact: the CLI prints ``str(error)`` on one line and exits non-zero, without a traceback.
-Messages name the file, key or option involved and what was expected.
+Messages name the file, key or option involved and what was expected. ``first_line`` and ``read_json_object`` help
+keep them so: a library's message cut to one line, a JSON file read with the error type of the stage reading it.
 """
+import json
+from typing import Any, Dict, Type
 
 
 class GlmExportError(Exception):
@@ -53,3 +56,22 @@ class TokenizerError(GlmExportError):
 
 class BackendError(GlmExportError):
     """The requested execution backend or provider is not available here."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message cut to one line (library errors can span several); its type name when empty."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def read_json_object(path: str, error_cls: Type[GlmExportError], what: str = "JSON") -> Dict[str, Any]:
+    """The JSON object in the file at ``path``; ``error_cls`` naming the file when it cannot be read, is not JSON,
+    or holds something other than an object ("PATH: unreadable WHAT (reason)", "PATH: expected a JSON object")."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
+        raise error_cls(f"{path}: unreadable {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise error_cls(f"{path}: expected a JSON object")
+    return data

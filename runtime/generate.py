@@ -1,4 +1,4 @@
-"""The decode loop: prefill, decode steps, stop rules; ``generate()`` yields token ids as they are chosen.
+"""The decode loop: prefill, decode steps, stop rules; iterating a ``Generation`` yields tokens as they are chosen.
 
 Where it stands: ``runtime.api`` turns prompts into ids and hands them here with a backend
 (``runtime.backends``) and a ``GenerationConfig`` (``runtime.sampling``). Detokenising is outside the loop except
@@ -9,6 +9,8 @@ Several prompts run as one batch, left-padded::
     input_ids       [batch, n_max]       pads first, then the prompt
     attention_mask  [batch, n_max + t]   0 on pads, 1 on every real token (grows by one column per step)
     position_ids    [batch, seq]         cumsum(mask) - 1, clipped at 0: each row counts from its first real token
+
+(``runtime.steps.left_pad`` builds them.)
 
 Each sequence stops on its own, with a finish reason:
 
@@ -24,13 +26,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .backends.base import DecoderBackend, KVCache
 from .errors import GenerationError
 from .sampling import GenerationConfig, next_tokens
+from .steps import left_pad
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
@@ -149,19 +152,6 @@ def decode_step(
     return backend.forward(tokens[:, None], attention_mask, positions[:, None], cache)
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """input_ids, attention_mask, position_ids [batch, n_max] for left-padded prompts."""
-    n_max = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), n_max), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), n_max), dtype=np.int64)
-    for r, p in enumerate(prompts):
-        if len(p):
-            ids[r, n_max - len(p) :] = p
-            mask[r, n_max - len(p) :] = 1
-    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-    return ids, mask, positions
-
-
 # ------------------------------------------------------------------------------------------------ the loop
 
 
@@ -170,7 +160,8 @@ class Generation:
     each prompt's ids, text and finish reason and ``timings`` the speed.
 
     Everything that can be refused is checked in the constructor, before any model work. ``eos_token_ids`` are the
-    model's; ``config.eos_token_ids``, when set, replaces them. ``context_length`` is the model's; a smaller
+    model's; ``config.eos_token_ids``, when set, replaces them; ``extra_eos_token_ids`` (the chat stop ids) end a
+    sequence on top of whichever of the two applies. ``context_length`` is the model's; a smaller
     ``config.max_length`` lowers it. ``decoder_factory`` makes one streaming detokeniser per sequence (text and stop
     strings); without it the events carry no text.
     """
@@ -184,6 +175,7 @@ class Generation:
         context_length: int,
         vocab_size: int,
         eos_token_ids: Sequence[int] = (),
+        extra_eos_token_ids: Iterable[int] = (),
         pad_token_id: int = 0,
         decoder_factory: Optional[Callable[[], TextDecoder]] = None,
         prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
@@ -221,9 +213,9 @@ class Generation:
         self.backend = backend
         self.config = config
         self.context_length = int(context_length)
-        # the config's eos ids, when given, replace the model's
+        # the config's eos ids, when given, replace the model's; the extra ones always apply
         eos = config.eos_token_ids if config.eos_token_ids is not None else eos_token_ids
-        self.eos_token_ids = frozenset(int(t) for t in eos)
+        self.eos_token_ids = frozenset(int(t) for t in eos) | frozenset(int(t) for t in extra_eos_token_ids)
         self.pad_token_id = int(pad_token_id) if 0 <= int(pad_token_id) < vocab_size else 0
         self.prefill_chunk = prefill_chunk
         self.sequences = [SequenceState(prompt_ids=p) for p in checked]
@@ -320,23 +312,3 @@ class Generation:
                 piece += tracker.finish()
                 seq.text = tracker.final_text
         return TokenEvent(r, token, piece, reason)
-
-
-def generate(
-    backend: DecoderBackend,
-    prompts: Sequence[Sequence[int]],
-    config: GenerationConfig,
-    **kwargs,
-) -> Generation:
-    """Start generating for a batch of token-id prompts; iterate the result for :class:`TokenEvent`s.
-
-    Keyword arguments are :class:`Generation`'s: ``context_length``, ``vocab_size`` (required), ``eos_token_ids``,
-    ``pad_token_id``, ``decoder_factory``, ``prefill_chunk``.
-    """
-    return Generation(backend, prompts, config, **kwargs)
-
-
-def generate_ids(backend: DecoderBackend, prompt: Sequence[int], config: GenerationConfig, **kwargs) -> Iterator[int]:
-    """The simplest form: one prompt in, its new token ids out as they are chosen (checks happen here, at once)."""
-    run = Generation(backend, [prompt], config, **kwargs)
-    return (event.token_id for event in run)

@@ -37,6 +37,16 @@ def present_value_name(layer: int) -> str:
     return f"present.{layer}.value"
 
 
+def past_names(num_layers: int) -> List[str]:
+    """Every past_key_values.* input in graph order: layer 0 key, layer 0 value, layer 1 key, ..."""
+    return [n for i in range(num_layers) for n in (past_key_name(i), past_value_name(i))]
+
+
+def present_names(num_layers: int) -> List[str]:
+    """Every present.* output in graph order, matching :func:`past_names`."""
+    return [n for i in range(num_layers) for n in (present_key_name(i), present_value_name(i))]
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

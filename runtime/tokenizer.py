@@ -22,7 +22,8 @@ import os
 import re
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
 
-from .errors import GenerationError, TokenizerError
+from .errors import GenerationError, TokenizerError, first_line
+from .errors import read_json_object as _read_json_object
 from .spec import (
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
@@ -168,12 +169,6 @@ def _require_file(path: str) -> None:
         raise TokenizerError(f"{path}: tokenizer file is missing; re-export the bundle or copy it from the checkpoint")
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's message cut to one line (library errors can span several)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def _import(module: str, path: str):
     """Import an optional tokenizer library, or say which one to install."""
     try:
@@ -184,14 +179,7 @@ def _import(module: str, path: str):
 
 def read_json_object(path: str) -> Dict[str, Any]:
     """A JSON file holding an object; TokenizerError naming the file otherwise."""
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise TokenizerError(f"{path}: unreadable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object")
-    return data
+    return _read_json_object(path, TokenizerError)
 
 
 def read_tokenizer_config(bundle_dir: str) -> Dict[str, Any]:
@@ -230,7 +218,7 @@ def read_tiktoken_ranks(path: str) -> Dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
     except ValueError as e:  # binascii.Error is a ValueError
-        raise TokenizerError(f"{path}: line {lineno} is not 'base64token rank' ({_first_line(e)})") from None
+        raise TokenizerError(f"{path}: line {lineno} is not 'base64token rank' ({first_line(e)})") from None
     if not ranks:
         raise TokenizerError(f"{path}: no tokens in the file; not a tiktoken BPE file")
     if sorted(ranks.values()) != list(range(len(ranks))):
@@ -326,7 +314,7 @@ def _load_sentencepiece(bundle_dir: str, spec: ModelSpec, config: Mapping[str, A
     try:
         sp.Load(path)
     except (RuntimeError, OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: not a sentencepiece model ({_first_line(e)})") from None
+        raise TokenizerError(f"{path}: not a sentencepiece model ({first_line(e)})") from None
     with_roles = spec.chat_format == CHAT_CHATGLM3 or "<|user|>" in spec.special_tokens
     names = SP_BASE_SPECIALS + (SP_ROLE_SPECIALS if with_roles else ())
     return SentencePieceTokenizer(sp, names, extra_eos=spec.eos_token_ids)
@@ -350,7 +338,7 @@ def _load_tokenizer_json(bundle_dir: str, spec: ModelSpec, config: Mapping[str, 
     try:
         tok = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # the library raises a bare Exception for every parse error
-        raise TokenizerError(f"{path}: not a tokenizers file ({_first_line(e)})") from None
+        raise TokenizerError(f"{path}: not a tokenizers file ({first_line(e)})") from None
     eos = config.get("eos_token")
     if isinstance(eos, dict):  # transformers may save an AddedToken as a dict
         eos = eos.get("content")

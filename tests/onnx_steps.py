@@ -7,10 +7,11 @@ import torch
 
 from runtime import graph_contract as gc
 from runtime.manifest import read_manifest
+from runtime.steps import decode_feeds, empty_past, left_pad, past_from_outputs, positions_from_mask, token_feeds
 
 
 class OnnxStepper:
-    """Prefill then single-token steps, presents fed back as pasts."""
+    """Prefill then single-token steps, presents fed back as pasts (``past``: the cache, by input name)."""
 
     def __init__(self, bundle_dir):
         import onnxruntime as ort
@@ -25,29 +26,17 @@ class OnnxStepper:
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
         """ids, mask: (B, S) left-padded. Returns prefill logits (B, S, V)."""
-        b = ids.shape[0]
-        s = self.spec
-        self.past = {}
-        for i in range(s.num_layers):
-            empty = np.zeros((b, s.num_kv_heads, 0, s.head_dim), np.float32)
-            self.past[gc.past_key_name(i)] = empty
-            self.past[gc.past_value_name(i)] = empty
-        self.mask = mask.astype(np.int64)
-        pos = np.clip(np.cumsum(self.mask, 1) - 1, 0, None)
-        return self._run(ids, pos)
+        self.past = empty_past(self.spec, ids.shape[0], self.manifest.kv_dtype)
+        return self._run(token_feeds(ids, mask, positions_from_mask(mask)))
 
     def step(self, tokens: np.ndarray):
         """tokens: (B,) -> logits (B, V) of the new position."""
-        self.mask = np.concatenate([self.mask, np.ones((self.mask.shape[0], 1), np.int64)], 1)
-        pos = (self.mask.sum(1, keepdims=True) - 1).astype(np.int64)
-        return self._run(tokens[:, None].astype(np.int64), pos)[:, -1]
+        return self._run(decode_feeds(tokens, self.mask))[:, -1]
 
-    def _run(self, ids, pos):
-        feeds = {gc.INPUT_IDS: ids.astype(np.int64), gc.ATTENTION_MASK: self.mask, gc.POSITION_IDS: pos, **self.past}
-        out = dict(zip(self.names, self.session.run(None, feeds)))
-        for i in range(self.spec.num_layers):
-            self.past[gc.past_key_name(i)] = out[gc.present_key_name(i)]
-            self.past[gc.past_value_name(i)] = out[gc.present_value_name(i)]
+    def _run(self, feeds):
+        self.mask = feeds[gc.ATTENTION_MASK]
+        out = dict(zip(self.names, self.session.run(None, {**feeds, **self.past})))
+        self.past = past_from_outputs(self.spec, out)
         return out[gc.LOGITS]
 
     def greedy(self, ids, mask, new_tokens: int, eos=()):
@@ -70,14 +59,9 @@ def _cut_at_eos(ids, eos):
 
 def reference_logits(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """transformers logits (B, S, V) for a whole left-padded sequence, no cache."""
-    pos = np.clip(np.cumsum(mask, 1) - 1, 0, None)
+    feeds = token_feeds(ids, mask, positions_from_mask(mask))
     with torch.no_grad():
-        out = model(
-            input_ids=torch.from_numpy(ids.astype(np.int64)),
-            attention_mask=torch.from_numpy(mask.astype(np.int64)),
-            position_ids=torch.from_numpy(pos.astype(np.int64)),
-            use_cache=False,
-        )
+        out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, use_cache=False)
     return out.logits.float().numpy()
 
 
@@ -98,10 +82,5 @@ def reference_greedy(model, ids, mask, new_tokens: int, eos=()):
 def left_padded_batch(vocab: int, lengths, seed: int = 0, pad_id: int = 0):
     """Random prompts of the given lengths, left-padded to the longest: ids and mask (B, S)."""
     rng = np.random.default_rng(seed)
-    s = max(lengths)
-    ids = np.full((len(lengths), s), pad_id, np.int64)
-    mask = np.zeros((len(lengths), s), np.int64)
-    for r, n in enumerate(lengths):
-        ids[r, s - n:] = rng.integers(0, vocab, n)
-        mask[r, s - n:] = 1
+    ids, mask, _ = left_pad([rng.integers(0, vocab, n) for n in lengths], pad_id)
     return ids, mask

@@ -11,6 +11,7 @@ import pytest
 from conftest import CASES
 from onnx_steps import OnnxStepper, left_padded_batch, reference_greedy, reference_logits
 from reference import transformers_model
+from runtime.steps import extend_mask
 from runtime.tolerances import allowed_diff
 
 TOL = allowed_diff("onnx_vs_transformers", "fp32")
@@ -39,7 +40,7 @@ def test_prefill_and_cached_decode_match_transformers(tiny_models, case, lengths
         tok = rng.integers(0, vocab, len(lengths))
         got_step = stepper.step(tok)
         ids = np.concatenate([ids, tok[:, None]], 1)
-        mask = np.concatenate([mask, np.ones((len(lengths), 1), np.int64)], 1)
+        mask = extend_mask(mask)
         want_step = reference_logits(ref, ids, mask)[:, -1]
         diff = np.abs(got_step - want_step).max()
         assert diff <= TOL, f"decode step {step + 1}: max diff {diff}"

@@ -134,7 +134,8 @@ def test_decode_steps_carry_the_float_models_own_cache(tok):
     """The last decode step's logits equal a full prefill's: the feeds fed back the right present tensors, with the
     right mask and positions, for left-padded rows of different lengths."""
     from calibration.accuracy import open_backend, prefill_logits
-    from calibration.feeds import calibration_steps, left_pad
+    from calibration.feeds import calibration_steps
+    from runtime.steps import left_pad
 
     tokenizer, spec, bundle = tok
     seqs = [tokenizer.encode_prompt(t) for t in ("The capital of Japan is Tokyo.", "3 + 4 = 7", "小明每个星期一都读书。")]
@@ -145,8 +146,11 @@ def test_decode_steps_carry_the_float_models_own_cache(tok):
     shapes = {s.feeds["input_ids"].shape for s, _ in steps}
     assert shapes == {(3, max(map(len, seqs)) - 4), (3, 1)}  # mixed shapes by design
     assert steps[1][0].feeds["past_key_values.0.key"].shape[2] == max(map(len, seqs)) - 4
-    ids, mask = left_pad(sorted(seqs, key=len), spec.pad_token_id)  # batches are ordered by length
+    ids, mask, positions = left_pad(sorted(seqs, key=len), spec.pad_token_id)  # batches are ordered by length
     assert steps[0][0].real.tolist() == (mask[:, :-4] > 0).tolist()
+    assert steps[0][0].feeds["input_ids"].tolist() == ids[:, :-4].tolist()
+    assert steps[-1][0].feeds["input_ids"].tolist() == ids[:, -1:].tolist()
+    assert steps[-1][0].feeds["position_ids"].tolist() == [[len(s) - 1] for s in sorted(seqs, key=len)]
     last = steps[-1][1]["logits"][:, -1]  # (3, V)
     for row, s in enumerate(sorted(seqs, key=len)):
         want = prefill_logits(backend, spec, s)[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from runtime.errors import BackendError, BundleError, GenerationError, Tokenizer
 from runtime.generate import StopTextTracker, left_pad, prefill
 from runtime.manifest import MANIFEST_NAME, read_manifest
 from runtime.sampling import GenerationConfig
+from runtime.steps import extend_mask
 
 # this file's own tiny models (generation, layout, shape overrides); default tiny shape, the tokenizer's vocabulary
 RT_CASES = {
@@ -230,6 +232,12 @@ def test_finish_reasons_length_context_eos(chatglm3):
     first = chatglm3.generate(prompt, GenerationConfig(max_new_tokens=5, eos_token_ids=())).generated_ids
     res = chatglm3.generate(prompt, GenerationConfig(max_new_tokens=50, eos_token_ids=(first[1],)))
     assert res.finish_reason == "eos" and res.generated_ids == first[: first.index(first[1]) + 1]
+    # extra eos ids (the chat stop ids) end a sequence on top of the config's, even when those are none at all
+    run = chatglm3.start([prompt], GenerationConfig(max_new_tokens=50, eos_token_ids=()), extra_eos=(first[2],))
+    list(run)
+    seq = run.sequences[0]
+    assert seq.finish_reason == "eos" and seq.generated_ids == first[: first.index(first[2]) + 1]
+    assert run.eos_token_ids == {first[2]}
 
 
 def test_model_context_length(tiny_models):
@@ -352,6 +360,50 @@ def test_corrupt_and_newer_manifest(bundle_copy):
         GlmModel.load(bundle_copy)
 
 
+def test_kv_dtype_outside_float32_float16_is_refused(bundle_copy):
+    path = os.path.join(bundle_copy, MANIFEST_NAME)
+    with open(path) as f:
+        data = json.load(f)
+    for t in data["inputs"]:
+        if t["name"].startswith("past_key_values."):
+            t["dtype"] = "int8"
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(BundleError, match="past_key_values.0.key dtype 'int8'; expected float32 or float16"):
+        GlmModel.load(bundle_copy)
+    data["inputs"] = [t for t in data["inputs"] if not t["name"].startswith("past_key_values.")]
+    with open(path, "w") as f:
+        json.dump(data, f)
+    with pytest.raises(BundleError, match="lists no input past_key_values.0.key"):
+        GlmModel.load(bundle_copy)
+
+
+def test_steps_feeds_pad_count_positions_and_feed_back_presents():
+    from runtime.spec import ModelSpec
+    from runtime.steps import decode_feeds, empty_past, left_pad, past_from_outputs
+
+    ids, mask, pos = left_pad([[5, 6, 7], [8]], pad_id=1)
+    assert ids.tolist() == [[5, 6, 7], [1, 1, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert pos.tolist() == [[0, 1, 2], [0, 0, 0]] and ids.dtype == mask.dtype == pos.dtype == np.int64
+    feeds = decode_feeds(np.array([9, 10]), mask)
+    assert feeds["input_ids"].tolist() == [[9], [10]] and feeds["position_ids"].tolist() == [[3], [1]]
+    assert feeds["attention_mask"].tolist() == [[1, 1, 1, 1], [0, 0, 1, 1]] and mask.shape == (2, 3)
+    spec = ModelSpec.from_dict(dict(
+        generation="chatglm3", num_layers=2, hidden_size=8, num_heads=2, num_kv_heads=1, head_dim=4,
+        ffn_hidden_size=8, vocab_size=16, norm_eps=1e-5, rotary_dim=2, rope_theta=1e4, rope_position_scale=1.0,
+        rope_scaling="none", qkv_bias=False, sandwich_norms=False, tie_word_embeddings=False,
+        max_position_embeddings=32, eos_token_ids=[2], pad_token_id=0))
+    past = empty_past(spec, 3, np.float16)
+    assert list(past) == ["past_key_values.0.key", "past_key_values.0.value", "past_key_values.1.key",
+                          "past_key_values.1.value"]
+    assert all(a.shape == (3, 1, 0, 4) and a.dtype == np.float16 for a in past.values())
+    outputs = {f"present.{i}.{kind}": np.full((1,), 10 * i + (kind == "value")) for i in range(2)
+               for kind in ("key", "value")}
+    assert {k: int(v[0]) for k, v in past_from_outputs(spec, outputs).items()} == {
+        "past_key_values.0.key": 0, "past_key_values.0.value": 1, "past_key_values.1.key": 10,
+        "past_key_values.1.value": 11}
+
+
 def test_provider_errors(chatglm3):
     import onnxruntime
 
@@ -380,7 +432,7 @@ def _run_steps(backend, prompts, chunk, steps=4):
     next_pos = pos[:, -1] + 1
     for _ in range(steps):
         tok = np.argmax(logits, -1)
-        mask = np.concatenate([mask, np.ones((len(prompts), 1), np.int64)], 1)
+        mask = extend_mask(mask)
         logits, cache = backend.forward(tok[:, None], mask, next_pos[:, None], cache)
         next_pos = next_pos + 1
         out.append(logits)
@@ -399,7 +451,7 @@ def test_chunked_prefill_equals_unchunked(chatglm3, chunk):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     mask = left_pad(prompts, 0)[1]
     for a, b in zip(kv_whole, kv_chunked):  # cached K/V agree on every real (unpadded) position
-        real = np.concatenate([mask, np.ones((2, 4), np.int64)], 1).astype(bool)
+        real = extend_mask(mask, 4).astype(bool)
         np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[real], b.transpose(0, 2, 1, 3)[real], atol=1e-5, rtol=0)
 
 
@@ -431,23 +483,57 @@ def test_io_binding_equals_plain_run(chatglm3):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
 
 
-def test_kv_dtype_comes_from_manifest(chatglm3):
-    manifest = read_manifest(chatglm3.bundle_dir)
-    want = next(t.dtype for t in manifest.inputs if t.name == "past_key_values.0.key")
-    assert chatglm3.backend.kv_dtype == np.dtype(want)
-    cache = chatglm3.backend.empty_cache(3)
-    arrays = chatglm3.backend.cache_to_numpy(cache)
-    assert len(arrays) == 2 * chatglm3.spec.num_layers
-    assert arrays[0].shape == (3, chatglm3.spec.num_kv_heads, 0, chatglm3.spec.head_dim)
-    assert arrays[0].dtype == np.dtype(want)
+@pytest.mark.parametrize("precision,kv", [("fp32", "float32"), ("fp16", "float16")])
+def test_kv_dtype_comes_from_manifest(tiny_models, precision, kv):
+    """A real fp16 export (float16 past/present) and the fp32 one: the backend's cache takes the manifest's dtype,
+    from the empty cache through prefill and decode steps."""
+    ckpt, _ = _case(tiny_models, "chatglm3")
+    bundle = tiny_models.bundle("rt-chatglm3" + ("" if precision == "fp32" else "-" + precision), ckpt,
+                                precision=precision)  # fp32: the bundle the other tests use
+    manifest = read_manifest(bundle)
+    assert manifest.precision == precision and manifest.kv_dtype == kv
+    assert {t.dtype for t in manifest.outputs if t.name.startswith("present.")} == {kv}
+    with GlmModel.load(bundle, threads=1) as model:
+        spec = model.spec
+        assert model.backend.kv_dtype == np.dtype(kv)
+        arrays = model.backend.cache_to_numpy(model.backend.empty_cache(3))
+        assert len(arrays) == 2 * spec.num_layers
+        assert all(a.shape == (3, spec.num_kv_heads, 0, spec.head_dim) and a.dtype == np.dtype(kv) for a in arrays)
+        for io_binding in (True, False):
+            model.backend.io_binding = io_binding
+            _, cache = _run_steps(model.backend, _prompts(spec.vocab_size, (6, 3), seed=8), 4, steps=2)
+            arrays = model.backend.cache_to_numpy(cache)
+            assert all(a.shape == (2, spec.num_kv_heads, 8, spec.head_dim) and a.dtype == np.dtype(kv)
+                       for a in arrays)
+        model.backend.io_binding = True
+        res = model.generate([5, 6, 7], GenerationConfig(max_new_tokens=4, eos_token_ids=()))
+        assert len(res.generated_ids) == 4
+
+
+class _Slow(_Recorder):
+    """A backend that takes at least ``delay`` seconds per forward."""
+
+    delay = 0.02
+
+    def forward(self, input_ids, *args):
+        time.sleep(self.delay)
+        return super().forward(input_ids, *args)
 
 
 def test_timings_reported(chatglm3):
-    res = chatglm3.generate([4, 5, 6], GenerationConfig(max_new_tokens=6, eos_token_ids=()))
+    """The timings agree with what is known independently: a forward takes at least 20 ms, and the whole call's
+    wall-clock time bounds the measured parts."""
+    slow = _Slow(chatglm3.backend)
+    model = GlmModel(chatglm3.bundle_dir, chatglm3.manifest, slow, chatglm3.prefill_chunk)  # not closed: shared
+    start = time.perf_counter()
+    res = model.generate([4, 5, 6], GenerationConfig(max_new_tokens=6, eos_token_ids=()))
+    wall_ms = (time.perf_counter() - start) * 1000.0
     t = res.timings
-    assert t["prefill_ms"] > 0 and t["decode_steps"] == 5 and t["decode_tokens_per_s"] > 0
-    rate = t["decode_steps"] / (t["decode_ms"] / 1000.0)
-    assert abs(rate - t["decode_tokens_per_s"]) < 1e-6 * rate
+    assert len(res.generated_ids) == 6 and len(slow.batches) == 6  # the first token comes from the prefill
+    assert t["decode_steps"] == 5
+    assert t["prefill_ms"] >= 1000 * _Slow.delay and t["decode_ms"] >= 5 * 1000 * _Slow.delay
+    assert t["prefill_ms"] + t["decode_ms"] <= wall_ms
+    assert 5 / (wall_ms / 1000.0) <= t["decode_tokens_per_s"] <= 1 / _Slow.delay
 
 
 def test_python_api_example_runs():

@@ -7,7 +7,7 @@ TensorRT are interchangeable. A backend keeps the KV cache in whatever form is c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -92,5 +92,6 @@ def check_feed_shapes(input_ids: np.ndarray, attention_mask: np.ndarray, positio
         raise ValueError(f"cache holds {cache.batch} rows, input has {b}")
 
 
-def as_int64(a: Sequence) -> np.ndarray:
+def as_int64(a: Any) -> np.ndarray:
+    """A C-contiguous int64 array of ``a`` (no copy when it already is one): how token inputs reach a graph."""
     return np.ascontiguousarray(a, dtype=np.int64)

@@ -24,22 +24,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import BackendError, BundleError
+from ..errors import BackendError, BundleError, first_line
 from ..manifest import Manifest
 from ..spec import ModelSpec
 from ..trt_ep import TrtProviderOptions
 from ..trt_profiles_select import Profile, select_profile
-from ..graph_contract import (
-    ATTENTION_MASK,
-    INPUT_IDS,
-    LOGITS,
-    POSITION_IDS,
-    past_key_name,
-    past_value_name,
-    present_key_name,
-    present_value_name,
-)
-from .base import KVCache, check_feed_shapes
+from ..graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
+from .base import KVCache, as_int64, check_feed_shapes
 
 log = logging.getLogger("glm_export")
 
@@ -145,7 +136,7 @@ class OnnxRuntimeBackend:
             self.session = ort.InferenceSession(model_path, sess_options=opts, providers=provider_names,
                                                 provider_options=provider_options)
         except Exception as e:  # onnxruntime raises its own exception types for bad files
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            msg = first_line(e)
             if name == "cpu":
                 raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
             raise BackendError(  # a bad file, or the provider failing (a TensorRT build, missing CUDA libraries)
@@ -169,8 +160,8 @@ class OnnxRuntimeBackend:
         self.io_binding = bool(io_binding)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
-        self._past_names = [n for i in range(self.num_layers) for n in (past_key_name(i), past_value_name(i))]
-        self._present_names = [n for i in range(self.num_layers) for n in (present_key_name(i), present_value_name(i))]
+        self._past_names = past_names(self.num_layers)
+        self._present_names = present_names(self.num_layers)
         wanted_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + self._past_names
         missing_in = [n for n in wanted_in if n not in self.input_names]
         missing_out = [n for n in [LOGITS] + self._present_names if n not in self.output_names]
@@ -218,9 +209,9 @@ class OnnxRuntimeBackend:
             select_profile([self.profile], cache.batch, int(input_ids.shape[1]), cache.length,
                            owner="the TensorRT provider profile's", remedy=_reload_with)
         host = {
-            INPUT_IDS: np.ascontiguousarray(input_ids, dtype=np.int64),
-            ATTENTION_MASK: np.ascontiguousarray(attention_mask, dtype=np.int64),
-            POSITION_IDS: np.ascontiguousarray(position_ids, dtype=np.int64),
+            INPUT_IDS: as_int64(input_ids),
+            ATTENTION_MASK: as_int64(attention_mask),
+            POSITION_IDS: as_int64(position_ids),
         }
         new_len = cache.length + input_ids.shape[1]
         if not self.io_binding:
