@@ -40,7 +40,6 @@ fi
 FILES=(
     exporter/trt_engine.py
     runtime/backends/tensorrt.py
-    exporter/trt_profiles.py
     exporter/trtexec_cmd.py
     exporter/trt_check.py
     runtime/trt_compat.py

@@ -11,17 +11,17 @@ its neighbours, the ratios much less. Requires the `bench` extra (onnxruntime-ge
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
+
+from _common import common_args, interleaved_medians
 
 
 def _prepare(work: str, prompt_len: int, new_tokens: int, threads: int):
@@ -130,13 +130,7 @@ class GenAI:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = common_args(__doc__.splitlines()[0]).parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-peers-")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     ckpt, bundle, genai_path = _prepare(work, args.prompt_len, args.new_tokens, args.threads)
@@ -144,15 +138,16 @@ def main() -> None:
     tools = [Ours(bundle, args.threads), Eager(ckpt, args.threads), GenAI(genai_path, args.threads)]
     for tool in tools:  # warm-up
         tool.run(prompt, 4)
-    figures = {t.name: {"prefill_ms": [], "decode_tps": []} for t in tools}
-    ids = {}
-    for _ in range(args.rounds):
-        for tool in tools:
-            prefill, tps, generated = tool.run(prompt, args.new_tokens)
-            figures[tool.name]["prefill_ms"].append(prefill)
-            figures[tool.name]["decode_tps"].append(tps)
-            ids[tool.name] = generated
-    med = {n: {k: statistics.median(v) for k, v in f.items()} for n, f in figures.items()}
+    ids = {}  # each tool's generated ids, from its last round
+
+    def measure(tool):
+        def run():
+            prefill, tps, ids[tool.name] = tool.run(prompt, args.new_tokens)
+            return {"prefill_ms": prefill, "decode_tps": tps}
+
+        return run
+
+    med = interleaved_medians({t.name: measure(t) for t in tools}, args.rounds)
     ours, eager, genai = (t.name for t in tools)
     report = {
         "median": med,

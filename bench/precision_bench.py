@@ -11,16 +11,16 @@ Prints a Markdown table and one JSON line. Bundles are kept in --workdir and reu
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from _common import common_args, interleaved_medians  # noqa: E402  (bench/, the script's directory)
 
 VARIANTS = [  # name, quantize arguments (None: the fp32 export itself)
     ("fp32", None),
@@ -40,10 +40,8 @@ def _cli(*args, capture=False):
     return None
 
 
-def _bundle_bytes(bundle: str) -> int:
-    with open(os.path.join(bundle, "manifest.json"), encoding="utf-8") as f:
-        files = json.load(f)["files"]
-    return sum(rec["bytes"] for name, rec in files.items() if name.startswith("model.onnx"))
+def _graph_bytes(manifest) -> int:
+    return sum(rec["bytes"] for name, rec in manifest.files.items() if name.startswith("model.onnx"))
 
 
 def prepare(work: str):
@@ -74,36 +72,34 @@ def prepare(work: str):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = common_args(__doc__.splitlines()[0]).parse_args()
+    from runtime.manifest import read_manifest
+
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-precision-")
     bundles = prepare(work)
-    speed = {name: [] for name in bundles}
-    prefill = {name: [] for name in bundles}
-    for _ in range(args.rounds):
-        for name, bundle in bundles.items():
+    manifests = {name: read_manifest(bundle) for name, bundle in bundles.items()}
+
+    def measure(bundle):
+        def run():
             res = _cli("bench", "--model", bundle, "--threads", str(args.threads), "--prompt-len",
                        str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--runs", "1", "--warmup", "1",
                        "--json", capture=True)
             row = res["results"][0]
-            speed[name].append(row["decode_tokens_per_s"])
-            prefill[name].append(row["prefill_ms"])
-    base_speed = statistics.median(speed["fp32"])
-    base_bytes = _bundle_bytes(bundles["fp32"])
+            return {"decode_tps": row["decode_tokens_per_s"], "prefill_ms": row["prefill_ms"]}
+
+        return run
+
+    med = interleaved_medians({name: measure(bundle) for name, bundle in bundles.items()}, args.rounds)
+    base_speed = med["fp32"]["decode_tps"]
+    base_bytes = _graph_bytes(manifests["fp32"])
     rows = []
-    for name, bundle in bundles.items():
-        with open(os.path.join(bundle, "manifest.json"), encoding="utf-8") as f:
-            acc = json.load(f)["extra"].get("accuracy", {})
-        size = _bundle_bytes(bundle)
-        tps = statistics.median(speed[name])
+    for name, manifest in manifests.items():
+        acc = manifest.extra.get("accuracy", {})
+        size = _graph_bytes(manifest)
+        tps = med[name]["decode_tps"]
         rows.append({"precision": name, "graph_bytes": size, "size_ratio": round(base_bytes / size, 2),
                      "decode_tokens_per_s": round(tps, 1), "speed_ratio": round(tps / base_speed, 2),
-                     "prefill_ms": round(statistics.median(prefill[name]), 1),
+                     "prefill_ms": round(med[name]["prefill_ms"], 1),
                      "top1_vs_fp32_random_weights": acc.get("top1_agreement")})
     print(f"| precision | graph MB | smaller than fp32 | decode tokens/s | vs fp32 | prefill ms ({args.prompt_len}) |")
     print("|---|---|---|---|---|---|")

@@ -11,17 +11,13 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
-
-from .errors import QuantizationError
-
-_FLOAT, _FLOAT16 = 1, 10
+from .fp16 import to_fp16
 
 
 def embedding_to_fp16(proto) -> Optional[str]:
     """Store the embedding table (a float32 initializer read only by one Gather) as fp16 with a Cast after the
     Gather; returns the table's name, or None when the graph has no such table (e.g. tied to the LM head)."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     inits = {i.name: i for i in proto.graph.initializer}
     readers = {}
@@ -30,15 +26,14 @@ def embedding_to_fp16(proto) -> Optional[str]:
             readers[t] = readers.get(t, 0) + 1
     for index, node in enumerate(proto.graph.node):
         table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if table is None or table.data_type != _FLOAT or len(table.dims) != 2 or readers[table.name] != 1:
+        if table is None or table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or readers[table.name] != 1:
             continue
-        array = numpy_helper.to_array(table)  # (vocab, hidden)
-        if array.size and float(np.abs(array).max()) > 65504.0:
-            raise QuantizationError(f"{table.name} holds values beyond fp16's range; use --embedding fp32")
-        table.CopyFrom(numpy_helper.from_array(array.astype(np.float16), table.name))
+        array = to_fp16(numpy_helper.to_array(table), table.name, remedy="use --embedding fp32")  # (vocab, hidden)
+        table.CopyFrom(numpy_helper.from_array(array, table.name))
         gathered = node.output[0]
         node.output[0] = gathered + "_fp16"
-        cast = helper.make_node("Cast", [node.output[0]], [gathered], name=node.name + "_to_fp32", to=_FLOAT)
+        cast = helper.make_node("Cast", [node.output[0]], [gathered], name=node.name + "_to_fp32",
+                                to=TensorProto.FLOAT)
         proto.graph.node.insert(index + 1, cast)
         return table.name
     return None

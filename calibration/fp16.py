@@ -25,7 +25,6 @@ from runtime import graph_contract as gc
 from .errors import QuantizationError
 
 FP32, FP16 = 0, 1  # colours
-_ONNX_FLOAT, _ONNX_FLOAT16 = 1, 10
 # ops whose inputs must be fp32 in a safe graph: norm reductions, softmax, rotary tables
 _FP32_ONLY_OPS = ("ReduceMean", "Pow", "Softmax", "Cos", "Sin", "Sqrt")
 
@@ -85,7 +84,7 @@ class ParityUnionFind:
 def _float_tensors(proto) -> Set[str]:
     """Names of every float32 tensor in the graph (types from onnx shape inference, on a weightless copy)."""
     import onnx
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     # shape inference needs the types of the weights, not their (possibly gigabytes of) data
     shell = onnx.ModelProto(ir_version=proto.ir_version, opset_import=proto.opset_import)
@@ -97,11 +96,11 @@ def _float_tensors(proto) -> Set[str]:
     inferred = onnx.shape_inference.infer_shapes(shell)
     out = set()
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
-        if vi.type.tensor_type.elem_type == _ONNX_FLOAT:
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
             out.add(vi.name)
-    out.update(i.name for i in proto.graph.initializer if i.data_type == _ONNX_FLOAT)
+    out.update(i.name for i in proto.graph.initializer if i.data_type == TensorProto.FLOAT)
     for node in proto.graph.node:
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.data_type == _ONNX_FLOAT:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].t.data_type == TensorProto.FLOAT:
             out.add(node.output[0])
     return out
 
@@ -171,16 +170,22 @@ def _check_islands(proto, colours: Dict[str, int]) -> None:
             )
 
 
-def _to_fp16(array: np.ndarray, name: str) -> np.ndarray:
+FP16_MAX = 65504.0
+
+
+def to_fp16(array: np.ndarray, name: str, remedy: str = "") -> np.ndarray:
+    """``array`` as float16; QuantizationError (naming ``name``, then ``remedy`` when given) where a value lies
+    beyond fp16's range."""
     big = float(np.abs(array).max()) if array.size else 0.0
-    if big > 65504.0:
-        raise QuantizationError(f"fp16 conversion: {name} holds {big:.4g}, beyond fp16's range (65504)")
+    if big > FP16_MAX:
+        raise QuantizationError(f"fp16 conversion: {name} holds {big:.4g}, beyond fp16's range (65504)"
+                                + (f"; {remedy}" if remedy else ""))
     return array.astype(np.float16)
 
 
 def fp16_from_fp32(proto):
     """``proto`` (an fp32 glm-export graph, weights loaded) converted in place to the fp16 form; returns it."""
-    from onnx import numpy_helper
+    from onnx import TensorProto, numpy_helper
 
     colours, rewires = assign_dtypes(proto)
     _check_islands(proto, colours)
@@ -190,17 +195,17 @@ def fp16_from_fp32(proto):
     for i, init in enumerate(proto.graph.initializer):
         if colours.get(init.name) == FP16:
             proto.graph.initializer[i].CopyFrom(
-                numpy_helper.from_array(_to_fp16(numpy_helper.to_array(init), init.name), init.name))
+                numpy_helper.from_array(to_fp16(numpy_helper.to_array(init), init.name), init.name))
     for node in proto.graph.node:
         if node.op_type == "Constant" and colours.get(node.output[0]) == FP16:
             t = node.attribute[0].t
-            t.CopyFrom(numpy_helper.from_array(_to_fp16(numpy_helper.to_array(t), node.name), t.name))
+            t.CopyFrom(numpy_helper.from_array(to_fp16(numpy_helper.to_array(t), node.name), t.name))
         elif node.op_type == "Cast" and node.output[0] in colours:
             for a in node.attribute:
                 if a.name == "to":
-                    a.i = _ONNX_FLOAT16 if colours[node.output[0]] == FP16 else _ONNX_FLOAT
+                    a.i = TensorProto.FLOAT16 if colours[node.output[0]] == FP16 else TensorProto.FLOAT
     for t in list(proto.graph.input) + list(proto.graph.output):
         if colours.get(t.name) == FP16:
-            t.type.tensor_type.elem_type = _ONNX_FLOAT16
+            t.type.tensor_type.elem_type = TensorProto.FLOAT16
     del proto.graph.value_info[:]  # stale fp32 types; onnxruntime infers them again
     return proto

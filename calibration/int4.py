@@ -42,6 +42,14 @@ def _nbits_module():
         root.setLevel(level)
 
 
+def check_int4(block_size: int, accuracy_level: int) -> None:
+    """The INT4 settings (``calibration.pipeline.check_options`` runs this before any work)."""
+    if block_size not in BLOCK_SIZES:
+        raise QuantizationError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
+    if accuracy_level not in ACCURACY_LEVELS:
+        raise QuantizationError(f"--int4-accuracy-level must be 0..4, got {accuracy_level}")
+
+
 def int4_weight_only(
     proto,
     linears: Sequence[Linear],
@@ -49,11 +57,8 @@ def int4_weight_only(
     symmetric: bool = False,
     accuracy_level: int = 4,
 ):
-    """``proto`` (weights loaded) with the chosen linear layers as MatMulNBits; returns the new ModelProto."""
-    if block_size not in BLOCK_SIZES:
-        raise QuantizationError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {block_size}")
-    if accuracy_level not in ACCURACY_LEVELS:
-        raise QuantizationError(f"--int4-accuracy-level must be 0..4, got {accuracy_level}")
+    """``proto`` (weights loaded) with the chosen linear layers as MatMulNBits; returns the new ModelProto.
+    ``block_size`` and ``accuracy_level`` are those :func:`check_int4` accepts."""
     nbits = _nbits_module()
     chosen = {lin.node for lin in linears}
     inits = {i.name for i in proto.graph.initializer}

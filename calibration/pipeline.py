@@ -3,15 +3,16 @@
 Where it stands: the library call behind ``glm-export quantize`` and ``glm-export eval``. The flow of
 ``quantize_bundle``, each step handing the next a file:
 
-1. read the source manifest; refuse anything but an fp32 bundle;
+1. check the options and read the source manifest; refuse anything but an fp32 bundle (``check_quantize``, which
+   the CLI runs before it creates --out and hands on); checksum the source graph once;
 2. read and split the calibration text (``calibration.data``): held-out sequences for the accuracy report, the rest
    for calibration;
 3. static INT8 only: calibrate (``calibration.ranges``) and write ``calibration_ranges.json`` into the new bundle;
-4. convert the graph (``calibration.fp16`` / ``quantize`` / ``int4``), reading the ranges file back for INT8;
-5. copy config and tokenizer files, write the manifest (precision, I/O dtypes, checksums,
-   ``extra["quantization"]``);
-6. evaluate the new bundle against the source on the held-out text (``calibration.accuracy``) and record it in
-   ``extra["accuracy"]``.
+4. convert the graph (``calibration.fp16`` / ``quantize`` / ``int4``), reading the ranges file back for INT8 (and
+   refusing ranges recorded for another graph);
+5. copy config and tokenizer files, make the manifest (precision, I/O dtypes, checksums, ``extra["quantization"]``);
+6. evaluate the new bundle against the source on the held-out text (``calibration.accuracy``), record it in
+   ``extra["accuracy"]`` and write ``manifest.json``, once.
 
 ``out_dir`` must be an empty directory the caller owns; the CLI passes a staged directory
 (``exporter.bundle_dir.staged_directory``) so a failure leaves nothing behind.
@@ -22,12 +23,20 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import BundleError
-from runtime.manifest import PRECISIONS, Manifest, read_manifest, record_files, sha256_of, write_manifest
+from runtime.manifest import (
+    KV_DTYPE_OF_PRECISION,
+    PRECISIONS,
+    Manifest,
+    copy_side_files,
+    read_manifest,
+    record_files,
+    write_manifest,
+)
 from runtime.progress import NullProgress
 
 from . import accuracy as acc
@@ -35,7 +44,9 @@ from .embedding import embedding_to_fp16
 from .data import DataSplit, check_counts, load_eval_sequences, load_split
 from .errors import CalibrationDataError, QuantizationError
 from .graph_io import contrib_ops, default_opset, load_graph, save_graph
-from .ranges import METHODS, RANGES_FILE, calibrate, check_method, read_ranges, write_ranges
+from .int4 import check_int4
+from .ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
+from .ranges import write_ranges
 from .targets import find_linears, select
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
@@ -109,6 +120,8 @@ def check_options(opts: QuantizeOptions) -> None:
         )
     check_counts(opts.calib_samples, opts.calib_seq_len, opts.eval_samples)
     check_method(opts.method, opts.percentile)
+    if opts.precision == "int4":
+        check_int4(opts.block_size, opts.int4_accuracy_level)
     if opts.embedding not in EMBEDDING_DTYPES:
         raise QuantizationError(f"--embedding must be one of {', '.join(EMBEDDING_DTYPES)}, got {opts.embedding!r}")
     if opts.calib_batch < 1 or opts.decode_steps < 0:
@@ -137,13 +150,35 @@ def check_source(bundle_dir: str) -> Manifest:
     return manifest
 
 
+def check_quantize(src_dir: str, opts: QuantizeOptions) -> Manifest:
+    """Every check ``quantize_bundle`` needs before any work: the options, then the source bundle. Returns the
+    source manifest, for ``quantize_bundle(..., source=...)`` (the CLI checks before it creates --out)."""
+    check_options(opts)
+    return check_source(src_dir)
+
+
 # ------------------------------------------------------------------------------------------------ the flow
 
 
-def _data(opts: QuantizeOptions, bundle_dir: str, spec) -> DataSplit:
-    """Held-out and calibration sequences as the options ask (no tokenizer is loaded when no text is needed)."""
+@dataclass
+class _Source:
+    """The checked fp32 bundle a conversion reads."""
+
+    dir: str
+    manifest: Manifest
+    model: str  # path of its graph
+    checksums: GraphChecksums  # of its graph files, computed once
+
+    @property
+    def spec(self):
+        return self.manifest.spec
+
+
+def _data(opts: QuantizeOptions, bundle_dir: str, spec) -> Tuple[DataSplit, Any]:
+    """Held-out and calibration sequences as the options ask, and the tokenizer that made them (None, and no
+    tokenizer loaded, when no text is needed)."""
     if not opts.calib_data and not (opts.evaluate and opts.eval_data):
-        return DataSplit(calibration=[], heldout=[])
+        return DataSplit(calibration=[], heldout=[]), None
     from runtime.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(bundle_dir, spec)
@@ -156,20 +191,20 @@ def _data(opts: QuantizeOptions, bundle_dir: str, spec) -> DataSplit:
     if opts.evaluate and opts.eval_data:
         split.heldout = load_eval_sequences(opts.eval_data, tokenizer, spec, opts.calib_seq_len,
                                             opts.eval_samples, opts.calib_seed)
-    return split
+    return split, tokenizer
 
 
-def _fp16(opts, src_model, out_dir, split, spec, chosen, progress):
+def _fp16(opts, src: _Source, out_dir, split, chosen, progress):
     from .fp16 import fp16_from_fp32
 
     progress.stage("converting to fp16 (fp32 norms, softmax, rotary tables and logits)")
-    return fp16_from_fp32(load_graph(src_model)), {
+    return fp16_from_fp32(load_graph(src.model)), {
         "fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables", "logits"],
         "runs_on": ["onnxruntime", "tensorrt"],
     }
 
 
-def _int8(opts, src_model, out_dir, split, spec, chosen, progress):
+def _int8(opts, src: _Source, out_dir, split, chosen, progress):
     """Calibrate (or take --ranges), write the ranges file, read it back, quantize from it."""
     from .quantize import static_int8
 
@@ -179,37 +214,38 @@ def _int8(opts, src_model, out_dir, split, spec, chosen, progress):
     else:
         progress.stage(f"calibrating on {len(split.calibration)} samples: prefill + {opts.decode_steps} cached "
                        f"decode steps per batch of {opts.calib_batch}")
-        ranges = calibrate(src_model, spec, split.calibration, [lin.activation for lin in chosen], opts.method,
+        ranges = calibrate(src.model, src.spec, split.calibration, [lin.activation for lin in chosen], opts.method,
                            opts.percentile, opts.calib_batch, opts.decode_steps, opts.threads, out_dir, progress,
                            settings={"samples": len(split.calibration), "seq_len": opts.calib_seq_len,
-                                     "seed": opts.calib_seed, "data": opts.calib_data})
+                                     "seed": opts.calib_seed, "data": opts.calib_data},
+                           checksums=src.checksums)
         write_ranges(ranges_file, ranges)
     ranges = read_ranges(ranges_file, method=opts.method)  # the stage boundary: the quantizer reads the file
-    if ranges.model_sha256 and ranges.model_sha256 != sha256_of(src_model):
+    if ranges.for_another_graph(src.checksums):
         raise QuantizationError(f"{opts.ranges or ranges_file}: calibrated for another graph (checksum differs)")
     progress.stage(f"quantizing {len(chosen)} linear layers to INT8 Q/DQ ({opts.method} ranges)")
-    return static_int8(load_graph(src_model), chosen, ranges), {
+    return static_int8(load_graph(src.model), chosen, ranges), {
         "form": "QDQ", "weights": "int8 per-channel symmetric (axis 1 of each (K, N) weight)",
         "activations": "int8 per-tensor symmetric", "ranges_file": RANGES_FILE, "calibration": ranges.settings,
         "runs_on": ["onnxruntime", "tensorrt"],
     }
 
 
-def _int8_dynamic(opts, src_model, out_dir, split, spec, chosen, progress):
+def _int8_dynamic(opts, src: _Source, out_dir, split, chosen, progress):
     from .quantize import dynamic_int8
 
     progress.stage(f"quantizing {len(chosen)} linear layers to dynamic INT8")
-    return dynamic_int8(src_model, chosen, out_dir), {
+    return dynamic_int8(src.model, chosen, out_dir), {
         "form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
         "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"],
     }
 
 
-def _int4(opts, src_model, out_dir, split, spec, chosen, progress):
+def _int4(opts, src: _Source, out_dir, split, chosen, progress):
     from .int4 import int4_weight_only
 
     progress.stage(f"quantizing {len(chosen)} linear layers to INT4 (MatMulNBits, block {opts.block_size})")
-    proto = int4_weight_only(load_graph(src_model), chosen, opts.block_size, opts.int4_symmetric,
+    proto = int4_weight_only(load_graph(src.model), chosen, opts.block_size, opts.int4_symmetric,
                              opts.int4_accuracy_level)
     return proto, {
         "form": "MatMulNBits", "runs_on": ["onnxruntime"],
@@ -221,18 +257,17 @@ def _int4(opts, src_model, out_dir, split, spec, chosen, progress):
 _CONVERTERS = {"fp16": _fp16, "int8": _int8, "int8-dynamic": _int8_dynamic, "int4": _int4}
 
 
-def _convert(opts: QuantizeOptions, src_dir: str, src_model: str, out_dir: str, split: DataSplit, spec,
-             progress) -> Dict[str, Any]:
+def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, progress) -> Dict[str, Any]:
     """Write the converted graph into ``out_dir``; returns the quantization record for the manifest."""
     record: Dict[str, Any] = {"precision": opts.precision, "settings": opts.settings(),
-                              "source_bundle": os.path.abspath(src_dir), "source_model_sha256": sha256_of(src_model)}
+                              "source_bundle": os.path.abspath(src.dir), "source_model_sha256": src.checksums.model}
     chosen = []
     if opts.precision != "fp16":  # fp16 converts everything; the others choose linear layers
-        linears = find_linears(load_graph(src_model, with_weights=False))
-        chosen, kept = select(linears, opts.keep_float, spec.num_layers)
+        linears = find_linears(load_graph(src.model, with_weights=False))
+        chosen, kept = select(linears, opts.keep_float, src.spec.num_layers)
         record["quantized_linears"] = [lin.name for lin in chosen]
         record["float_linears"] = [lin.name for lin in kept]
-    proto, details = _CONVERTERS[opts.precision](opts, src_model, out_dir, split, spec, chosen, progress)
+    proto, details = _CONVERTERS[opts.precision](opts, src, out_dir, split, chosen, progress)
     record.update(details)
     if opts.precision != "fp16":
         table = embedding_to_fp16(proto) if opts.embedding == "fp16" else None
@@ -243,26 +278,26 @@ def _convert(opts: QuantizeOptions, src_dir: str, src_model: str, out_dir: str, 
     return record
 
 
-def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None) -> QuantizeResult:
-    """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring."""
+def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None,
+                    source: Optional[Manifest] = None) -> QuantizeResult:
+    """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring.
+
+    ``source`` is the manifest :func:`check_quantize` returned for ``src_dir`` and these options, where the caller
+    has run it already (the CLI does, before it creates --out); None runs it here.
+    """
     progress = progress or NullProgress()
     start = time.perf_counter()
-    check_options(opts)
-    manifest = check_source(src_dir)
+    manifest = source if source is not None else check_quantize(src_dir, opts)
     spec = manifest.spec
     src_model = os.path.join(src_dir, manifest.model_file)
-    split = _data(opts, src_dir, spec)
+    src = _Source(src_dir, manifest, src_model, graph_checksums(src_model, manifest.files))
+    split, tokenizer = _data(opts, src_dir, spec)
 
-    record = _convert(opts, src_dir, src_model, out_dir, split, spec, progress)
+    record = _convert(opts, src, out_dir, split, progress)
     graph_files = record.pop("files")
-    copied = []
-    for name in ["config.json"] + list(manifest.tokenizer_files):
-        src = os.path.join(src_dir, name)
-        if os.path.isfile(src) and name not in copied:
-            shutil.copyfile(src, os.path.join(out_dir, name))
-            copied.append(name)
+    copied = copy_side_files(src_dir, out_dir, manifest.tokenizer_files)
     extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []
-    kv = "float16" if opts.precision == "fp16" else "float32"
+    kv = KV_DTYPE_OF_PRECISION[opts.precision]
     new = Manifest(
         spec=spec,
         precision=opts.precision,
@@ -277,18 +312,19 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
         verification={},
         extra={"quantization": record},
     )
-    write_manifest(out_dir, new)
 
     report = None
     if opts.evaluate:
         progress.stage(f"measuring accuracy on {len(split.heldout)} held-out samples against the fp32 bundle")
-        report = evaluate(out_dir, src_dir, split.heldout, threads=opts.threads, progress=progress)
+        # the new bundle's tokenizer files are copies of the source's: the tokenizer _data loaded gives the prefix
+        report = _evaluate(out_dir, new, src_dir, manifest, split.heldout, opts.threads, progress,
+                           prefix=len(tokenizer.prefix_ids()) if tokenizer is not None else None)
         new.extra["accuracy"] = dict(report.to_dict(), data=opts.eval_data or opts.calib_data,
                                      heldout="separate file" if opts.eval_data else "held out from calibration data",
                                      reference="fp32 source bundle")
     else:
         new.extra["accuracy"] = {"skipped": "--no-eval"}
-    write_manifest(out_dir, new)
+    write_manifest(out_dir, new)  # once, complete: the evaluation ran from the manifest in memory
     source_bytes = sum(rec.get("bytes", 0) for name, rec in manifest.files.items()
                        if name.startswith(os.path.splitext(manifest.model_file)[0]))
     file_bytes = {name: rec["bytes"] for name, rec in new.files.items()}
@@ -299,21 +335,33 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
+def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manifest: Manifest,
+              sequences: Sequence[Sequence[int]], threads: Optional[int], progress,
+              prefix: Optional[int] = None) -> acc.AccuracyReport:
+    """``evaluate`` with both manifests read; ``prefix`` (the prompt prefix's length) from the model's tokenizer
+    unless given."""
+    if manifest.spec.to_dict() != ref_manifest.spec.to_dict():
+        raise BundleError(f"{model_dir} and {reference_dir} are different models (their specs differ)")
+    if prefix is None:
+        from runtime.tokenizer import load_tokenizer
+
+        prefix = len(load_tokenizer(model_dir, manifest.spec).prefix_ids())
+    backend = acc.open_backend(model_dir, threads, manifest=manifest)[1]
+    try:
+        reference = acc.open_backend(reference_dir, threads, manifest=ref_manifest)[1]
+        try:
+            return acc.compare(backend, reference, manifest.spec, sequences, score_from=prefix, progress=progress)
+        finally:
+            reference.close()
+    finally:
+        backend.close()
+
+
 def evaluate(model_dir: str, reference_dir: str, sequences: Sequence[Sequence[int]], threads: Optional[int] = None,
              progress=None) -> acc.AccuracyReport:
     """``model_dir`` against ``reference_dir`` on ``sequences`` (both bundles must share the spec)."""
-    from runtime.tokenizer import load_tokenizer
-
-    manifest, backend = acc.open_backend(model_dir, threads)
-    ref_manifest, reference = acc.open_backend(reference_dir, threads)
-    try:
-        if manifest.spec.to_dict() != ref_manifest.spec.to_dict():
-            raise BundleError(f"{model_dir} and {reference_dir} are different models (their specs differ)")
-        prefix = len(load_tokenizer(model_dir, manifest.spec).prefix_ids())
-        return acc.compare(backend, reference, manifest.spec, sequences, score_from=prefix, progress=progress)
-    finally:
-        backend.close()
-        reference.close()
+    return _evaluate(model_dir, read_manifest(model_dir), reference_dir, read_manifest(reference_dir), sequences,
+                     threads, progress)
 
 
 def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int = 128, max_samples: int = 0,
@@ -322,11 +370,11 @@ def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int
     """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them)."""
     from runtime.tokenizer import load_tokenizer
 
-    manifest = read_manifest(reference_dir)
-    tokenizer = load_tokenizer(reference_dir, manifest.spec)
-    sequences = load_eval_sequences(data, tokenizer, manifest.spec, seq_len, max_samples, seed, fmt)
-    return evaluate(model_dir, reference_dir, sequences, threads, progress)
+    ref_manifest = read_manifest(reference_dir)
+    tokenizer = load_tokenizer(reference_dir, ref_manifest.spec)
+    sequences = load_eval_sequences(data, tokenizer, ref_manifest.spec, seq_len, max_samples, seed, fmt)
+    return _evaluate(model_dir, read_manifest(model_dir), reference_dir, ref_manifest, sequences, threads, progress)
 
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize_bundle", "evaluate", "evaluate_bundles", "METHODS",
-           "TARGET_PRECISIONS", "check_options", "check_source"]
+           "TARGET_PRECISIONS", "check_options", "check_quantize", "check_source"]

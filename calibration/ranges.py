@@ -17,11 +17,12 @@ All three are computed and stored; ``method`` says which one the quantizer uses.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from runtime.spec import ModelSpec
 from . import qmath
 from .errors import CalibrationDataError, QuantizationError
 from .feeds import calibration_steps, count_steps
-from .graph_io import graph_with_outputs
+from .graph_io import DATA_FILE, graph_with_outputs
 
 RANGES_FORMAT = "glm-export-calibration-ranges"
 RANGES_VERSION = 1
@@ -57,15 +58,43 @@ class TensorRange:
         return {"minmax": self.absmax, "percentile": self.percentile_amax, "entropy": self.entropy_amax}[method]
 
 
+@dataclass(frozen=True)
+class GraphChecksums:
+    """sha256 of a float graph's files: ``model.onnx`` and, where the weights are external, ``model.onnx.data``."""
+
+    model: str
+    data: str = ""  # "" where the graph keeps its weights inline
+
+
+def graph_checksums(model_path: str, recorded: Optional[Mapping[str, Mapping[str, Any]]] = None) -> GraphChecksums:
+    """The checksums of the graph at ``model_path`` and of the ``model.onnx.data`` beside it, if any.
+
+    The graph file is hashed here (it is small wherever there is a data file: the bundles' rule moves weights over
+    256 MB there). The data file can hold gigabytes, so its checksum is taken from ``recorded`` (the bundle
+    manifest's ``files``, whose sizes ``read_manifest`` has checked) when that lists it, and hashed otherwise.
+    """
+    data_path = os.path.join(os.path.dirname(model_path), DATA_FILE)
+    data = ""
+    if os.path.isfile(data_path):
+        data = str((recorded or {}).get(DATA_FILE, {}).get("sha256", "")) or sha256_of(data_path)
+    return GraphChecksums(model=sha256_of(model_path), data=data)
+
+
 @dataclass
 class CalibrationRanges:
     method: str
     tensors: Dict[str, TensorRange]
     settings: Dict[str, Any] = field(default_factory=dict)  # samples, tokens, seq len, seed, decode steps, ...
     model_sha256: str = ""  # of the float graph the ranges belong to
+    data_sha256: str = ""  # of that graph's external data file ("" where it has none, or in older files)
 
     def amax(self, tensor: str) -> float:
         return self.tensors[tensor].amax(self.method)
+
+    def for_another_graph(self, graph: GraphChecksums) -> bool:
+        """Whether a checksum these ranges record differs from the graph's (ranges without checksums match any)."""
+        return bool(self.model_sha256 and self.model_sha256 != graph.model) or \
+            bool(self.data_sha256 and self.data_sha256 != graph.data)
 
 
 # ------------------------------------------------------------------------------------------------ statistics
@@ -120,8 +149,10 @@ def calibrate(
     work_dir: Optional[str] = None,
     progress=None,
     settings: Optional[Dict[str, Any]] = None,
+    checksums: Optional[GraphChecksums] = None,
 ) -> CalibrationRanges:
-    """Ranges of ``tensor_names`` over ``sequences`` run through the float graph at ``model_path``."""
+    """Ranges of ``tensor_names`` over ``sequences`` run through the float graph at ``model_path``; ``checksums``
+    (that graph's, when the caller has them) are recorded with the ranges, else computed here."""
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
     check_method(method, percentile)
@@ -150,8 +181,9 @@ def calibrate(
     record.update({"steps": n_steps, "tokens": n_tokens, "batch_size": batch_size, "decode_steps": decode_steps,
                    "percentile": percentile, "histogram_bins": HISTOGRAM_BINS,
                    "seconds": round(time.perf_counter() - start, 2)})
+    graph = checksums or graph_checksums(model_path)
     return CalibrationRanges(method=method, tensors=collector.ranges(percentile), settings=record,
-                             model_sha256=sha256_of(model_path))
+                             model_sha256=graph.model, data_sha256=graph.data)
 
 
 def check_method(method: str, percentile: float = DEFAULT_PERCENTILE) -> None:
@@ -170,6 +202,7 @@ def write_ranges(path: str, ranges: CalibrationRanges) -> str:
         "version": RANGES_VERSION,
         "method": ranges.method,
         "model_sha256": ranges.model_sha256,
+        "data_sha256": ranges.data_sha256,
         "settings": ranges.settings,
         "tensors": {name: vars(r) for name, r in sorted(ranges.tensors.items())},
     }
@@ -199,6 +232,7 @@ def read_ranges(path: str, method: Optional[str] = None) -> CalibrationRanges:
         chosen = method or data["method"]
         check_method(chosen)
         return CalibrationRanges(method=chosen, tensors=tensors, settings=dict(data.get("settings", {})),
-                                 model_sha256=str(data.get("model_sha256", "")))
+                                 model_sha256=str(data.get("model_sha256", "")),
+                                 data_sha256=str(data.get("data_sha256", "")))
     except (KeyError, TypeError, ValueError) as e:
         raise QuantizationError(f"{path}: malformed calibration ranges ({type(e).__name__}: {e})") from None

@@ -54,7 +54,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
              int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads, overwrite,
              as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
-    from calibration.pipeline import QuantizeOptions, check_options, check_source, quantize_bundle
+    from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
     from exporter.bundle_dir import staged_directory
     from runtime.progress import TqdmProgress
 
@@ -66,10 +66,10 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
         eval_samples=eval_samples, threads=threads,
     )
-    check_options(opts)  # before anything is created at --out
-    check_source(model_dir)
+    source = check_quantize(model_dir, opts)  # before anything is created at --out
     with staged_directory(out_dir, overwrite) as tmp:
-        result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json))
+        result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
+                                 source=source)
     result.bundle_dir = out_dir
     if as_json:
         click.echo(json.dumps({

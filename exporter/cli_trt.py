@@ -30,12 +30,13 @@ def _size_options(f: Callable) -> Callable:
     return f
 
 
-def _request(bundle: str, sizes: Dict[str, Optional[int]]):
+def _manifest_and_request(bundle: str, sizes: Dict[str, Optional[int]]):
+    """The bundle's manifest (read once per command, handed to the builders) and the sizes, defaults filled in."""
     from runtime.manifest import read_manifest
     from runtime.trt_ep import request_with_defaults
 
     manifest = read_manifest(bundle)
-    return request_with_defaults(manifest.spec.max_position_embeddings, **sizes)
+    return manifest, request_with_defaults(manifest.spec.max_position_embeddings, **sizes)
 
 
 def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
@@ -72,10 +73,11 @@ def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
 def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, builder_opt_level, no_tf32,
         skip_check, overwrite, print_trtexec, trtexec_path, as_json, quiet, **kwargs):
     """Build a TensorRT 10 engine (prefill + decode profiles) from a bundle, or print the trtexec command for it."""
-    from exporter.trt_engine import EngineOptions, workspace_mib_from_gib
+    from exporter.trt_engine import EngineOptions, PrecisionPlan, workspace_mib_from_gib
 
+    manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
     options = EngineOptions(
-        profile=_request(bundle, _sizes(kwargs)),
+        profile=request,
         fp16=fp16,
         strongly_typed=False if weakly_typed else None,
         workspace_mib=workspace_mib_from_gib(workspace),
@@ -89,7 +91,7 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
     if print_trtexec:
         from exporter.trtexec_cmd import trtexec_for_bundle
 
-        cmd = trtexec_for_bundle(bundle, engine_dir, options, trtexec_path)
+        cmd = trtexec_for_bundle(bundle, engine_dir, options, trtexec_path, manifest=manifest)
         if as_json:
             click.echo(json.dumps({"argv": cmd.args, "shell": cmd.shell}))
             return
@@ -102,9 +104,9 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
     from exporter.trt_engine import engine_from_bundle
     from runtime.progress import TqdmProgress
 
-    record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json))
-    mode = "strongly typed" if record["strongly_typed"] else "+".join(["fp32"] + [f.lower() for f in
-                                                                                record["builder_flags"]])
+    record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
+                                manifest=manifest)
+    mode = PrecisionPlan(record["strongly_typed"], tuple(record["builder_flags"])).label
     summary = {
         "engine_dir": engine_dir,
         "engine_bytes": record["engine_bytes"],
@@ -141,8 +143,8 @@ def check(ctx, bundle, target, trt_version, as_json, **kwargs):
     """
     from exporter.trt_check import check_bundle_for_tensorrt
 
-    request = _request(bundle, _sizes(kwargs))
-    report, profiles = check_bundle_for_tensorrt(bundle, request, trt_version)
+    manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
+    report, profiles = check_bundle_for_tensorrt(bundle, request, trt_version, manifest=manifest)
     if as_json:
         click.echo(json.dumps(dict(
             target=target,

@@ -15,11 +15,10 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Opti
 import onnx
 from onnx import numpy_helper
 
-from runtime.manifest import read_manifest
+from runtime.manifest import Manifest, read_manifest
 from runtime.trt_compat import major_minor
+from runtime.trt_ep import EngineOptionError, ProfileRequest, profiles_for_manifest
 from runtime.trt_profiles_select import Profile
-
-from .trt_profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
 
 # --- What TensorRT's ONNX parser supports, as data ---------------------------------------------------------------
 # Source: onnx/onnx-tensorrt docs/operators.md, the "Operator Support Matrix" of TensorRT 10.15 (rows marked Y), and
@@ -178,13 +177,17 @@ def check_for_tensorrt(
 
 
 def check_bundle_for_tensorrt(
-    bundle_dir: str, request: Optional[ProfileRequest] = None, trt_version: str = DEFAULT_TARGET_TRT
+    bundle_dir: str,
+    request: Optional[ProfileRequest] = None,
+    trt_version: str = DEFAULT_TARGET_TRT,
+    manifest: Optional[Manifest] = None,
 ) -> Tuple[CheckReport, List[Profile]]:
     """:func:`check_for_tensorrt` on a bundle: its ``model.onnx``, its precision and, with ``request``, whether the
     prefill and decode profiles ``glm-export trt`` would build cover every graph input.
 
     A missing or corrupt bundle, sizes the model cannot take (``EngineOptionError``) and a TensorRT release older than
     10 (the operator tables describe TensorRT 10) raise; problems TensorRT would have are returned in the report.
+    ``manifest`` is the bundle's, where the caller has read it already (None: read here).
     """
     target = major_minor(trt_version)
     if target is None or target[0] < 10:
@@ -192,7 +195,7 @@ def check_bundle_for_tensorrt(
             f"--trt-version {trt_version!r}: give a TensorRT 10 release such as 10.3 (JetPack 6.1/6.2); the operator "
             f"tables here describe TensorRT 10.x, and glm-export's TensorRT code needs TensorRT 10"
         )
-    manifest = read_manifest(bundle_dir)
+    manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     profiles = profiles_for_manifest(manifest, request) if request is not None else []
     report = check_for_tensorrt(os.path.join(bundle_dir, manifest.model_file), profiles or None, trt_version)
     if manifest.precision == "int8-dynamic":

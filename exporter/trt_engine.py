@@ -1,14 +1,15 @@
 """TensorRT engines from export bundles: ``engine_from_bundle(bundle_dir, out_dir, options)``.
 
 Reads the bundle's manifest, checks the graph for TensorRT (``exporter.trt_check``), makes the prefill and decode
-optimization profiles (``exporter.trt_profiles``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
+optimization profiles (``runtime.trt_ep``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
 beside it), builds, and writes ``engine.plan`` and ``engine.json`` into ``out_dir`` through a temporary directory
 that is renamed into place. ``engine.json`` records what the runtime needs to refuse an engine that cannot run here
 (``runtime.trt_compat``) and to pick a profile per step (``runtime.trt_profiles_select``).
 
 Every decision (precision plan, profiles, the graph check, the record) is a pure function; only
-``engine_from_bundle`` imports ``tensorrt`` and cuda-python, and only when called. ``exporter.trtexec_cmd`` gives the
-equivalent ``trtexec`` command line.
+``engine_from_bundle`` imports ``tensorrt`` (guarded by ``runtime.backends.tensorrt.import_tensorrt``, as the runtime
+backend is) and cuda-python, and only when called. ``exporter.trtexec_cmd`` gives the equivalent ``trtexec`` command
+line.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from runtime.backends.tensorrt import current_gpu, import_tensorrt
 from runtime.errors import BackendError, BundleError
 from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
 from runtime.progress import NullProgress
@@ -29,11 +31,11 @@ from runtime.trt_compat import (
     ENGINE_RECORD,
     engine_compatibility,
 )
+from runtime.trt_ep import EngineOptionError, ProfileRequest, check_builder_settings, profiles_for_manifest
 from runtime.trt_profiles_select import Profile
 
 from .bundle_dir import check_destination, staged_directory
 from .trt_check import check_for_tensorrt
-from .trt_profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
 
 __all__ = [
     "EngineOptions",
@@ -47,7 +49,6 @@ __all__ = [
 ]
 
 MIN_TRT_MAJOR = 10
-INSTALL_HINT = "pip install tensorrt-cu12 cuda-python (TensorRT 10 and a CUDA GPU are needed)"
 PRINT_TRTEXEC_HINT = (
     "or add --print-trtexec to print the equivalent trtexec command line and build with trtexec where TensorRT is"
 )
@@ -79,10 +80,7 @@ class EngineOptions:
     int8: bool = False  # --int8: the user states the bundle is INT8 (static Q/DQ); checked against the manifest
 
     def __post_init__(self) -> None:
-        if self.optimization_level is not None and not 0 <= self.optimization_level <= 5:
-            raise EngineOptionError(f"--builder-opt-level must be 0..5, got {self.optimization_level}")
-        if self.workspace_mib is not None and self.workspace_mib < 1:
-            raise EngineOptionError(f"--workspace must be at least 1 MiB, got {self.workspace_mib} MiB")
+        check_builder_settings(self.workspace_mib, self.optimization_level)
 
 
 @dataclass(frozen=True)
@@ -186,11 +184,9 @@ def engine_record(
 def tensorrt_available() -> Tuple[bool, str]:
     """(True, version) where TensorRT 10+ imports, else (False, why)."""
     try:
-        import tensorrt as trt
-    except ImportError as e:
-        return False, f"the tensorrt package is not installed ({e}); {INSTALL_HINT}"
-    except Exception as e:  # a broken install raises OSError/RuntimeError while loading libnvinfer
-        return False, f"the tensorrt package failed to load ({type(e).__name__}: {e})"
+        trt = import_tensorrt()
+    except BackendError as e:  # not installed, or a broken install
+        return False, str(e)
     version = str(getattr(trt, "__version__", "0"))
     major = version.split(".", 1)[0]
     if not major.isdigit() or int(major) < MIN_TRT_MAJOR:
@@ -206,15 +202,20 @@ def _write_atomic(path: str, data: bytes) -> None:
 
 
 def engine_from_bundle(
-    bundle_dir: str, out_dir: str, options: EngineOptions, progress: Optional[NullProgress] = None
+    bundle_dir: str,
+    out_dir: str,
+    options: EngineOptions,
+    progress: Optional[NullProgress] = None,
+    manifest: Optional[Manifest] = None,
 ) -> Dict[str, Any]:
     """Build a TensorRT engine for the bundle into ``out_dir``; returns the ``engine.json`` record.
 
     ``progress`` is a ``runtime.progress`` reporter (``NullProgress`` by default): each stage is one ``stage()``.
+    ``manifest`` is the bundle's, where the caller has read it already (None: read here).
     """
     say = (progress or NullProgress()).stage
     check_destination(out_dir, options.overwrite)
-    manifest = read_manifest(bundle_dir)
+    manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     manifest_sha = sha256_of(os.path.join(bundle_dir, MANIFEST_NAME))
     model_path = os.path.join(bundle_dir, manifest.model_file)
     plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed, options.int8)
@@ -229,9 +230,7 @@ def engine_from_bundle(
             raise BundleError(f"{model_path}: TensorRT cannot build this graph as it is.\n{report.text()}")
         say(f"building despite {len(report.problems)} reported problem(s) (--skip-check)")
 
-    import tensorrt as trt
-
-    from runtime.backends.tensorrt import current_gpu
+    import tensorrt as trt  # importable: tensorrt_available said so
 
     gpu_name, compute_capability = current_gpu()
     say(f"TensorRT {trt_version} on {gpu_name} (compute capability {compute_capability}); {plan.label}")

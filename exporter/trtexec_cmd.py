@@ -6,7 +6,8 @@ Pure: builds arguments, runs nothing. The flags follow trtexec's ``--help`` in T
 - several optimization profiles are given as ``--profile=0 --minShapes=... --optShapes=... --maxShapes=...
   --profile=1 ...``: each ``--profile=N`` must be followed directly by its three shape flags, and the indices must be
   contiguous from 0; a single profile may use the three shape flags without ``--profile``;
-- a shape spec is ``name:d0xd1x...`` joined by commas; a name holding ``:`` is wrapped in single quotes;
+- a shape spec is ``name:d0xd1x...`` joined by commas; a name holding ``:`` is wrapped in single quotes
+  (``runtime.trt_profiles_select.shape_spec``, shared with onnxruntime's TensorRT provider options);
 - ``--memPoolSize=workspace:N`` takes MiB when no unit suffix is given (the form TensorRT 10's migration guide
   uses);
 - precision: ``--stronglyTyped`` for a strongly typed network, else ``--fp16`` / ``--int8``; ``--noTF32``;
@@ -17,14 +18,14 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
-from runtime.manifest import read_manifest
+from runtime.manifest import Manifest, read_manifest
 from runtime.trt_compat import ENGINE_PLAN
-from runtime.trt_profiles_select import Profile, Shape
+from runtime.trt_ep import profiles_for_manifest
+from runtime.trt_profiles_select import Profile, shape_spec
 
 from .trt_engine import EngineOptions, PrecisionPlan, precision_plan
-from .trt_profiles import profiles_for_manifest
 
 FLAG_OF_BUILDER_FLAG = {"FP16": "--fp16", "INT8": "--int8"}
 
@@ -35,27 +36,9 @@ class TrtexecCommand:
     shell: str  # the same, quoted for a POSIX shell
 
 
-def shape_spec(shapes: Sequence[Tuple[str, Shape]]) -> str:
-    """``[("input_ids", (1, 8)), ...]`` -> ``input_ids:1x8,...``."""
-    parts = []
-    for name, shape in shapes:
-        if "," in name or "'" in name:
-            raise ValueError(f"trtexec cannot name the input {name!r} (it holds ',' or a quote)")
-        label = f"'{name}'" if ":" in name else name
-        parts.append(label + ":" + "x".join(str(int(d)) for d in shape))
-    return ",".join(parts)
-
-
 def _profile_args(profile: Profile) -> List[str]:
-    which: List[List[Tuple[str, Shape]]] = [[], [], []]
-    for name, ranges in profile.shapes.items():
-        for k in range(3):
-            which[k].append((name, ranges[k]))
-    return [
-        "--minShapes=" + shape_spec(which[0]),
-        "--optShapes=" + shape_spec(which[1]),
-        "--maxShapes=" + shape_spec(which[2]),
-    ]
+    return [f"--{kind}Shapes=" + shape_spec(profile.shapes_at(k), quote_colons=True)
+            for k, kind in enumerate(("min", "opt", "max"))]
 
 
 def trtexec_command(
@@ -95,15 +78,20 @@ def trtexec_command(
 
 
 def trtexec_for_bundle(
-    bundle_dir: str, engine_dir: str, options: EngineOptions, trtexec: str = "trtexec"
+    bundle_dir: str,
+    engine_dir: str,
+    options: EngineOptions,
+    trtexec: str = "trtexec",
+    manifest: Optional[Manifest] = None,
 ) -> TrtexecCommand:
     """The trtexec command that builds ``engine_dir/engine.plan`` from a bundle as ``engine_from_bundle`` would.
 
     Runs the same option checks (manifest, precision plan, ``--int8``, profiles against the model's context) but
     needs no TensorRT and writes nothing. Paths are kept as given, so the line works wherever the bundle is copied
-    to the same relative place. trtexec writes no ``engine.json``, and does not create ``engine_dir``.
+    to the same relative place. trtexec writes no ``engine.json``, and does not create ``engine_dir``. ``manifest``
+    is the bundle's, where the caller has read it already (None: read here).
     """
-    manifest = read_manifest(bundle_dir)
+    manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed, options.int8)
     profiles = profiles_for_manifest(manifest, options.profile)
     return trtexec_command(

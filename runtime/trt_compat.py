@@ -14,7 +14,8 @@ ENGINE_FORMAT_VERSION = 1
 ENGINE_PLAN = "engine.plan"
 ENGINE_RECORD = "engine.json"
 
-REBUILD = "rebuild the engine here with 'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR --overwrite'"
+BUILD_COMMAND = "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR"  # every build / rebuild hint names this command
+REBUILD = f"rebuild the engine here with '{BUILD_COMMAND} --overwrite'"
 
 
 def major_minor(version: str) -> Optional[Tuple[int, int]]:

@@ -17,8 +17,8 @@ With B = max batch, L = max input (prompt) length and S = max sequence length (p
     envelope batch 1..B, seq 1..L, past 0..S-1, past_plus_seq 1..S    (the execution provider's single profile)
 
 Every graph input gets min/opt/max shapes from its symbolic dims, so each ``past_key_values.{i}.key|value`` is covered
-along with ``input_ids``, ``attention_mask`` and ``position_ids``. Pure Python (3.8), no TensorRT, no onnxruntime:
-``exporter.trt_profiles`` re-exports the profile half for the exporter.
+along with ``input_ids``, ``attention_mask`` and ``position_ids``. Pure Python (3.8), no TensorRT, no onnxruntime;
+the exporter's engine builder, trtexec command and graph check import the profile half from here.
 """
 from __future__ import annotations
 
@@ -28,14 +28,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .errors import BundleError, GlmExportError
 from .graph_contract import BATCH, PAST, SEQ, TOTAL, TensorSpec
 from .manifest import Manifest
-from .trt_profiles_select import Profile, Range, Shape, ShapeRange
+from .trt_profiles_select import Profile, Range, Shape, ShapeRange, shape_spec
 
 __all__ = [
     "EngineOptionError",
     "ProfileRequest",
     "TrtProviderOptions",
+    "check_builder_settings",
     "envelope_profile",
-    "ep_shape_spec",
     "generation_dims",
     "profiles_for_generation",
     "profiles_for_manifest",
@@ -93,6 +93,15 @@ class ProfileRequest:
     @property
     def prompt_opt(self) -> int:
         return self.opt_seq if self.opt_seq is not None else max(1, self.max_input_len // 2)
+
+
+def check_builder_settings(workspace_mib: Optional[int] = None, builder_opt_level: Optional[int] = None) -> None:
+    """The TensorRT builder settings both routes take (None: TensorRT's default): the workspace limit in MiB and the
+    builder optimization level."""
+    if workspace_mib is not None and workspace_mib < 1:
+        raise EngineOptionError(f"--workspace must be at least 1 MiB, got {workspace_mib} MiB")
+    if builder_opt_level is not None and not 0 <= builder_opt_level <= 5:
+        raise EngineOptionError(f"--builder-opt-level must be 0..5, got {builder_opt_level}")
 
 
 DEFAULT_MAX_SEQ_LEN = 2048  # --max-seq-len when not given (or the model's context, when shorter)
@@ -223,18 +232,6 @@ EP_NAME = "TensorrtExecutionProvider"
 EP_PRECISIONS = ("fp32", "fp16", "int8")
 
 
-def ep_shape_spec(shapes: Sequence[Tuple[str, Shape]]) -> str:
-    """``[("input_ids", (1, 8)), ...]`` -> ``input_ids:1x8,...`` (the provider's trt_profile_*_shapes format)."""
-    parts = []
-    for name, shape in shapes:
-        if any(c in name for c in ":,"):
-            raise BundleError(
-                f"input {name!r} holds ':' or ',', which onnxruntime's trt_profile_*_shapes cannot express"
-            )
-        parts.append(name + ":" + "x".join(str(int(d)) for d in shape))
-    return ",".join(parts)
-
-
 def _flag(value: bool) -> str:
     return "True" if value else "False"
 
@@ -272,10 +269,7 @@ def tensorrt_ep_options(
         )
     if isinstance(device_id, bool) or not isinstance(device_id, int) or device_id < 0:
         raise EngineOptionError(f"device id must be a whole number >= 0, got {device_id!r}")
-    if workspace_mib is not None and workspace_mib < 1:
-        raise EngineOptionError(f"--workspace must be at least 1 MiB, got {workspace_mib} MiB")
-    if builder_opt_level is not None and not 0 <= builder_opt_level <= 5:
-        raise EngineOptionError(f"--builder-opt-level must be 0..5, got {builder_opt_level}")
+    check_builder_settings(workspace_mib, builder_opt_level)
     profile = envelope_profile(manifest.inputs, request, manifest.spec.max_position_embeddings, tune_for)
     options: Dict[str, str] = {
         "device_id": str(device_id),
@@ -290,7 +284,7 @@ def tensorrt_ep_options(
     if builder_opt_level is not None:
         options["trt_builder_optimization_level"] = str(int(builder_opt_level))
     for k, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
-        options[key] = ep_shape_spec([(name, ranges[k]) for name, ranges in profile.shapes.items()])
+        options[key] = shape_spec(profile.shapes_at(k))
     return options
 
 

@@ -2,9 +2,10 @@
 
 A TensorRT engine built from a bundle carries one or more optimization profiles: for every symbolic dimension of the
 graph (``batch``, ``seq``, ``past``, ``past_plus_seq``) a min/opt/max range, and for every graph input the min/opt/max
-shapes that follow from them. ``exporter.trt_profiles`` makes them (prefill and decode), ``exporter.trt_engine``
-builds them into the engine and records them in ``engine.json``; the TensorRT runtime backend reads them back from
-there and calls :func:`select_profile` before every step. Pure Python: no TensorRT, no numpy.
+shapes that follow from them. ``runtime.trt_ep`` makes them (prefill and decode), ``exporter.trt_engine`` builds
+them into the engine and records them in ``engine.json``; the TensorRT runtime backend reads them back from there
+and calls :func:`select_profile` before every step. :func:`shape_spec` writes a profile's shapes as trtexec and
+onnxruntime's TensorRT provider take them. Pure Python: no TensorRT, no numpy.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import BundleError, GenerationError
 from .graph_contract import BATCH, PAST, SEQ, TOTAL
+from .trt_compat import BUILD_COMMAND
 
 Range = Tuple[int, int, int]  # (min, opt, max)
 Shape = Tuple[int, ...]
@@ -42,6 +44,11 @@ class Profile:
     def max_of(self, dim: str) -> int:
         return self.dims[dim][2]
 
+    def shapes_at(self, k: int) -> List[Tuple[str, Shape]]:
+        """Every input's min (``k`` 0), opt (1) or max (2) shape, in graph-input order: what :func:`shape_spec`
+        formats."""
+        return [(name, ranges[k]) for name, ranges in self.shapes.items()]
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "name": self.name,
@@ -69,17 +76,35 @@ def _shape_range(v: Sequence[Sequence[int]]) -> ShapeRange:
     return (lo, opt, hi)
 
 
+def shape_spec(shapes: Sequence[Tuple[str, Shape]], quote_colons: bool = False) -> str:
+    """``[("input_ids", (1, 8)), ...]`` -> ``input_ids:1x8,...``: the shape lists of trtexec's ``--minShapes`` /
+    ``--optShapes`` / ``--maxShapes`` (``quote_colons``: a name holding ':' is wrapped in single quotes) and of
+    onnxruntime's TensorRT provider options ``trt_profile_*_shapes`` (no quoting, so no ':' in names).
+
+    BundleError, naming the input, for a name the format cannot hold: ',' always, and a quote (trtexec) or ':'
+    (onnxruntime).
+    """
+    parts = []
+    for name, shape in shapes:
+        if quote_colons and any(c in name for c in ",'"):
+            raise BundleError(f"trtexec cannot name the input {name!r} (it holds ',' or a quote)")
+        if not quote_colons and any(c in name for c in ":,"):
+            raise BundleError(
+                f"input {name!r} holds ':' or ',', which onnxruntime's trt_profile_*_shapes cannot express"
+            )
+        label = f"'{name}'" if quote_colons and ":" in name else name
+        parts.append(label + ":" + "x".join(str(int(d)) for d in shape))
+    return ",".join(parts)
+
+
 def step_dims(batch: int, seq: int, past: int) -> Dict[str, int]:
     """The value of every symbolic dim for a step of ``seq`` new tokens after ``past`` cached ones."""
     return {BATCH: batch, SEQ: seq, PAST: past, TOTAL: past + seq}
 
 
-REBUILD_COMMAND = "glm-export trt --model BUNDLE_DIR --out ENGINE_DIR --overwrite"
-
-
 def rebuild_engine(option: str = "") -> str:
     """The remedy for a step outside a native engine's profiles: rebuild with a larger size option."""
-    return f"rebuild the engine with '{REBUILD_COMMAND}{' ' + option if option else ''}'"
+    return f"rebuild the engine with '{BUILD_COMMAND} --overwrite{' ' + option if option else ''}'"
 
 
 def select_profile(

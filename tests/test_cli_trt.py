@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 
 import onnx
@@ -159,20 +160,64 @@ def _expected_profiles():
     return prefill, decode
 
 
+def _printed_profiles(argv):
+    """The shape flags of a trtexec argv, per profile, as printed: [{"min"|"opt"|"max": spec}, ...]; the
+    ``--profile=N`` indices must run 0, 1, ... with each followed by its three shape flags."""
+    profiles = []
+    for arg in argv:
+        if arg.startswith("--profile="):
+            assert int(arg.split("=", 1)[1]) == len(profiles) and (not profiles or len(profiles[-1]) == 3), argv
+            profiles.append({})
+        for kind in ("min", "opt", "max"):
+            if arg.startswith(f"--{kind}Shapes="):
+                assert profiles and kind not in profiles[-1], argv
+                profiles[-1][kind] = arg.split("=", 1)[1]
+    return profiles
+
+
+def _shapes(spec):
+    """``name:2x16,...`` parsed back: {name: (2, 16), ...} in the printed order."""
+    out = {}
+    for item in spec.split(","):
+        name, _, dims = item.rpartition(":")
+        out[name] = tuple(int(d) for d in dims.split("x"))
+    return out
+
+
 def test_print_trtexec_prints_the_exact_command(bundles, tmp_path):
     engine_dir = tmp_path / "engine"
     result = _run("trt", "--model", bundles["fp32"], "--out", engine_dir, *SIZES, "--print-trtexec")
     assert result.exit_code == 0, result.output
-    prefill, decode = _expected_profiles()
-    assert prefill[0].startswith("input_ids:1x1,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x2x0x32,")
-    assert prefill[2].startswith("input_ids:2x16,attention_mask:2x64,position_ids:2x16,past_key_values.0.key:2x2x48x32")
-    assert decode[1].startswith("input_ids:1x1,attention_mask:1x9,position_ids:1x1,past_key_values.0.key:1x2x8x32,")
-    assert decode[2].startswith("input_ids:2x1,attention_mask:2x64,position_ids:2x1,past_key_values.0.key:2x2x63x32")
+    printed = _printed_profiles(shlex.split(result.stdout))
+    assert len(printed) == 2 and all(len(p) == 3 for p in printed)
+    prefill, decode = printed
+    assert prefill["min"].startswith(
+        "input_ids:1x1,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x2x0x32,")
+    assert prefill["max"].startswith(
+        "input_ids:2x16,attention_mask:2x64,position_ids:2x16,past_key_values.0.key:2x2x48x32")
+    assert decode["opt"].startswith(
+        "input_ids:1x1,attention_mask:1x9,position_ids:1x1,past_key_values.0.key:1x2x8x32,")
+    assert decode["max"].startswith(
+        "input_ids:2x1,attention_mask:2x64,position_ids:2x1,past_key_values.0.key:2x2x63x32")
+    # the printed shapes are the profiles 'check --json' reports for the same sizes, min/opt/max not transposed
+    report = json.loads(_run("check", bundles["fp32"], *SIZES, "--json").stdout)
+    assert [p["name"] for p in report["profiles"]] == ["prefill", "decode"]
+    for shown, profile in zip(printed, report["profiles"]):
+        for k, kind in enumerate(("min", "opt", "max")):
+            assert _shapes(shown[kind]) == {name: tuple(r[k]) for name, r in profile["shapes"].items()}, kind
+    # and the profile table: B=2, L=16, S=64, opt batch 1, opt seq 8 (tiny model: 2 layers, 2 kv heads, dim 32)
+    top = _shapes(prefill["max"])
+    assert (top["input_ids"], top["attention_mask"], top["past_key_values.1.value"]) == \
+        ((2, 16), (2, 64), (2, 2, 48, 32))
+    assert _shapes(prefill["opt"])["input_ids"] == (1, 8) and _shapes(decode["min"])["attention_mask"] == (1, 2)
+    assert _shapes(decode["max"])["past_key_values.1.key"] == (2, 2, 63, 32)
+
+    want_prefill, want_decode = _expected_profiles()
     expected = " ".join(
         ["trtexec", f"--onnx={bundles['fp32']}/model.onnx", f"--saveEngine={engine_dir}/engine.plan", "--profile=0"]
-        + [f"--{k}Shapes={s}" for k, s in zip(("min", "opt", "max"), prefill)]
+        + [f"--{k}Shapes={s}" for k, s in zip(("min", "opt", "max"), want_prefill)]
         + ["--profile=1"]
-        + [f"--{k}Shapes={s}" for k, s in zip(("min", "opt", "max"), decode)]
+        + [f"--{k}Shapes={s}" for k, s in zip(("min", "opt", "max"), want_decode)]
         + ["--skipInference"]
     )
     assert result.stdout == expected + "\n"

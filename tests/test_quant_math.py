@@ -225,3 +225,49 @@ def test_keep_float_refuses_a_pattern_that_matches_nothing():
         select(_linears(), ["layers.9.*"], 3)
     with pytest.raises(QuantizationError, match="nothing would be quantized"):
         select(_linears(), ["*"], 3)
+
+
+# ------------------------------------------------------------------------------------------------ option checks
+
+
+def test_int4_settings_are_refused_before_any_work():
+    """check_options (run by the CLI before --out is created) refuses INT4 settings MatMulNBits has no form for;
+    other precisions ignore them."""
+    from calibration.pipeline import QuantizeOptions, check_options
+
+    with pytest.raises(QuantizationError, match="--block-size must be one of 16, 32, 64, 128, 256, got 48"):
+        check_options(QuantizeOptions(precision="int4", block_size=48, evaluate=False))
+    with pytest.raises(QuantizationError, match="--int4-accuracy-level must be 0..4, got 5"):
+        check_options(QuantizeOptions(precision="int4", int4_accuracy_level=5, evaluate=False))
+    check_options(QuantizeOptions(precision="int4", block_size=128, int4_accuracy_level=0, evaluate=False))
+    check_options(QuantizeOptions(precision="int8", block_size=48, calib_data="calib.txt", evaluate=False))
+
+
+# ------------------------------------------------------------------------------------------------ ranges checksums
+
+
+def test_ranges_name_both_graph_files_and_refuse_another_graph(tmp_path):
+    """The ranges file records the checksums of model.onnx and model.onnx.data; a difference in either is another
+    graph; the data file's checksum comes from the manifest's record when there is one."""
+    from calibration.ranges import CalibrationRanges, GraphChecksums, graph_checksums, read_ranges, write_ranges
+    from runtime.manifest import sha256_of
+
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"graph")
+    inline = graph_checksums(str(model))
+    assert inline == GraphChecksums(model=sha256_of(str(model)), data="")
+    (tmp_path / "model.onnx.data").write_bytes(b"weights")
+    external = graph_checksums(str(model))
+    assert external.model == inline.model and external.data == sha256_of(str(tmp_path / "model.onnx.data"))
+    assert graph_checksums(str(model), {"model.onnx.data": {"sha256": "ab" * 32}}).data == "ab" * 32
+
+    ranges = CalibrationRanges(method="minmax", tensors={}, model_sha256=external.model, data_sha256=external.data)
+    back = read_ranges(write_ranges(str(tmp_path / "ranges.json"), ranges))
+    assert (back.model_sha256, back.data_sha256) == (external.model, external.data)
+    assert not back.for_another_graph(external)
+    assert back.for_another_graph(GraphChecksums(external.model, "cd" * 32))  # same graph file, other weights
+    assert back.for_another_graph(GraphChecksums("cd" * 32, external.data))
+    assert back.for_another_graph(inline)  # the weights moved inline: not the graph calibrated
+    older = CalibrationRanges(method="minmax", tensors={}, model_sha256=external.model)  # no data checksum recorded
+    assert not older.for_another_graph(external) and older.for_another_graph(GraphChecksums("cd" * 32, external.data))
+    assert not CalibrationRanges(method="minmax", tensors={}).for_another_graph(external)  # no checksums at all

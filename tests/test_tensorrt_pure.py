@@ -12,9 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from exporter.trt_check import check_for_tensorrt
 from exporter.trt_engine import EngineOptions, PrecisionPlan, engine_record, precision_plan, tensorrt_available
 from exporter.trt_engine import workspace_mib_from_gib
-from exporter.trt_profiles import EngineOptionError, ProfileRequest, profiles_for_generation
-from exporter.trt_profiles import profiles_for_manifest
-from exporter.trtexec_cmd import shape_spec, trtexec_command
+from exporter.trtexec_cmd import trtexec_command
 from runtime import graph_contract as gc
 from runtime.errors import BundleError, GenerationError, GlmExportError
 from runtime.manifest import Manifest
@@ -27,7 +25,8 @@ from runtime.trt_compat import (
     gpu_name_text,
     major_minor,
 )
-from runtime.trt_profiles_select import Profile, select_profile
+from runtime.trt_ep import EngineOptionError, ProfileRequest, profiles_for_generation, profiles_for_manifest
+from runtime.trt_profiles_select import Profile, select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM, VOCAB, HIDDEN = 2, 4, 11, 8
 
@@ -246,9 +245,10 @@ def test_trtexec_single_profile_needs_no_profile_index_and_quotes_odd_names():
         "--maxShapes=input_ids:2x8,attention_mask:2x16,past_key_values.0.key:2x2x8x4",
         "--skipInference",
     ]
-    assert shape_spec([("in:0", (1, 3)), ("x", ())]) == "'in:0':1x3,x:"
-    with pytest.raises(ValueError, match="cannot name the input"):
-        shape_spec([("a,b", (1,))])
+    assert shape_spec([("in:0", (1, 3)), ("x", ())], quote_colons=True) == "'in:0':1x3,x:"
+    for bad in ("a,b", "it's"):
+        with pytest.raises(BundleError, match="trtexec cannot name the input"):
+            shape_spec([(bad, (1,))], quote_colons=True)
 
 
 # ---------------------------------------------------------------------------------------------- precision plan
@@ -439,14 +439,14 @@ def test_missing_tensorrt_and_cuda_python_name_what_to_install(tmp_path, monkeyp
     raise ImportError; no stand-in module is created)."""
     import sys
 
-    from runtime.backends.tensorrt import TensorRTBackend, _cudart, _import_tensorrt
+    from runtime.backends.tensorrt import TensorRTBackend, _cudart, import_tensorrt
     from runtime.errors import BackendError
 
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     for name in ("cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.cudart"):
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(BackendError) as e:
-        _import_tensorrt()
+        import_tensorrt()
     assert str(e.value).startswith("the tensorrt package is not installed")
     assert "pip install tensorrt-cu12" in str(e.value) and len(str(e.value).splitlines()) == 1
     with pytest.raises(BackendError) as e:

@@ -16,12 +16,11 @@ from runtime.trt_ep import (
     EngineOptionError,
     ProfileRequest,
     envelope_profile,
-    ep_shape_spec,
     profiles_for_generation,
     request_with_defaults,
     tensorrt_ep_options,
 )
-from runtime.trt_profiles_select import select_profile
+from runtime.trt_profiles_select import select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM = 2, 4
 SHAPE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
@@ -163,11 +162,11 @@ def test_sequence_longer_than_the_model_context_is_refused():
 
 
 def test_shape_spec_format_and_names_it_cannot_express():
-    assert ep_shape_spec([("input_ids", (1, 8)), ("past_key_values.0.key", (1, 2, 0, 4))]) == \
+    assert shape_spec([("input_ids", (1, 8)), ("past_key_values.0.key", (1, 2, 0, 4))]) == \
         "input_ids:1x8,past_key_values.0.key:1x2x0x4"
     for bad in ("a:b", "a,b"):
         with pytest.raises(GlmExportError, match="cannot express"):
-            ep_shape_spec([(bad, (1,))])
+            shape_spec([(bad, (1,))])
 
 
 def test_request_defaults():
@@ -179,15 +178,6 @@ def test_request_defaults():
     assert (given.max_batch, given.max_input_len, given.max_seq_len, given.prompt_opt) == (2, 50, 100, 7)
     with pytest.raises(EngineOptionError, match="--max-batch must be at least 1, got 0"):
         request_with_defaults(8192, max_batch=0)  # 0 is a value, not "not given"
-
-
-def test_exporter_names_are_the_runtime_objects():
-    import exporter.trt_profiles as ex
-    import runtime.trt_ep as rt
-
-    for name in ("EngineOptionError", "ProfileRequest", "generation_dims", "profiles_for_generation",
-                 "profiles_for_manifest", "envelope_profile", "request_with_defaults"):
-        assert getattr(ex, name) is getattr(rt, name)
 
 
 # ------------------------------------------------------------ --provider tensorrt in the onnxruntime backend (pure)

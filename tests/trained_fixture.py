@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict
+from typing import Dict, List, Optional, Tuple
 
 import pytest
 
@@ -22,6 +22,7 @@ class TrainedModels:
     def __init__(self, root: str):
         self.root = root
         self._made: Dict[str, str] = {}
+        self._records: Optional[Tuple[List[dict], List[dict]]] = None
 
     def _once(self, key: str, make) -> str:
         if key not in self._made:
@@ -55,25 +56,28 @@ class TrainedModels:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         return path
 
+    def _calib_records(self):
+        """(the training corpus, the calibration records): made once, for the calibration and the eval file."""
+        if self._records is None:
+            from exporter.train_tiny import TrainSettings, corpus_records, heldout_records
+
+            s = TrainSettings()
+            seen = corpus_records(s.train_records, s.seed)
+            self._records = (seen, heldout_records(CALIB_RECORDS, seed=777, exclude=seen))
+        return self._records
+
     @property
     def calib_file(self) -> str:
         """JSONL calibration data (text and chat records) that the model never trained on."""
-        from exporter.train_tiny import TrainSettings, corpus_records, heldout_records
-
-        s = TrainSettings()
-        return self._once("calib", lambda: self._records_file(
-            "calib.jsonl", heldout_records(CALIB_RECORDS, seed=777, exclude=corpus_records(s.train_records, s.seed))))
+        return self._once("calib", lambda: self._records_file("calib.jsonl", self._calib_records()[1]))
 
     @property
     def eval_file(self) -> str:
         """A held-out JSONL file for the accuracy figures, disjoint from training and calibration data."""
-        from exporter.train_tiny import TrainSettings, corpus_records, heldout_records
-
-        s = TrainSettings()
+        from exporter.train_tiny import heldout_records
 
         def make():
-            seen = corpus_records(s.train_records, s.seed)
-            calib = heldout_records(CALIB_RECORDS, seed=777, exclude=seen)  # exactly the calibration file's records
+            seen, calib = self._calib_records()  # exactly the calibration file's records
             return self._records_file("eval.jsonl", heldout_records(EVAL_RECORDS, seed=999, exclude=seen + calib))
 
         return self._once("eval", make)

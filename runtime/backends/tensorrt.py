@@ -20,20 +20,21 @@ import numpy as np
 
 from ..errors import BackendError
 from ..graph_contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, POSITION_IDS, SEQ, TOTAL, TensorSpec
-from ..graph_contract import past_key_name, past_value_name, present_key_name, present_value_name
+from ..graph_contract import past_key_name, past_names, present_key_name, present_names
 from ..manifest import MANIFEST_NAME, sha256_of
-from ..trt_compat import ENGINE_PLAN, ENGINE_RECORD, compute_capability_text, engine_compatibility
+from ..trt_compat import BUILD_COMMAND, ENGINE_PLAN, ENGINE_RECORD, compute_capability_text, engine_compatibility
 from ..trt_compat import engine_matches_bundle, gpu_name_text
 from ..trt_profiles_select import Profile, select_profile
 from .base import KVCache, check_feed_shapes
 
 log = logging.getLogger("glm_export")
 INSTALL_HINT = "install TensorRT 10 (pip install tensorrt-cu12) and cuda-python (pip install cuda-python)"
-BUILD_HINT = "build one with 'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'"
+BUILD_HINT = f"build one with '{BUILD_COMMAND}'"
 
 
-def _import_tensorrt() -> Any:
-    """The tensorrt module, or a one-line BackendError naming what to install."""
+def import_tensorrt() -> Any:
+    """The tensorrt module, or a one-line BackendError naming what to install (the engine builder,
+    ``exporter.trt_engine``, imports it through here too)."""
     try:
         import tensorrt
     except ImportError as e:
@@ -97,7 +98,7 @@ class TensorRTBackend:
         self._buffers: List[int] = []
         self._stream: Any = None
         record = read_engine_record(engine_dir)
-        _import_tensorrt()
+        import_tensorrt()
         self._cudart = _cudart()
         try:
             self._open(record, engine_dir, bundle_dir, device)
@@ -127,8 +128,8 @@ class TensorRTBackend:
         self.vocab = int(outputs[LOGITS].shape[-1])
         widest = {d: max(p.max_of(d) for p in self.profiles) for d in (BATCH, SEQ, TOTAL)}
         self.max_batch, self.max_seq, self.max_total = widest[BATCH], widest[SEQ], widest[TOTAL]
-        self._past_names = [n for i in range(self.num_layers) for n in (past_key_name(i), past_value_name(i))]
-        self._present_names = [n for i in range(self.num_layers) for n in (present_key_name(i), present_value_name(i))]
+        self._past_names = past_names(self.num_layers)
+        self._present_names = present_names(self.num_layers)
 
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
