@@ -345,13 +345,19 @@ def test_same_size_garbage_graph(bundle_copy):
         GlmModel.load(bundle_copy)
 
 
-def test_corrupt_and_newer_manifest(bundle_copy):
-    path = os.path.join(bundle_copy, MANIFEST_NAME)
+def _edit_manifest(bundle_dir, edit):
+    """Apply ``edit`` to the bundle's manifest JSON in place; returns the manifest's path."""
+    path = os.path.join(bundle_dir, MANIFEST_NAME)
     with open(path) as f:
         data = json.load(f)
-    data["format_version"] = 99
+    edit(data)
     with open(path, "w") as f:
         json.dump(data, f)
+    return path
+
+
+def test_corrupt_and_newer_manifest(bundle_copy):
+    path = _edit_manifest(bundle_copy, lambda d: d.update(format_version=99))
     with pytest.raises(BundleError, match="newer"):
         GlmModel.load(bundle_copy)
     with open(path, "w") as f:
@@ -361,19 +367,16 @@ def test_corrupt_and_newer_manifest(bundle_copy):
 
 
 def test_kv_dtype_outside_float32_float16_is_refused(bundle_copy):
-    path = os.path.join(bundle_copy, MANIFEST_NAME)
-    with open(path) as f:
-        data = json.load(f)
-    for t in data["inputs"]:
-        if t["name"].startswith("past_key_values."):
-            t["dtype"] = "int8"
-    with open(path, "w") as f:
-        json.dump(data, f)
+    def int8_cache(data):
+        for t in data["inputs"]:
+            if t["name"].startswith("past_key_values."):
+                t["dtype"] = "int8"
+
+    _edit_manifest(bundle_copy, int8_cache)
     with pytest.raises(BundleError, match="past_key_values.0.key dtype 'int8'; expected float32 or float16"):
         GlmModel.load(bundle_copy)
-    data["inputs"] = [t for t in data["inputs"] if not t["name"].startswith("past_key_values.")]
-    with open(path, "w") as f:
-        json.dump(data, f)
+    _edit_manifest(bundle_copy, lambda d: d.update(
+        inputs=[t for t in d["inputs"] if not t["name"].startswith("past_key_values.")]))
     with pytest.raises(BundleError, match="lists no input past_key_values.0.key"):
         GlmModel.load(bundle_copy)
 
