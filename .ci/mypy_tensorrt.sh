@@ -38,13 +38,13 @@ fi
 "$VENV/bin/python" .ci/patch_trt_stubs.py "$SITE" "$PATCHED"
 
 FILES=(
-    exporter/trt_engine.py
+    exporter/tensorrt/build.py
     runtime/backends/tensorrt.py
-    exporter/trtexec_cmd.py
-    exporter/trt_check.py
-    runtime/trt_compat.py
-    runtime/trt_profiles_select.py
-    runtime/trt_ep.py
+    exporter/tensorrt/trtexec.py
+    exporter/tensorrt/check.py
+    runtime/tensorrt/engine_record.py
+    runtime/tensorrt/profiles.py
+    runtime/tensorrt/ep_options.py
     runtime/backends/onnxruntime.py
     runtime/api.py
 )

@@ -25,7 +25,7 @@ def main() -> None:
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-bench-")
     ckpt, bundle = os.path.join(work, "mid-ckpt"), os.path.join(work, "mid-bundle")
     if not os.path.isdir(ckpt):
-        code = "from exporter.tiny import write_tiny_checkpoint as w; w(%r, size='mid', dtype='bfloat16')" % ckpt
+        code = "from exporter.tiny.checkpoint import write_tiny_checkpoint as w; w(%r, size='mid', dtype='bfloat16')" % ckpt
         subprocess.run([sys.executable, "-c", code], check=True)
     start = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:

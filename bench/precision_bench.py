@@ -46,7 +46,7 @@ def _graph_bytes(manifest) -> int:
 
 def prepare(work: str):
     """The fp32 bundle and every converted bundle, built once."""
-    from exporter.train_tiny import corpus_records
+    from exporter.tiny.train import corpus_records
 
     ckpt, fp32 = os.path.join(work, "mid-ckpt"), os.path.join(work, "mid-fp32")
     calib = os.path.join(work, "calib.jsonl")

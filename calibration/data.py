@@ -3,7 +3,7 @@
 Where it stands: the first step of the precision stage (``glm-export quantize`` and ``glm-export eval``). A text file
 (one sample per line) or JSONL (one ``{"text": ...}`` or ``{"messages": [...]}`` object per line) is read into
 samples; each sample becomes one token sequence exactly as the runtime would see it: plain text as a prompt (the
-model's prefix ids, then the text), messages through the model's chat format (``runtime.tokenizer.build_chat_ids``).
+model's prefix ids, then the text), messages through the model's chat format (``runtime.chat.build_chat_ids``).
 A seeded shuffle then holds part of them out for the accuracy report and samples the calibration set from the rest.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from runtime.errors import GenerationError, TokenizerError
 from runtime.spec import ModelSpec
 
-from .errors import CalibrationDataError
+from calibration.errors import CalibrationDataError
 
 MIN_TOKENS = 4  # a sequence shorter than this (prefix included) says nothing about the model; it is skipped
 MIN_SAMPLES = 2  # one to calibrate on and one held out
@@ -128,7 +128,7 @@ def sample_ids(sample: Sample, tokenizer, spec: ModelSpec) -> List[int]:
     (with the assistant's turn opened when the chat ends on a user message)."""
     if sample.text is not None:
         return list(tokenizer.encode_prompt(sample.text))
-    from runtime.tokenizer import build_chat_ids
+    from runtime.chat import build_chat_ids
 
     last_role = sample.messages[-1].get("role") if sample.messages else None
     return list(build_chat_ids(tokenizer, spec, sample.messages, add_generation_prompt=last_role != "assistant"))

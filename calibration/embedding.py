@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .fp16 import to_fp16
+from calibration.fp16 import to_fp16
 
 
 def embedding_to_fp16(proto) -> Optional[str]:

@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime import graph_contract as gc
 
-from .errors import QuantizationError
+from calibration.errors import QuantizationError
 
 FP32, FP16 = 0, 1  # colours
 # ops whose inputs must be fp32 in a safe graph: norm reductions, softmax, rotary tables

@@ -17,9 +17,9 @@ import importlib
 import logging
 from typing import Sequence
 
-from .errors import QuantizationError
-from .quantize import quiet_onnxruntime_quantization
-from .targets import Linear
+from calibration.errors import QuantizationError
+from calibration.quantize import quiet_onnxruntime_quantization
+from calibration.targets import Linear
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

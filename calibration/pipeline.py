@@ -15,7 +15,7 @@ Where it stands: the library call behind ``glm-export quantize`` and ``glm-expor
    ``extra["accuracy"]`` and write ``manifest.json``, once.
 
 ``out_dir`` must be an empty directory the caller owns; the CLI passes a staged directory
-(``exporter.bundle_dir.staged_directory``) so a failure leaves nothing behind.
+(``exporter.staging.staged_directory``) so a failure leaves nothing behind.
 """
 from __future__ import annotations
 
@@ -39,15 +39,15 @@ from runtime.manifest import (
 )
 from runtime.progress import NullProgress
 
-from . import accuracy as acc
-from .embedding import embedding_to_fp16
-from .data import DataSplit, check_counts, load_eval_sequences, load_split
-from .errors import CalibrationDataError, QuantizationError
-from .graph_io import contrib_ops, default_opset, load_graph, save_graph
-from .int4 import check_int4
-from .ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
-from .ranges import write_ranges
-from .targets import find_linears, select
+from calibration import accuracy as acc
+from calibration.embedding import embedding_to_fp16
+from calibration.data import DataSplit, check_counts, load_eval_sequences, load_split
+from calibration.errors import CalibrationDataError, QuantizationError
+from calibration.graph_io import contrib_ops, default_opset, load_graph, save_graph
+from calibration.int4 import check_int4
+from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
+from calibration.ranges import write_ranges
+from calibration.targets import find_linears, select
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -195,7 +195,7 @@ def _data(opts: QuantizeOptions, bundle_dir: str, spec) -> Tuple[DataSplit, Any]
 
 
 def _fp16(opts, src: _Source, out_dir, split, chosen, progress):
-    from .fp16 import fp16_from_fp32
+    from calibration.fp16 import fp16_from_fp32
 
     progress.stage("converting to fp16 (fp32 norms, softmax, rotary tables and logits)")
     return fp16_from_fp32(load_graph(src.model)), {
@@ -206,7 +206,7 @@ def _fp16(opts, src: _Source, out_dir, split, chosen, progress):
 
 def _int8(opts, src: _Source, out_dir, split, chosen, progress):
     """Calibrate (or take --ranges), write the ranges file, read it back, quantize from it."""
-    from .quantize import static_int8
+    from calibration.quantize import static_int8
 
     ranges_file = os.path.join(out_dir, RANGES_FILE)
     if opts.ranges:
@@ -232,7 +232,7 @@ def _int8(opts, src: _Source, out_dir, split, chosen, progress):
 
 
 def _int8_dynamic(opts, src: _Source, out_dir, split, chosen, progress):
-    from .quantize import dynamic_int8
+    from calibration.quantize import dynamic_int8
 
     progress.stage(f"quantizing {len(chosen)} linear layers to dynamic INT8")
     return dynamic_int8(src.model, chosen, out_dir), {
@@ -242,7 +242,7 @@ def _int8_dynamic(opts, src: _Source, out_dir, split, chosen, progress):
 
 
 def _int4(opts, src: _Source, out_dir, split, chosen, progress):
-    from .int4 import int4_weight_only
+    from calibration.int4 import int4_weight_only
 
     progress.stage(f"quantizing {len(chosen)} linear layers to INT4 (MatMulNBits, block {opts.block_size})")
     proto = int4_weight_only(load_graph(src.model), chosen, opts.block_size, opts.int4_symmetric,

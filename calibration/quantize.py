@@ -26,9 +26,9 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from .errors import QuantizationError
-from .ranges import CalibrationRanges
-from .targets import Linear
+from calibration.errors import QuantizationError
+from calibration.ranges import CalibrationRanges
+from calibration.targets import Linear
 
 
 class _DropOnnxruntimeQuantizationLogs(logging.Filter):

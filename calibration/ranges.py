@@ -30,10 +30,10 @@ from runtime.manifest import sha256_of
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
 
-from . import qmath
-from .errors import CalibrationDataError, QuantizationError
-from .feeds import calibration_steps, count_steps
-from .graph_io import DATA_FILE, graph_with_outputs
+from calibration import qmath
+from calibration.errors import CalibrationDataError, QuantizationError
+from calibration.feeds import calibration_steps, count_steps
+from calibration.graph_io import DATA_FILE, graph_with_outputs
 
 RANGES_FORMAT = "glm-export-calibration-ranges"
 RANGES_VERSION = 1

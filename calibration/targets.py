@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from .errors import QuantizationError
+from calibration.errors import QuantizationError
 
 WEIGHT_SUFFIX = ".weight_t"
 LINEAR_KINDS = ("qkv", "attn_out", "gate_up", "down")

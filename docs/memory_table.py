@@ -1,6 +1,6 @@
 """Memory budgets for ChatGLM3-6B and GLM-4-9B-chat on Jetson Orin boards: arithmetic, not measurement.
 
-Every number comes from the published configs (``exporter.tiny.PUBLISHED_CONFIGS``, read by
+Every number comes from the published configs (``exporter.tiny.published.PUBLISHED_CONFIGS``, read by
 ``exporter.config.spec_from_checkpoint`` as a real checkpoint would be) and ``runtime.spec.ModelSpec``:
 
     weights      = linear x bytes per weight + (num_params - linear) x 2
@@ -30,7 +30,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from exporter.config import spec_from_checkpoint  # noqa: E402
-from exporter.tiny import PUBLISHED_CONFIGS  # noqa: E402
+from exporter.tiny.published import PUBLISHED_CONFIGS  # noqa: E402
 from runtime.spec import ModelSpec  # noqa: E402
 
 GIB = 2**30

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def make_tiny_bundle(workdir: str) -> str:
     """A tiny ChatGLM3 checkpoint, exported and verified (the exporter's job, not the runtime's)."""
     from exporter.onnx_export import export_bundle
-    from exporter.tiny import write_tiny_checkpoint
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
 
     ckpt = write_tiny_checkpoint(os.path.join(workdir, "checkpoint"), generation="chatglm3", layout="thudm")
     return export_bundle(ckpt, os.path.join(workdir, "bundle")).bundle_dir

@@ -6,9 +6,9 @@
 
 The checkpoint is THUDM-layout (the published ChatGLM3 config shrunk, the tiny sentencepiece tokenizer, trained
 weights in model.safetensors) plus train_report.json with the held-out next-token accuracy. The training text comes
-from a small Chinese/English grammar (``exporter.train_tiny``); ``--write-data`` also writes calibration and
+from a small Chinese/English grammar (``exporter.tiny.train``); ``--write-data`` also writes calibration and
 evaluation JSONL files from the same grammar, none of it seen in training. The library call is
-``exporter.train_tiny.write_trained_checkpoint``; the tests use its cached form, ``trained_checkpoint``.
+``exporter.tiny.train.write_trained_checkpoint``; the tests use its cached form, ``trained_checkpoint``.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
-    from exporter.bundle_dir import staged_directory
-    from exporter.train_tiny import TrainSettings, corpus_records, heldout_records, write_trained_checkpoint
+    from exporter.staging import staged_directory
+    from exporter.tiny.train import TrainSettings, corpus_records, heldout_records, write_trained_checkpoint
     from runtime.progress import TqdmProgress
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -198,7 +198,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
 
     ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied: "interpolation" or "base".
     """
-    from .tokenizer_files import detect_tokenizer
+    from exporter.tokenizer_files import detect_tokenizer
 
     cfg = read_config_json(ckpt_dir)
     where = os.path.join(ckpt_dir, "config.json")

@@ -31,10 +31,10 @@ from runtime.manifest import (
 from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
 
-from .bundle_dir import staged_directory
-from .config import spec_from_checkpoint
-from .model import GlmForExport, model_from_weights
-from .weights import find_weight_files, load_canonical_weights
+from exporter.staging import staged_directory
+from exporter.config import spec_from_checkpoint
+from exporter.model import GlmForExport, model_from_weights
+from exporter.weights import find_weight_files, load_canonical_weights
 
 log = logging.getLogger("glm_export")
 
@@ -197,7 +197,7 @@ def export_bundle(
     kv_dtype = KV_DTYPE_OF_PRECISION[precision]
     torch_dtype = getattr(torch, kv_dtype)
 
-    from .verify import make_plan, max_diffs, run_onnx, run_torch
+    from exporter.verify import make_plan, max_diffs, run_onnx, run_torch
 
     progress = progress or NullProgress()
     start = time.perf_counter()

@@ -16,7 +16,7 @@ from runtime.errors import WeightsError, first_line
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
 
-from .config import LAYOUT_GLM, LAYOUT_GLM4, LAYOUT_THUDM
+from exporter.config import LAYOUT_GLM, LAYOUT_GLM4, LAYOUT_THUDM
 
 # canonical name -> checkpoint key templates (concatenated along dim 0 when several)
 _THUDM_LAYER = {

@@ -13,7 +13,7 @@ _LAZY = {
     "TextStream": "runtime.api",
     "StreamPiece": "runtime.api",
     "GenerationConfig": "runtime.sampling",
-    "TrtProviderOptions": "runtime.trt_ep",
+    "TrtProviderOptions": "runtime.tensorrt.ep_options",
 }
 __all__ = ["__version__"] + sorted(_LAZY)
 

@@ -12,7 +12,7 @@ model), opens the backend on the bundle's graph and, on first need, the bundle's
             print(piece.text, end="", flush=True)
 
 Backends: ``backend="onnxruntime"`` (default; ``provider`` cpu, cuda or tensorrt, the last with ``trt_options``, a
-``runtime.trt_ep.TrtProviderOptions``) or ``backend="tensorrt"`` with ``engine_dir``, a native engine built by
+``runtime.tensorrt.ep_options.TrtProviderOptions``) or ``backend="tensorrt"`` with ``engine_dir``, a native engine built by
 ``glm-export trt --model BUNDLE_DIR --out ENGINE_DIR`` (the bundle still gives the manifest and the tokenizer).
 """
 from __future__ import annotations
@@ -24,18 +24,18 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import BackendError, BundleError, GenerationError, TokenizerError
-from .backends.base import DecoderBackend
-from .generate import DEFAULT_PREFILL_CHUNK, Generation
-from .graph_contract import SEQ, TOTAL
-from .manifest import Manifest, read_manifest
-from .sampling import GenerationConfig
-from .spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
-from .trt_ep import TrtProviderOptions
-from .trt_profiles_select import Profile, prefill_chunk_refusal, widest
+from runtime.errors import BackendError, BundleError, GenerationError, TokenizerError
+from runtime.backends.base import DecoderBackend
+from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
+from runtime.graph_contract import SEQ, TOTAL
+from runtime.manifest import Manifest, read_manifest
+from runtime.sampling import GenerationConfig
+from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
+from runtime.tensorrt.ep_options import TrtProviderOptions
+from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
 
 if TYPE_CHECKING:
-    from .tokenizer import Tokenizer
+    from runtime.tokenizer import Tokenizer
 
 BACKENDS = ("onnxruntime", "tensorrt")
 AUTO = "auto"  # prefill_chunk: DEFAULT_PREFILL_CHUNK on onnxruntime (at most the TensorRT profile's max input
@@ -149,7 +149,7 @@ class GlmModel:
         model_path = os.path.join(bundle_dir, manifest.model_file)
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
-        from .backends.onnxruntime import OnnxRuntimeBackend
+        from runtime.backends.onnxruntime import OnnxRuntimeBackend
 
         runner = OnnxRuntimeBackend(
             model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
@@ -173,7 +173,7 @@ class GlmModel:
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise BackendError(f"device must be a CUDA device index >= 0, got {device!r}")
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
-        from .backends.tensorrt import TensorRTBackend
+        from runtime.backends.tensorrt import TensorRTBackend
 
         runner = TensorRTBackend(os.fspath(engine_dir), bundle_dir, device=device)
         try:
@@ -204,7 +204,7 @@ class GlmModel:
         if not self._tokenizer_loaded:
             self._tokenizer_loaded = True
             if self.spec.tokenizer_kind != TOKENIZER_NONE:
-                from .tokenizer import load_tokenizer
+                from runtime.tokenizer import load_tokenizer
 
                 self._tokenizer = load_tokenizer(self.bundle_dir, self.spec)
         return self._tokenizer
@@ -228,7 +228,7 @@ class GlmModel:
         tok = self.tokenizer
         if tok is None:
             return None
-        from .tokenizer import StreamDecoder
+        from runtime.tokenizer import StreamDecoder
 
         return lambda: StreamDecoder(tok)
 
@@ -284,12 +284,12 @@ class GlmModel:
         ending with the assistant's turn to speak."""
         if not messages:
             raise GenerationError("chat needs at least one message")
-        from .tokenizer import build_chat_ids
+        from runtime.chat import build_chat_ids
 
         return list(build_chat_ids(self._require_tokenizer("chat is unavailable"), self.spec, list(messages)))
 
     def _chat_run(self, messages: Sequence[Message], config: Optional[GenerationConfig]) -> Generation:
-        from .tokenizer import chat_stop_ids
+        from runtime.chat import chat_stop_ids
 
         ids = self.chat_ids(messages)
         tokenizer = self._require_tokenizer("chat is unavailable")
@@ -323,7 +323,7 @@ def plan_limits(
       profile's max sequence length;
     - a native engine (``native=True``): "auto" is the whole prompt in one forward (what its prefill profile is for;
       its buffers are sized for it, so chunks save nothing); a given chunk must fit the profiles
-      (:func:`runtime.trt_profiles_select.prefill_chunk_refusal`); the context ends at the engine's max sequence.
+      (:func:`runtime.tensorrt.profiles.prefill_chunk_refusal`); the context ends at the engine's max sequence.
     """
     if not profiles:
         return _as_chunk(DEFAULT_PREFILL_CHUNK if prefill_chunk == AUTO else prefill_chunk), int(max_positions)

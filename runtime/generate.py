@@ -30,10 +30,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 
 import numpy as np
 
-from .backends.base import DecoderBackend, KVCache
-from .errors import GenerationError
-from .sampling import GenerationConfig, next_tokens
-from .steps import left_pad
+from runtime.backends.base import DecoderBackend, KVCache
+from runtime.errors import GenerationError
+from runtime.sampling import GenerationConfig, next_tokens
+from runtime.steps import left_pad
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"

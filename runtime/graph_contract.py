@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple, Union
 
-from .spec import ModelSpec
+from runtime.spec import ModelSpec
 
 Dim = Union[int, str]
 

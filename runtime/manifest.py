@@ -19,9 +19,9 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List
 
-from .errors import BundleError, read_json_object
-from .graph_contract import TensorSpec, past_key_name
-from .spec import ModelSpec
+from runtime.errors import BundleError, read_json_object
+from runtime.graph_contract import TensorSpec, past_key_name
+from runtime.spec import ModelSpec
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "glm-export-bundle"

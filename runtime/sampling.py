@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import SamplingConfigError
+from runtime.errors import SamplingConfigError
 
 NEG_INF = -np.inf
 

@@ -16,8 +16,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .graph_contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
-from .spec import ModelSpec
+from runtime.graph_contract import ATTENTION_MASK, INPUT_IDS, POSITION_IDS, past_names, present_names
+from runtime.spec import ModelSpec
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,9 +1,9 @@
-"""Tokenizers and chat formats of the ChatGLM family, for the runtime.
+"""Tokenizers of the ChatGLM family, for the runtime (the chat formats are in ``runtime.chat``).
 
 Where this stands in the flow: the exporter copies a checkpoint's tokenizer files into the bundle and records
 ``spec.tokenizer_kind`` and ``spec.chat_format`` in the manifest; the runtime calls ``load_tokenizer`` with them,
-turns chat messages into prompt ids with ``build_chat_ids``, stops generation on ``chat_stop_ids`` and turns the
-generated ids back into text with ``StreamDecoder``.
+turns chat messages into prompt ids with ``runtime.chat.build_chat_ids``, stops generation on
+``runtime.chat.chat_stop_ids`` and turns the generated ids back into text with ``StreamDecoder``.
 
 Three tokenizer files exist in the family, one class each:
 
@@ -17,18 +17,14 @@ loader or format that needs them. Runs on Python 3.8.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from .errors import GenerationError, TokenizerError, first_line
-from .errors import read_json_object as _read_json_object
-from .spec import (
-    CHAT_CHATGLM2,
+from runtime.errors import TokenizerError, first_line
+from runtime.errors import read_json_object as _read_json_object
+from runtime.spec import (
     CHAT_CHATGLM3,
-    CHAT_GLM4,
-    CHAT_TEMPLATE,
     TOKENIZER_JSON,
     TOKENIZER_NONE,
     TOKENIZER_SENTENCEPIECE,
@@ -55,9 +51,6 @@ GLM4_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+"
 )
-
-CHAT_ROLES = ("system", "user", "assistant", "observation")
-_ROLE_ALIASES = {"tool": "observation"}  # OpenAI-style name for a tool result
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -379,159 +372,6 @@ def load_tokenizer(bundle_dir: str, spec: ModelSpec) -> Tokenizer:
     tok.chat_template = read_chat_template(bundle_dir, config)
     _check_against_spec(tok, spec, bundle_dir)
     return tok
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Chat formats
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _role_of(message: Any, index: int) -> str:
-    """The message's role, checked; "tool" is read as "observation"."""
-    if not isinstance(message, Mapping) or not isinstance(message.get("content", ""), str):
-        raise GenerationError(f"chat message {index} must be a mapping with a string 'content'")
-    role = _ROLE_ALIASES.get(message.get("role"), message.get("role"))
-    if role not in CHAT_ROLES:
-        raise GenerationError(f"chat message {index} has role {message.get('role')!r}; expected one of {CHAT_ROLES}")
-    return role
-
-
-def _chatglm2_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
-    """ChatGLM2: plain text "[Round n]\\n\\n问：{q}\\n\\n答：{a}\\n\\n" from round 1, after the prefix ids.
-
-    Messages alternate user/assistant starting with user; there is no system role. The generation prompt is the
-    trailing "\\n\\n答：" of an unanswered question.
-    """
-    text = ""
-    for i, m in enumerate(messages):
-        role, content = _role_of(m, i), m.get("content", "")
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            raise GenerationError(f"chatglm2 chat: message {i} is {role!r}; messages alternate user, assistant "
-                                  "(no system or observation role in this format)")
-        if role == "user":
-            text += "[Round %d]\n\n问：%s" % (i // 2 + 1, content)
-            if i + 1 < len(messages) or add_generation_prompt:
-                text += "\n\n答："
-        else:
-            text += content + "\n\n"
-    return tok.prefix_ids() + tok.encode(text)
-
-
-def _chatglm3_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
-    """ChatGLM3: prefix, then per message <|role|> + encode(metadata + "\\n") + encode(content), role tokens by id.
-
-    A system message's "tools" list is appended to its content as indented JSON, as THUDM's tokenizer does.
-    """
-    ids = tok.prefix_ids()
-    for i, m in enumerate(messages):
-        role, content = _role_of(m, i), m.get("content", "")
-        if role == "system" and m.get("tools"):
-            content = content + "\n" + json.dumps(m["tools"], indent=4, ensure_ascii=False)
-        ids.append(tok.token_to_id("<|%s|>" % role))
-        ids.extend(tok.encode(str(m.get("metadata") or "") + "\n"))
-        ids.extend(tok.encode(content))
-    if add_generation_prompt:
-        ids.append(tok.token_to_id("<|assistant|>"))
-    return ids
-
-
-def _glm4_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
-    """GLM-4: [gMASK]<sop>, then per message <|role|> + encode(metadata + "\\n" + content), then <|assistant|>."""
-    ids = tok.prefix_ids()
-    for i, m in enumerate(messages):
-        role, content = _role_of(m, i), m.get("content", "")
-        ids.append(tok.token_to_id("<|%s|>" % role))
-        ids.extend(tok.encode(str(m.get("metadata") or "") + "\n" + content))
-    if add_generation_prompt:
-        ids.append(tok.token_to_id("<|assistant|>"))
-    return ids
-
-
-def _template_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
-    """The checkpoint's own jinja chat_template, rendered, then encoded with special-token text recognised."""
-    if not tok.chat_template:
-        raise TokenizerError(f"chat format 'template' but the bundle's {TOKENIZER_CONFIG_FILE} has no chat_template")
-    extra = {k: tok.config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in tok.config}
-    text = render_chat_template(tok.chat_template, messages, add_generation_prompt, **extra)
-    return tok.encode_with_specials(text)
-
-
-_CHAT_BUILDERS = {
-    CHAT_CHATGLM2: _chatglm2_ids,
-    CHAT_CHATGLM3: _chatglm3_ids,
-    CHAT_GLM4: _glm4_ids,
-    CHAT_TEMPLATE: _template_ids,
-}
-
-
-def build_chat_ids(
-    tokenizer: Tokenizer,
-    spec: ModelSpec,
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = True,
-) -> List[int]:
-    """Prompt ids for a conversation [{"role": ..., "content": ...}, ...] in the model's chat format.
-
-    Roles: system, user, assistant, observation ("tool" is read as observation); an optional "metadata" string is
-    used by chatglm3/glm4. GenerationError for malformed messages, TokenizerError when the bundle has no chat format.
-    """
-    if not messages:
-        raise GenerationError("a chat needs at least one message")
-    builder = _CHAT_BUILDERS.get(spec.chat_format)
-    if builder is None:
-        raise TokenizerError(f"the model has no chat format (chat_format {spec.chat_format!r}); use a plain prompt")
-    return builder(tokenizer, list(messages), add_generation_prompt)
-
-
-def chat_stop_ids(tokenizer: Tokenizer, spec: ModelSpec) -> Set[int]:
-    """Ids that end an assistant turn: every eos id, plus <|user|> and <|observation|> where they exist."""
-    stop = set(tokenizer.eos_ids) | {int(i) for i in spec.eos_token_ids}
-    stop |= {tokenizer.special_ids[n] for n in ("<|user|>", "<|observation|>") if n in tokenizer.special_ids}
-    return stop
-
-
-# -- jinja rendering ---------------------------------------------------------------------------------------------
-# Written here rather than calling transformers' apply_chat_template because the runtime may not import
-# transformers; the environment mirrors transformers' (sandboxed, trim_blocks, lstrip_blocks, loop controls,
-# tojson without ASCII escaping, raise_exception, strftime_now) so templates render the same text.
-
-
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    """transformers' tojson filter: like jinja's, but without ASCII escaping or HTML-safe quoting."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_template_exception(message: str) -> None:
-    raise GenerationError(f"chat template refused the messages: {message}")
-
-
-def _strftime_now(fmt: str) -> str:
-    import datetime
-
-    return datetime.datetime.now().strftime(fmt)
-
-
-def render_chat_template(
-    template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
-) -> str:
-    """The text a jinja chat template renders for messages (tools, bos_token, ... may be given as variables)."""
-    jinja2 = _import("jinja2", "chat_template")
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_template_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
-        )
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"{TOKENIZER_CONFIG_FILE}: chat_template failed to render ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ class _Cache:
 
     def checkpoint(self, name, generation, layout, seed=0, weight_format="safetensors", config_overrides=None,
                    **shape):
-        from exporter.tiny import write_tiny_checkpoint
+        from exporter.tiny.checkpoint import write_tiny_checkpoint
 
         key = ("ckpt", name)
         if key not in self.made:

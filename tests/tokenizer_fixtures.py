@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
-from exporter.tiny_tokenizers import TinyTokenizer, write_tiny_tokenizer
+from exporter.tiny.tokenizers import TinyTokenizer, write_tiny_tokenizer
 from runtime.spec import ModelSpec
 from runtime.tokenizer import Tokenizer, load_tokenizer
 

@@ -31,13 +31,13 @@ class TrainedModels:
 
     @property
     def checkpoint(self) -> str:
-        from exporter.train_tiny import TrainSettings, trained_checkpoint
+        from exporter.tiny.train import TrainSettings, trained_checkpoint
 
         return self._once("ckpt", lambda: trained_checkpoint(CACHE, TrainSettings()))
 
     @property
     def report(self) -> dict:
-        from exporter.train_tiny import read_report
+        from exporter.tiny.train import read_report
 
         return read_report(self.checkpoint)
 
@@ -59,7 +59,7 @@ class TrainedModels:
     def _calib_records(self):
         """(the training corpus, the calibration records): made once, for the calibration and the eval file."""
         if self._records is None:
-            from exporter.train_tiny import TrainSettings, corpus_records, heldout_records
+            from exporter.tiny.train import TrainSettings, corpus_records, heldout_records
 
             s = TrainSettings()
             seen = corpus_records(s.train_records, s.seed)
@@ -74,7 +74,7 @@ class TrainedModels:
     @property
     def eval_file(self) -> str:
         """A held-out JSONL file for the accuracy figures, disjoint from training and calibration data."""
-        from exporter.train_tiny import heldout_records
+        from exporter.tiny.train import heldout_records
 
         def make():
             seen, calib = self._calib_records()  # exactly the calibration file's records

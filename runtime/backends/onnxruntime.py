@@ -12,8 +12,8 @@ for comparison and for debugging. On the CPU provider both paths measure the sam
 not copy CPU tensors either); the binding matters where the cache lives on a GPU.
 
 Providers and their options come from :func:`provider_config` (pure, tested without a GPU). For ``tensorrt`` that is
-``runtime.trt_ep.tensorrt_ep_options``: one explicit profile from the bundle's manifest and the sizes in
-``runtime.trt_ep.TrtProviderOptions``, the FP16 switch and the engine cache directory; every step is then checked
+``runtime.tensorrt.ep_options.tensorrt_ep_options``: one explicit profile from the bundle's manifest and the sizes in
+``runtime.tensorrt.ep_options.TrtProviderOptions``, the FP16 switch and the engine cache directory; every step is then checked
 against that profile before it reaches onnxruntime, so a step outside it is refused with the size option to raise.
 """
 from __future__ import annotations
@@ -24,13 +24,13 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import BackendError, BundleError, first_line
-from ..manifest import Manifest
-from ..spec import ModelSpec
-from ..trt_ep import TrtProviderOptions
-from ..trt_profiles_select import Profile, select_profile
-from ..graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
-from .base import KVCache, as_int64, check_feed_shapes
+from runtime.errors import BackendError, BundleError, first_line
+from runtime.manifest import Manifest
+from runtime.spec import ModelSpec
+from runtime.tensorrt.ep_options import TrtProviderOptions
+from runtime.tensorrt.profiles import Profile, select_profile
+from runtime.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
+from runtime.backends.base import KVCache, as_int64, check_feed_shapes
 
 log = logging.getLogger("glm_export")
 
@@ -74,7 +74,7 @@ def provider_config(
     one options dict each (all values strings, as onnxruntime takes them).
 
     cpu: CPU only. cuda[:N]: CUDA on device N, then CPU. tensorrt[:N]: TensorRT with
-    ``runtime.trt_ep.tensorrt_ep_options`` for this bundle (``trt_options``, defaults when None), then CUDA, then CPU
+    ``runtime.tensorrt.ep_options.tensorrt_ep_options`` for this bundle (``trt_options``, defaults when None), then CUDA, then CPU
     (for the nodes TensorRT does not take). ``manifest`` is needed for tensorrt (the profile covers every graph
     input); ``trt_options`` with another provider is refused rather than ignored.
     """

@@ -2,7 +2,7 @@
 
 Implements ``runtime.backends.base.DecoderBackend``; ``GlmModel.load(bundle, backend="tensorrt", engine_dir=...)``
 and ``glm-export run/chat/bench --backend tensorrt --engine ENGINE_DIR`` use it. Reads ``engine.json`` (refusing an
-engine built for another TensorRT release, GPU or bundle, see ``runtime.trt_compat``) and ``engine.plan``. The KV
+engine built for another TensorRT release, GPU or bundle, see ``runtime.tensorrt.engine_record``) and ``engine.plan``. The KV
 cache lives in two sets of device buffers sized for the engine's largest batch and sequence: a step reads
 ``past_key_values.*`` from the set its :class:`KVCache` names and writes ``present.*`` into the other (ping-pong), so
 only the token ids go in and only the last position's logits come back; hence one live cache per backend at a time.
@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..errors import BackendError
-from ..graph_contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, POSITION_IDS, SEQ, TOTAL, TensorSpec
-from ..graph_contract import past_key_name, past_names, present_key_name, present_names
-from ..manifest import MANIFEST_NAME, sha256_of
-from ..trt_compat import BUILD_COMMAND, ENGINE_PLAN, ENGINE_RECORD, compute_capability_text, engine_compatibility
-from ..trt_compat import engine_matches_bundle, gpu_name_text
-from ..trt_profiles_select import Profile, select_profile
-from .base import KVCache, check_feed_shapes
+from runtime.errors import BackendError
+from runtime.graph_contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, POSITION_IDS, SEQ, TOTAL, TensorSpec
+from runtime.graph_contract import past_key_name, past_names, present_key_name, present_names
+from runtime.manifest import MANIFEST_NAME, sha256_of
+from runtime.tensorrt.engine_record import BUILD_COMMAND, ENGINE_PLAN, ENGINE_RECORD, compute_capability_text, engine_compatibility
+from runtime.tensorrt.engine_record import engine_matches_bundle, gpu_name_text
+from runtime.tensorrt.profiles import Profile, select_profile
+from runtime.backends.base import KVCache, check_feed_shapes
 
 log = logging.getLogger("glm_export")
 INSTALL_HINT = "install TensorRT 10 (pip install tensorrt-cu12) and cuda-python (pip install cuda-python)"
@@ -34,7 +34,7 @@ BUILD_HINT = f"build one with '{BUILD_COMMAND}'"
 
 def import_tensorrt() -> Any:
     """The tensorrt module, or a one-line BackendError naming what to install (the engine builder,
-    ``exporter.trt_engine``, imports it through here too)."""
+    ``exporter.tensorrt.build``, imports it through here too)."""
     try:
         import tensorrt
     except ImportError as e:

@@ -2,7 +2,7 @@
 
 A TensorRT engine built from a bundle carries one or more optimization profiles: for every symbolic dimension of the
 graph (``batch``, ``seq``, ``past``, ``past_plus_seq``) a min/opt/max range, and for every graph input the min/opt/max
-shapes that follow from them. ``runtime.trt_ep`` makes them (prefill and decode), ``exporter.trt_engine`` builds
+shapes that follow from them. ``runtime.tensorrt.ep_options`` makes them (prefill and decode), ``exporter.tensorrt.build`` builds
 them into the engine and records them in ``engine.json``; the TensorRT runtime backend reads them back from there
 and calls :func:`select_profile` before every step. :func:`shape_spec` writes a profile's shapes as trtexec and
 onnxruntime's TensorRT provider take them. Pure Python: no TensorRT, no numpy.
@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import BundleError, GenerationError
-from .graph_contract import BATCH, PAST, SEQ, TOTAL
-from .trt_compat import BUILD_COMMAND
+from runtime.errors import BundleError, GenerationError
+from runtime.graph_contract import BATCH, PAST, SEQ, TOTAL
+from runtime.tensorrt.engine_record import BUILD_COMMAND
 
 Range = Tuple[int, int, int]  # (min, opt, max)
 Shape = Tuple[int, ...]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNTIME = os.path.join(ROOT, "runtime")
 FORBIDDEN = ("torch", "transformers", "exporter", "calibration")
 
@@ -78,9 +78,9 @@ def test_every_runtime_module_imports_and_generates_without_torch(tiny_models):
 
 def test_the_blocker_really_blocks():
     """The child's blocker must make a forbidden import fail, or the test above proves nothing."""
-    report = _child(["exporter.cli_runtime"])
-    assert "exporter.cli_runtime" in report["failed"]
-    assert "blocked for the layering test" in report["failed"]["exporter.cli_runtime"]
+    report = _child(["exporter.cli.run"])
+    assert "exporter.cli.run" in report["failed"]
+    assert "blocked for the layering test" in report["failed"]["exporter.cli.run"]
 
 
 def test_import_runtime_is_light():

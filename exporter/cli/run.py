@@ -107,7 +107,7 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
         provider = f"{provider}:{opts['device']}"
     kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
     if provider.startswith("tensorrt"):
-        from runtime.trt_ep import TrtProviderOptions
+        from runtime.tensorrt.ep_options import TrtProviderOptions
 
         kwargs["trt_options"] = TrtProviderOptions(
             max_batch=opts.get("max_batch"), max_input_len=opts.get("max_input_len"),

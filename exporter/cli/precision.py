@@ -55,7 +55,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
              as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
-    from exporter.bundle_dir import staged_directory
+    from exporter.staging import staged_directory
     from runtime.progress import TqdmProgress
 
     opts = QuantizeOptions(
@@ -109,4 +109,3 @@ def eval_(model_dir, reference_dir, data, fmt, samples, seq_len, seed, threads, 
         click.echo(f"{model_dir} vs {reference_dir}: {report.summary()}")
 
 
-eval = eval_  # registered by exporter.cli under the name "eval"

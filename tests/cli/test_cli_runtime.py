@@ -13,7 +13,7 @@ from exporter.cli import main
 from runtime.api import GlmModel
 from runtime.sampling import GenerationConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +183,9 @@ def _one_error_line(r):
 def engine_dir(bundle, tmp_path):
     """An engine directory whose engine.json is the record glm-export trt writes for this bundle (no engine.plan:
     nothing here gets as far as TensorRT)."""
-    from exporter.trt_engine import EngineOptions, engine_record, precision_plan
+    from exporter.tensorrt.build import EngineOptions, engine_record, precision_plan
     from runtime.manifest import MANIFEST_NAME, read_manifest, sha256_of
-    from runtime.trt_ep import ProfileRequest, profiles_for_manifest
+    from runtime.tensorrt.ep_options import ProfileRequest, profiles_for_manifest
 
     manifest = read_manifest(bundle)
     request = ProfileRequest(max_batch=1, max_input_len=16, max_seq_len=64)
@@ -261,8 +261,8 @@ def test_provider_tensorrt_on_cpu_onnxruntime(bundle, tmp_path):
 
 
 def test_load_kwargs_from_the_command_line_options():
-    from exporter.cli_runtime import MODEL_OPTIONS, load_kwargs
-    from runtime.trt_ep import TrtProviderOptions
+    from exporter.cli.run import MODEL_OPTIONS, load_kwargs
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     def opts(**given):
         return dict({k: None for k in MODEL_OPTIONS}, bundle="B", **given)

@@ -74,7 +74,7 @@ def _overflow_checkpoint(path):
     the diagonal before scaling, ~1.4e4 after)."""
     from safetensors.torch import load_file, save_file
 
-    from exporter.tiny import write_tiny_checkpoint
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
 
     write_tiny_checkpoint(path, generation="chatglm3", seed=3)
     f = os.path.join(path, "model.safetensors")

@@ -9,15 +9,15 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter.trt_check import check_for_tensorrt
-from exporter.trt_engine import EngineOptions, PrecisionPlan, engine_record, precision_plan, tensorrt_available
-from exporter.trt_engine import workspace_mib_from_gib
-from exporter.trtexec_cmd import trtexec_command
+from exporter.tensorrt.check import check_for_tensorrt
+from exporter.tensorrt.build import EngineOptions, PrecisionPlan, engine_record, precision_plan, tensorrt_available
+from exporter.tensorrt.build import workspace_mib_from_gib
+from exporter.tensorrt.trtexec import trtexec_command
 from runtime import graph_contract as gc
 from runtime.errors import BundleError, GenerationError, GlmExportError
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
-from runtime.trt_compat import (
+from runtime.tensorrt.engine_record import (
     ENGINE_FORMAT,
     compute_capability_text,
     engine_compatibility,
@@ -25,8 +25,8 @@ from runtime.trt_compat import (
     gpu_name_text,
     major_minor,
 )
-from runtime.trt_ep import EngineOptionError, ProfileRequest, profiles_for_generation, profiles_for_manifest
-from runtime.trt_profiles_select import Profile, select_profile, shape_spec
+from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, profiles_for_generation, profiles_for_manifest
+from runtime.tensorrt.profiles import Profile, select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM, VOCAB, HIDDEN = 2, 4, 11, 8
 

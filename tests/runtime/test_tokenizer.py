@@ -1,4 +1,4 @@
-"""runtime.tokenizer, exporter.tiny_tokenizers and exporter.tokenizer_files on tiny but real tokenizer files.
+"""runtime.tokenizer, exporter.tiny.tokenizers and exporter.tokenizer_files on tiny but real tokenizer files.
 
 Every kind is trained in tmp dirs (well under a second each): round trips, special ids at base + offset, chat prompts
 compared with id lists written out piece by piece, streaming detokenisation, detection and the typed errors.
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from exporter.tiny_tokenizers import corpus_lines, write_tiny_tokenizer
+from exporter.tiny.tokenizers import corpus_lines, write_tiny_tokenizer
 from exporter.tokenizer_files import detect_tokenizer
 from runtime.errors import GenerationError, TokenizerError
 from runtime.tokenizer import (
@@ -21,11 +21,9 @@ from runtime.tokenizer import (
     SP_BASE_SPECIALS,
     SP_ROLE_SPECIALS,
     StreamDecoder,
-    build_chat_ids,
-    chat_stop_ids,
     load_tokenizer,
-    render_chat_template,
 )
+from runtime.chat import build_chat_ids, chat_stop_ids, render_chat_template
 from tokenizer_fixtures import CASES, build
 
 ROUND_TRIP_TEXTS = [
@@ -477,5 +475,5 @@ def test_runtime_tokenizer_imports_no_heavy_module():
         " 'tokenizers', 'jinja2') if m in sys.modules]\n"
         "assert not bad, bad"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

@@ -1,6 +1,6 @@
 """A tiny ChatGLM trained from scratch, so precision figures mean something (random weights give flat logits).
 
-Where it stands: test and example support, next to ``exporter.tiny``. ``write_trained_checkpoint`` writes a normal
+Where it stands: test and example support, next to ``exporter.tiny.checkpoint``. ``write_trained_checkpoint`` writes a normal
 THUDM-layout checkpoint (the published ChatGLM3 config shrunk, the tiny sentencepiece tokenizer, weights trained
 here) that ``glm-export onnx`` exports like any other. The training text is generated from a small grammar with
 real structure in Chinese and English (facts, translations, arithmetic, counting, chats), so a held-out set from
@@ -195,7 +195,7 @@ def _forward_logits(model, ids, positions):
     real tokens never attend to later pads)."""
     import torch
 
-    from .model import empty_past
+    from exporter.model import empty_past
 
     mask = torch.ones_like(ids)
     return model(ids, mask, positions, *empty_past(model.spec, ids.shape[0]))[0]
@@ -229,8 +229,8 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     from calibration.data import Sample, sample_ids
     from runtime.tokenizer import load_tokenizer
 
-    from .config import spec_from_checkpoint
-    from .model import GlmForExport, canonical_state
+    from exporter.config import spec_from_checkpoint
+    from exporter.model import GlmForExport, canonical_state
 
     spec, _ = spec_from_checkpoint(ckpt_dir)
     tok = load_tokenizer(ckpt_dir, spec)
@@ -282,8 +282,8 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     finally:
         torch.set_num_threads(threads)
 
-    from .tiny import save_weights, to_layout
-    from .weights import canonical_shapes
+    from exporter.tiny.checkpoint import save_weights, to_layout
+    from exporter.weights import canonical_shapes
 
     state = canonical_state(model)
     assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
@@ -312,7 +312,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
 
 def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettings(), progress=None) -> Dict[str, Any]:
     """A THUDM-layout checkpoint at ``out_dir`` (config, tokenizer, trained model.safetensors, train_report.json)."""
-    from .tiny import write_tiny_checkpoint
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
 
     write_tiny_checkpoint(
         out_dir, generation=settings.generation, layout="thudm", size="tiny", seed=settings.seed,
@@ -324,7 +324,7 @@ def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettin
 
 def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(), progress=None) -> str:
     """The cached trained checkpoint for ``settings`` under ``cache_root`` (trained and cached on first use)."""
-    from .bundle_dir import staged_directory
+    from exporter.staging import staged_directory
 
     path = os.path.join(os.path.abspath(cache_root), f"trained-{settings.generation}-{settings.key()}")
     if os.path.isfile(os.path.join(path, REPORT_FILE)):

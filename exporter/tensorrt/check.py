@@ -4,7 +4,7 @@ Runs on a bundle's ``model.onnx`` (loaded without its external weights) or on a 
 ``onnx`` package, and lists every problem with the node, input or tensor it concerns and why: operators outside the
 parser's support list, nodes of another domain (``com.microsoft`` contrib ops), element types TensorRT lacks, an
 opset older than 17, Q/DQ pairs TensorRT cannot run, and dynamic input dims the given optimization profiles do not
-cover. ``exporter.trt_engine`` runs it before building; it is also useful alone, where TensorRT is not installed.
+cover. ``exporter.tensorrt.build`` runs it before building; it is also useful alone, where TensorRT is not installed.
 """
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 from runtime.manifest import Manifest, read_manifest
-from runtime.trt_compat import major_minor
-from runtime.trt_ep import EngineOptionError, ProfileRequest, profiles_for_manifest
-from runtime.trt_profiles_select import Profile
+from runtime.tensorrt.engine_record import major_minor
+from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, profiles_for_manifest
+from runtime.tensorrt.profiles import Profile
 
 # --- What TensorRT's ONNX parser supports, as data ---------------------------------------------------------------
 # Source: onnx/onnx-tensorrt docs/operators.md, the "Operator Support Matrix" of TensorRT 10.15 (rows marked Y), and

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from exporter.config import spec_from_checkpoint
-from exporter.tiny import PUBLISHED_CONFIGS, PUBLISHED_HF_CONFIGS
+from exporter.tiny.published import PUBLISHED_CONFIGS, PUBLISHED_HF_CONFIGS
 from runtime.errors import ConfigError
 from runtime.spec import ModelSpec
 

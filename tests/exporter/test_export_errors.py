@@ -14,7 +14,7 @@ from exporter.cli import main
 
 @pytest.fixture(scope="module")
 def good_ckpt(tmp_path_factory):
-    from exporter.tiny import write_tiny_checkpoint
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(str(tmp_path_factory.mktemp("good") / "ckpt"), generation="chatglm3", seed=1)
 

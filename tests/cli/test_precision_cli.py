@@ -129,7 +129,7 @@ def test_train_tiny_example_is_deterministic(tmp_path):
 
     from runtime.manifest import sha256_of
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     digests = []
     for name in ("a", "b"):
         out = tmp_path / name / "ckpt"

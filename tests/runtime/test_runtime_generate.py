@@ -276,7 +276,7 @@ def test_refused_prompts(chatglm3):
 
 
 def test_chat_uses_chat_format_and_stop_ids(chatglm3):
-    from runtime.tokenizer import build_chat_ids, chat_stop_ids
+    from runtime.chat import build_chat_ids, chat_stop_ids
 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     res = chatglm3.chat(messages, GenerationConfig(max_new_tokens=30))
@@ -543,7 +543,7 @@ def test_python_api_example_runs():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, os.path.join(root, "examples", "python_api.py")], capture_output=True,
                          text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -640,7 +640,7 @@ def test_tensorrt_provider_on_cpu_onnxruntime_is_a_one_line_backend_error(chatgl
     """A real session attempt: this onnxruntime has no TensorrtExecutionProvider, so asking for it must say so."""
     import onnxruntime
 
-    from runtime.trt_ep import EngineOptionError, TrtProviderOptions
+    from runtime.tensorrt.ep_options import EngineOptionError, TrtProviderOptions
 
     if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the TensorRT execution provider")
@@ -663,7 +663,7 @@ def test_generation_inside_a_tensorrt_provider_profile(chatglm3):
     """What GlmModel does with the provider's profile, on the CPU session: chunks the profile takes, the context
     ending at its max sequence, and steps outside it refused before they reach onnxruntime."""
     from runtime.api import AUTO, plan_limits
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     prompt = list(range(20, 27))  # 7 tokens: more than the profile's 4-token input, prefilled in chunks of 4
     want = chatglm3.generate(prompt, GenerationConfig(max_new_tokens=5, eos_token_ids=()))

@@ -70,7 +70,7 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
 
 
 def test_samples_become_the_ids_the_runtime_would_feed(tok):
-    from runtime.tokenizer import build_chat_ids
+    from runtime.chat import build_chat_ids
 
     tokenizer, spec, _ = tok
     text = cdata.sample_ids(cdata.Sample(text="The capital of France is Paris."), tokenizer, spec)
@@ -216,7 +216,7 @@ def test_calibration_imports_runtime_but_never_exporter_or_torch():
     """calibration/ may import runtime (and onnx, onnxruntime, numpy), never exporter, torch or transformers."""
     import ast
 
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "calibration")
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "calibration")
     offenders, files = [], 0
     for name in sorted(os.listdir(root)):
         if not name.endswith(".py"):

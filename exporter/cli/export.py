@@ -1,39 +1,12 @@
-"""The ``glm-export`` command line: a thin layer; each command parses, calls one library function, prints.
-
-User mistakes (every ``GlmExportError``) print one line and exit 2, without a traceback.
-"""
+"""``glm-export tiny`` and ``glm-export onnx``: make a tiny checkpoint; export a checkpoint to a verified bundle."""
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import click
 
-from runtime.errors import GlmExportError
 
-
-class _Group(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except GlmExportError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-
-
-@click.group(cls=_Group)
-@click.option("-v", "--verbose", is_flag=True, help="Log details to stderr.")
-@click.version_option(package_name="glm-export")
-def main(verbose: bool) -> None:
-    """Export ChatGLM checkpoints to ONNX / TensorRT and run them with a lightweight runtime."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-
-
-@main.command()
+@click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--generation", default="chatglm3", show_default=True,
               type=click.Choice(["chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414"]))
@@ -46,8 +19,8 @@ def main(verbose: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
     """Write a small random ChatGLM checkpoint (published config shape, real tokenizer) to try the tool."""
-    from exporter.bundle_dir import staged_directory
-    from exporter.tiny import write_tiny_checkpoint
+    from exporter.staging import staged_directory
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
 
     with staged_directory(out_dir, overwrite) as tmp:
         write_tiny_checkpoint(tmp, generation=generation, layout=layout, size=size, seed=seed,
@@ -55,7 +28,7 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
     click.echo(f"wrote {generation} ({layout} layout, {size}) checkpoint to {out_dir}")
 
 
-@main.command()
+@click.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Checkpoint directory (config.json + weights).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
@@ -86,31 +59,3 @@ def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, fp16, as_js
         }))
     else:
         click.echo(result.summary())
-
-
-def _register_optional_commands() -> None:
-    """Commands defined in other modules of the CLI (runtime, precision, TensorRT)."""
-    import importlib
-
-    for module, names in (
-        ("exporter.cli_runtime", ("run", "chat", "bench")),
-        ("exporter.cli_precision", ("quantize", "eval")),
-        ("exporter.cli_trt", ("trt", "check")),
-    ):
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            if e.name != module:
-                raise
-            continue
-        for name in names:
-            cmd = getattr(mod, name, None)
-            if cmd is not None:
-                main.add_command(cmd, name)
-
-
-_register_optional_commands()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""onnxruntime's TensorRT execution provider options (runtime.trt_ep): one envelope profile over prefill and decode,
+"""onnxruntime's TensorRT execution provider options (runtime.tensorrt.ep_options): one envelope profile over prefill and decode,
 the option names and value formats, precision switches, and the refusals. Pure: no onnxruntime-gpu, no TensorRT."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from runtime import graph_contract as gc
 from runtime.errors import GenerationError, GlmExportError
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
-from runtime.trt_ep import (
+from runtime.tensorrt.ep_options import (
     EngineOptionError,
     ProfileRequest,
     envelope_profile,
@@ -20,7 +20,7 @@ from runtime.trt_ep import (
     request_with_defaults,
     tensorrt_ep_options,
 )
-from runtime.trt_profiles_select import select_profile, shape_spec
+from runtime.tensorrt.profiles import select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM = 2, 4
 SHAPE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
@@ -192,7 +192,7 @@ def test_provider_config_cpu_and_cuda():
 
 def test_provider_config_tensorrt_passes_the_ep_options():
     from runtime.backends.onnxruntime import provider_config
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     manifest = _manifest(num_layers=2)
     trt = TrtProviderOptions(max_batch=4, max_input_len=8, max_seq_len=32, opt_batch=2, opt_seq=5, fp16=True,
@@ -221,7 +221,7 @@ def test_provider_config_tensorrt_defaults_cover_the_model_context():
 def test_provider_config_refusals():
     from runtime.backends.onnxruntime import provider_config
     from runtime.errors import BackendError
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     with pytest.raises(BackendError, match="needs the bundle's manifest"):
         provider_config("tensorrt")
@@ -236,7 +236,7 @@ def test_provider_config_refusals():
 
 
 def test_provider_options_object_request_and_profile():
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     manifest = _manifest(max_positions=64)
     trt = TrtProviderOptions(max_batch=2, max_seq_len=40)
@@ -249,7 +249,7 @@ def test_provider_options_object_request_and_profile():
 def test_plan_limits_per_backend():
     from runtime.api import AUTO, plan_limits
     from runtime.generate import DEFAULT_PREFILL_CHUNK
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     manifest = _manifest(max_positions=1024)
     # onnxruntime on cpu/cuda: no profile, the model's context; 0 means the whole prompt (None)
@@ -287,7 +287,7 @@ def _chunked_steps_run(profiles, n, chunk):
 
 @pytest.mark.parametrize("max_input_len, max_seq_len", [(8, 32), (24, 32), (16, 48), (31, 32)])
 def test_prefill_chunk_refusal_agrees_with_select_profile(max_input_len, max_seq_len):
-    from runtime.trt_profiles_select import prefill_chunk_refusal
+    from runtime.tensorrt.profiles import prefill_chunk_refusal
 
     pair = profiles_for_generation(_manifest().inputs, ProfileRequest(1, max_input_len, max_seq_len))
     assert prefill_chunk_refusal(pair, None) is None and prefill_chunk_refusal(pair, 0) is None
@@ -304,7 +304,7 @@ def test_prefill_chunk_refusal_agrees_with_select_profile(max_input_len, max_seq
 
 def test_provider_profile_refusal_names_the_run_option():
     from runtime.backends.onnxruntime import _reload_with
-    from runtime.trt_ep import TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
 
     profile = TrtProviderOptions(max_batch=2, max_input_len=8, max_seq_len=32).profile(_manifest())
     kwargs = dict(owner="the TensorRT provider profile's", remedy=_reload_with)
@@ -319,7 +319,7 @@ def test_provider_profile_refusal_names_the_run_option():
 
 # ----------------------------------------------------------------------------------- docs/memory_table.py (Jetson)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -345,7 +345,7 @@ def _count_from_config(cfg):
     ("glm4", 9_399_951_360, 2 * 40 * 2 * 128 * 2),
 ])
 def test_memory_table_numbers_are_modelspec_arithmetic(memory_table, generation, params, kv_per_token):
-    from exporter.tiny import PUBLISHED_CONFIGS
+    from exporter.tiny.published import PUBLISHED_CONFIGS
 
     spec = memory_table.published_spec(generation)
     assert spec.num_params == params == _count_from_config(PUBLISHED_CONFIGS[generation])

@@ -2,9 +2,9 @@
 
 Both TensorRT routes size their engines from the same data:
 
-- native engines (``glm-export trt``, ``exporter.trt_engine``; ``trtexec`` via ``exporter.trtexec_cmd``) get two
+- native engines (``glm-export trt``, ``exporter.tensorrt.build``; ``trtexec`` via ``exporter.tensorrt.trtexec``) get two
   optimization profiles, prefill and decode (:func:`profiles_for_generation`), and the TensorRT backend picks one per
-  step (``runtime.trt_profiles_select.select_profile``);
+  step (``runtime.tensorrt.profiles.select_profile``);
 - onnxruntime's TensorRT execution provider (``--provider tensorrt``) gets :func:`tensorrt_ep_options`: the
   provider-options dict with ONE explicit profile, the envelope of the prefill and decode profiles, because that
   provider builds every profile it is given but runs each step on profile 0 (microsoft/onnxruntime pull request
@@ -25,10 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .errors import BundleError, GlmExportError
-from .graph_contract import BATCH, PAST, SEQ, TOTAL, TensorSpec
-from .manifest import Manifest
-from .trt_profiles_select import Profile, Range, Shape, ShapeRange, shape_spec
+from runtime.errors import BundleError, GlmExportError
+from runtime.graph_contract import BATCH, PAST, SEQ, TOTAL, TensorSpec
+from runtime.manifest import Manifest
+from runtime.tensorrt.profiles import Profile, Range, Shape, ShapeRange, shape_spec
 
 __all__ = [
     "EngineOptionError",

@@ -7,7 +7,7 @@ Pure: builds arguments, runs nothing. The flags follow trtexec's ``--help`` in T
   --profile=1 ...``: each ``--profile=N`` must be followed directly by its three shape flags, and the indices must be
   contiguous from 0; a single profile may use the three shape flags without ``--profile``;
 - a shape spec is ``name:d0xd1x...`` joined by commas; a name holding ``:`` is wrapped in single quotes
-  (``runtime.trt_profiles_select.shape_spec``, shared with onnxruntime's TensorRT provider options);
+  (``runtime.tensorrt.profiles.shape_spec``, shared with onnxruntime's TensorRT provider options);
 - ``--memPoolSize=workspace:N`` takes MiB when no unit suffix is given (the form TensorRT 10's migration guide
   uses);
 - precision: ``--stronglyTyped`` for a strongly typed network, else ``--fp16`` / ``--int8``; ``--noTF32``;
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 from runtime.manifest import Manifest, read_manifest
-from runtime.trt_compat import ENGINE_PLAN
-from runtime.trt_ep import profiles_for_manifest
-from runtime.trt_profiles_select import Profile, shape_spec
+from runtime.tensorrt.engine_record import ENGINE_PLAN
+from runtime.tensorrt.ep_options import profiles_for_manifest
+from runtime.tensorrt.profiles import Profile, shape_spec
 
-from .trt_engine import EngineOptions, PrecisionPlan, precision_plan
+from exporter.tensorrt.build import EngineOptions, PrecisionPlan, precision_plan
 
 FLAG_OF_BUILDER_FLAG = {"FP16": "--fp16", "INT8": "--int8"}
 

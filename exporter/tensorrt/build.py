@@ -1,14 +1,14 @@
 """TensorRT engines from export bundles: ``engine_from_bundle(bundle_dir, out_dir, options)``.
 
-Reads the bundle's manifest, checks the graph for TensorRT (``exporter.trt_check``), makes the prefill and decode
-optimization profiles (``runtime.trt_ep``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
+Reads the bundle's manifest, checks the graph for TensorRT (``exporter.tensorrt.check``), makes the prefill and decode
+optimization profiles (``runtime.tensorrt.ep_options``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
 beside it), builds, and writes ``engine.plan`` and ``engine.json`` into ``out_dir`` through a temporary directory
 that is renamed into place. ``engine.json`` records what the runtime needs to refuse an engine that cannot run here
-(``runtime.trt_compat``) and to pick a profile per step (``runtime.trt_profiles_select``).
+(``runtime.tensorrt.engine_record``) and to pick a profile per step (``runtime.tensorrt.profiles``).
 
 Every decision (precision plan, profiles, the graph check, the record) is a pure function; only
 ``engine_from_bundle`` imports ``tensorrt`` (guarded by ``runtime.backends.tensorrt.import_tensorrt``, as the runtime
-backend is) and cuda-python, and only when called. ``exporter.trtexec_cmd`` gives the equivalent ``trtexec`` command
+backend is) and cuda-python, and only when called. ``exporter.tensorrt.trtexec`` gives the equivalent ``trtexec`` command
 line.
 """
 from __future__ import annotations
@@ -24,18 +24,18 @@ from runtime.backends.tensorrt import current_gpu, import_tensorrt
 from runtime.errors import BackendError, BundleError
 from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
 from runtime.progress import NullProgress
-from runtime.trt_compat import (
+from runtime.tensorrt.engine_record import (
     ENGINE_FORMAT,
     ENGINE_FORMAT_VERSION,
     ENGINE_PLAN,
     ENGINE_RECORD,
     engine_compatibility,
 )
-from runtime.trt_ep import EngineOptionError, ProfileRequest, check_builder_settings, profiles_for_manifest
-from runtime.trt_profiles_select import Profile
+from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, check_builder_settings, profiles_for_manifest
+from runtime.tensorrt.profiles import Profile
 
-from .bundle_dir import check_destination, staged_directory
-from .trt_check import check_for_tensorrt
+from exporter.staging import check_destination, staged_directory
+from exporter.tensorrt.check import check_for_tensorrt
 
 __all__ = [
     "EngineOptions",
@@ -76,7 +76,7 @@ class EngineOptions:
     tf32: bool = True  # TensorRT's default; False (--no-tf32) clears BuilderFlag.TF32 for full fp32 matmuls
     timing_cache: Optional[str] = None  # --timing-cache: read if present, written back after the build
     overwrite: bool = False
-    skip_check: bool = False  # --skip-check: build even where exporter.trt_check reports problems
+    skip_check: bool = False  # --skip-check: build even where exporter.tensorrt.check reports problems
     int8: bool = False  # --int8: the user states the bundle is INT8 (static Q/DQ); checked against the manifest
 
     def __post_init__(self) -> None:

@@ -1,8 +1,8 @@
 """``glm-export trt`` and ``glm-export check``: thin commands over the TensorRT layer.
 
-``trt`` builds a native engine (``exporter.trt_engine.engine_from_bundle``) or, with ``--print-trtexec``, prints the
-equivalent ``trtexec`` command line (``exporter.trtexec_cmd.trtexec_for_bundle``) without TensorRT and without
-building. ``check --target tensorrt`` runs the static check (``exporter.trt_check.check_bundle_for_tensorrt``) and
+``trt`` builds a native engine (``exporter.tensorrt.build.engine_from_bundle``) or, with ``--print-trtexec``, prints the
+equivalent ``trtexec`` command line (``exporter.tensorrt.trtexec.trtexec_for_bundle``) without TensorRT and without
+building. ``check --target tensorrt`` runs the static check (``exporter.tensorrt.check.check_bundle_for_tensorrt``) and
 exits 0 when the bundle is clean, 1 when TensorRT would refuse something (a check that fails is not a usage error),
 and 2 on bad input (``GlmExportError``, printed on one line by the group). Heavy imports happen inside the commands.
 """
@@ -33,7 +33,7 @@ def _size_options(f: Callable) -> Callable:
 def _manifest_and_request(bundle: str, sizes: Dict[str, Optional[int]]):
     """The bundle's manifest (read once per command, handed to the builders) and the sizes, defaults filled in."""
     from runtime.manifest import read_manifest
-    from runtime.trt_ep import request_with_defaults
+    from runtime.tensorrt.ep_options import request_with_defaults
 
     manifest = read_manifest(bundle)
     return manifest, request_with_defaults(manifest.spec.max_position_embeddings, **sizes)
@@ -73,7 +73,7 @@ def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
 def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, builder_opt_level, no_tf32,
         skip_check, overwrite, print_trtexec, trtexec_path, as_json, quiet, **kwargs):
     """Build a TensorRT 10 engine (prefill + decode profiles) from a bundle, or print the trtexec command for it."""
-    from exporter.trt_engine import EngineOptions, PrecisionPlan, workspace_mib_from_gib
+    from exporter.tensorrt.build import EngineOptions, PrecisionPlan, workspace_mib_from_gib
 
     manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
     options = EngineOptions(
@@ -89,7 +89,7 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
         int8=int8,
     )
     if print_trtexec:
-        from exporter.trtexec_cmd import trtexec_for_bundle
+        from exporter.tensorrt.trtexec import trtexec_for_bundle
 
         cmd = trtexec_for_bundle(bundle, engine_dir, options, trtexec_path, manifest=manifest)
         if as_json:
@@ -101,7 +101,7 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
                        f"glm-export's TensorRT backend cannot load its engine.", err=True)
         return
 
-    from exporter.trt_engine import engine_from_bundle
+    from exporter.tensorrt.build import engine_from_bundle
     from runtime.progress import TqdmProgress
 
     record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
@@ -141,7 +141,7 @@ def check(ctx, bundle, target, trt_version, as_json, **kwargs):
     ONNX parser lacks, contrib (com.microsoft) nodes, element types TensorRT has no type for (float64, ...), Q/DQ
     TensorRT cannot run, and graph inputs the prefill/decode profiles for the given sizes would not cover.
     """
-    from exporter.trt_check import check_bundle_for_tensorrt
+    from exporter.tensorrt.check import check_bundle_for_tensorrt
 
     manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
     report, profiles = check_bundle_for_tensorrt(bundle, request, trt_version, manifest=manifest)

@@ -1,7 +1,7 @@
 """Whether a TensorRT engine built by ``glm-export trt`` can run here: pure checks on its ``engine.json``.
 
 A serialized TensorRT engine is tied to the TensorRT release and to the GPU architecture it was built on. The builder
-(``exporter.trt_engine``) records both in ``engine.json`` beside ``engine.plan``; the runtime backend compares them with
+(``exporter.tensorrt.build``) records both in ``engine.json`` beside ``engine.plan``; the runtime backend compares them with
 the installed TensorRT and the current GPU before deserializing, and refuses with a message that says to rebuild.
 Pure Python, so the refusal logic is tested without TensorRT or a GPU.
 """

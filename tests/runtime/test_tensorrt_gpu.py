@@ -11,14 +11,14 @@ import shutil
 import numpy as np
 import pytest
 
-from exporter.trt_engine import EngineOptions, engine_from_bundle, tensorrt_available
+from exporter.tensorrt.build import EngineOptions, engine_from_bundle, tensorrt_available
 from onnx_steps import OnnxStepper, left_padded_batch
 from runtime import graph_contract as gc
 from runtime.errors import BackendError, GenerationError
 from runtime.sampling import GenerationConfig
 from runtime.tolerances import allowed_diff
-from runtime.trt_compat import ENGINE_PLAN, ENGINE_RECORD, engine_compatibility
-from runtime.trt_ep import ProfileRequest
+from runtime.tensorrt.engine_record import ENGINE_PLAN, ENGINE_RECORD, engine_compatibility
+from runtime.tensorrt.ep_options import ProfileRequest
 
 CASE = "chatglm3-thudm-hd32"
 REQUEST = ProfileRequest(max_batch=2, max_input_len=16, max_seq_len=48, opt_batch=2, opt_seq=9)

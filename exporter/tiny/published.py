@@ -1,0 +1,101 @@
+"""The published full-size configs of every supported checkpoint: reference data for the tiny models and the docs.
+
+Each is the config.json as THUDM published it (minus ``auto_map``); the tiny-model writer replaces only the sizes.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+# The published configs (THUDM/chatglm2-6b, chatglm3-6b, chatglm3-6b-32k, glm-4-9b-chat, glm-4-9b-chat-hf,
+# GLM-4-9B-0414), minus auto_map. Sizes are replaced by the chosen shape; every other field is kept as published.
+_THUDM_BASE: Dict[str, Any] = {
+    "model_type": "chatglm",
+    "architectures": ["ChatGLMModel"],
+    "add_bias_linear": False,
+    "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0,
+    "attention_softmax_in_fp32": True,
+    "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False,
+    "hidden_dropout": 0.0,
+    "hidden_size": 4096,
+    "kv_channels": 128,
+    "layernorm_epsilon": 1e-05,
+    "multi_query_attention": True,
+    "multi_query_group_num": 2,
+    "num_attention_heads": 32,
+    "num_layers": 28,
+    "original_rope": True,
+    "padded_vocab_size": 65024,
+    "post_layer_norm": True,
+    "rmsnorm": True,
+    "seq_length": 8192,
+    "use_cache": True,
+    "torch_dtype": "float16",
+    "transformers_version": "4.30.2",
+    "tie_word_embeddings": False,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+    "pre_seq_len": None,
+    "prefix_projection": False,
+    "quantization_bit": 0,
+}
+PUBLISHED_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "chatglm2": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm2-6b", seq_length=32768, transformers_version="4.27.1"),
+    "chatglm3": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm3-6b"),
+    "chatglm3-32k": dict(_THUDM_BASE, _name_or_path="THUDM/chatglm3-6b-32k", seq_length=32768, rope_ratio=50),
+    "glm4": dict(
+        _THUDM_BASE,
+        _name_or_path="THUDM/glm-4-9b-chat",
+        num_layers=40,
+        padded_vocab_size=151552,
+        layernorm_epsilon=1.5625e-07,
+        seq_length=131072,
+        rope_ratio=500,
+        eos_token_id=[151329, 151336, 151338],
+        pad_token_id=151329,
+        classifier_dropout=None,
+        torch_dtype="bfloat16",
+        transformers_version="4.42.4",
+    ),
+}
+_HF_BASE: Dict[str, Any] = {
+    "architectures": ["GlmForCausalLM"],
+    "attention_bias": True,
+    "attention_dropout": 0.0,
+    "eos_token_id": [151329, 151336, 151338],
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "initializer_range": 0.02,
+    "intermediate_size": 13696,
+    "max_position_embeddings": 131072,
+    "model_type": "glm",
+    "num_attention_heads": 32,
+    "num_hidden_layers": 40,
+    "num_key_value_heads": 2,
+    "pad_token_id": 151329,
+    "partial_rotary_factor": 0.5,
+    "rms_norm_eps": 1.5625e-07,
+    "rope_theta": 5000000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.46.0",
+    "use_cache": True,
+    "vocab_size": 151552,
+}
+PUBLISHED_HF_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "glm4": dict(_HF_BASE),
+    "glm4-0414": dict(
+        _HF_BASE,
+        architectures=["Glm4ForCausalLM"],
+        model_type="glm4",
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-05,
+        rope_theta=10000.0,
+        transformers_version="4.51.3",
+    ),
+}
