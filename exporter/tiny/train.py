@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from runtime.errors import ConfigError, read_json_object
+
 TRAINER_VERSION = 2  # bump when the corpus or the training loop changes: it is part of the cache key
 REPORT_FILE = "train_report.json"
 
@@ -195,10 +197,10 @@ def _forward_logits(model, ids, positions):
     real tokens never attend to later pads)."""
     import torch
 
-    from exporter.model import empty_past
+    from exporter.model import torch_empty_past
 
     mask = torch.ones_like(ids)
-    return model(ids, mask, positions, *empty_past(model.spec, ids.shape[0]))[0]
+    return model(ids, mask, positions, *torch_empty_past(model.spec, ids.shape[0]))[0]
 
 
 def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0) -> Dict[str, float]:
@@ -335,5 +337,4 @@ def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(
 
 
 def read_report(ckpt_dir: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt_dir, REPORT_FILE), encoding="utf-8") as f:
-        return json.load(f)
+    return read_json_object(os.path.join(ckpt_dir, REPORT_FILE), ConfigError, "training report")

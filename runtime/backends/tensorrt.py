@@ -11,14 +11,13 @@ is made; never imports torch.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from runtime.errors import BackendError
+from runtime.errors import BackendError, read_json_object
 from runtime.graph_contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, POSITION_IDS, SEQ, TOTAL, TensorSpec
 from runtime.graph_contract import past_key_name, past_names, present_key_name, present_names
 from runtime.manifest import MANIFEST_NAME, sha256_of
@@ -74,18 +73,12 @@ def read_engine_record(engine_dir: str) -> Dict[str, Any]:
     if not os.path.isdir(engine_dir):
         raise BackendError(f"{engine_dir}: no such engine directory; {BUILD_HINT}")
     path = os.path.join(engine_dir, ENGINE_RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    if not os.path.isfile(path):
         raise BackendError(
-            f"{path}: unreadable ({reason}); is {engine_dir} written by 'glm-export trt'? (trtexec writes no "
+            f"{path}: unreadable (no such file); is {engine_dir} written by 'glm-export trt'? (trtexec writes no "
             f"{ENGINE_RECORD}); {BUILD_HINT}"
-        ) from None
-    if not isinstance(record, dict):
-        raise BackendError(f"{path}: expected a JSON object; {BUILD_HINT}")
-    return record
+        )
+    return read_json_object(path, BackendError, "engine record", hint=BUILD_HINT)
 
 
 class TensorRTBackend:
