@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from exporter.cli import main
 from runtime.manifest import read_manifest
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 
 def _run(args):
