@@ -18,11 +18,11 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 from runtime.backends.tensorrt import current_gpu, import_tensorrt
 from runtime.errors import BackendError, BundleError
-from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from runtime.manifest import MANIFEST_NAME, PRECISION_TABLE, Manifest, read_manifest, sha256_of
 from runtime.progress import NullProgress
 from runtime.tensorrt.engine_record import (
     ENGINE_FORMAT,
@@ -117,15 +117,16 @@ def precision_plan(
             f"--int8 builds from an INT8 (static Q/DQ) bundle, but this bundle's manifest says {bundle_precision}; "
             f"TensorRT 10 takes INT8 scales only from Q/DQ nodes in the graph: {fix}"
         )
-    if bundle_precision == "int8-dynamic":
-        raise EngineOptionError(
-            "int8-dynamic bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build the "
-            "engine from an fp16, fp32 or int8 (static Q/DQ) bundle"
-        )
-    if bundle_precision not in ("fp32", "fp16", "int8", "int4"):
+    facts = PRECISION_TABLE.get(bundle_precision)
+    if facts is None:
         raise BundleError(f"manifest precision {bundle_precision!r} is not one glm-export knows; re-export the bundle")
-    typed = strongly_typed if strongly_typed is not None else bundle_precision != "fp32"
-    if fp16 and bundle_precision in ("fp16", "int4"):
+    if not facts.tensorrt_builds:
+        raise EngineOptionError(
+            f"{bundle_precision} bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build "
+            "the engine from an fp16, fp32 or int8 (static Q/DQ) bundle"
+        )
+    typed = strongly_typed if strongly_typed is not None else facts.strongly_typed
+    if fp16 and not facts.takes_fp16_option:
         raise EngineOptionError(f"--fp16 applies to fp32 and int8 bundles; this bundle is already {bundle_precision}")
     if fp16 and typed:
         raise EngineOptionError(
@@ -134,11 +135,7 @@ def precision_plan(
         )
     if typed:
         return PrecisionPlan(strongly_typed=True)
-    flags: List[str] = []
-    if bundle_precision == "int8":
-        flags.append("INT8")
-    if fp16 or bundle_precision in ("fp16", "int4"):
-        flags.append("FP16")
+    flags = [f for f in ("INT8", "FP16") if f in facts.builder_flags or (f == "FP16" and fp16)]
     return PrecisionPlan(strongly_typed=False, builder_flags=tuple(flags))
 
 

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from runtime.errors import BundleError, GlmExportError
 from runtime.graph_contract import BATCH, PAST, SEQ, TOTAL, TensorSpec
-from runtime.manifest import Manifest
+from runtime.manifest import PRECISION_TABLE, Manifest
 from runtime.tensorrt.profiles import Profile, Range, Shape, ShapeRange, shape_spec
 
 __all__ = [
@@ -229,7 +229,7 @@ def _shape_range(tensor: TensorSpec, dims: Dict[str, Range]) -> ShapeRange:
 # "True"/"False".
 
 EP_NAME = "TensorrtExecutionProvider"
-EP_PRECISIONS = ("fp32", "fp16", "int8")
+EP_PRECISIONS = tuple(name for name, facts in PRECISION_TABLE.items() if facts.tensorrt_ep)  # fp32, fp16, int8
 
 
 def _flag(value: bool) -> str:
@@ -273,8 +273,9 @@ def tensorrt_ep_options(
     profile = envelope_profile(manifest.inputs, request, manifest.spec.max_position_embeddings, tune_for)
     options: Dict[str, str] = {
         "device_id": str(device_id),
-        "trt_fp16_enable": _flag(fp16 or manifest.precision == "fp16"),
-        "trt_int8_enable": _flag(manifest.precision == "int8"),
+        # the provider builds weakly typed networks: the precision's builder flags, plus FP16 kernels when asked
+        "trt_fp16_enable": _flag(fp16 or "FP16" in PRECISION_TABLE[manifest.precision].builder_flags),
+        "trt_int8_enable": _flag("INT8" in PRECISION_TABLE[manifest.precision].builder_flags),
     }
     if cache_dir is not None:
         options["trt_engine_cache_enable"] = "True"
