@@ -70,40 +70,33 @@ def _pop_model_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: kwargs.pop(k) for k in MODEL_OPTIONS}
 
 
+# the CLI's spelling of GlmModel.load's parameters, for the runtime's one backend/option rule
+CLI_SPELLING_FLAGS = {"backend": "--backend", "engine_dir": "--engine", "provider": "--provider",
+                      "device": "--device", "threads": "--threads"}
+
+
 def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]:
     """``GlmModel.load`` keyword arguments from the shared model options (``MODEL_OPTIONS``). Options that do not
-    apply to the chosen backend or provider are refused with a one-line BackendError rather than ignored."""
-    from runtime.errors import BackendError
+    apply to the chosen backend or provider are refused by the runtime's rule
+    (``runtime.backend_options.check_backend_options``), named by their flags, rather than ignored."""
+    from runtime.backend_options import Spelling, check_backend_options
 
     backend = opts.get("backend") or ("tensorrt" if opts.get("engine_dir") else "onnxruntime")
-    ep_given = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
+    given = {param: [flag] for param, flag in CLI_SPELLING_FLAGS.items()
+             if param != "backend" and opts.get(param) is not None}
+    given["trt_options"] = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
+    if not io_binding:
+        given["io_binding"] = ["--no-io-binding"]
+    check_backend_options(backend, given, opts.get("provider"), Spelling(CLI_SPELLING_FLAGS))
     kwargs: Dict[str, Any] = {"backend": backend}
     if opts.get("prefill_chunk") is not None:
         kwargs["prefill_chunk"] = opts["prefill_chunk"]
     if backend == "tensorrt":
-        if not opts.get("engine_dir"):
-            raise BackendError("--backend tensorrt needs --engine ENGINE_DIR, an engine built from the bundle with "
-                               "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
-        onnxruntime_only = ep_given + [flag for key, flag in (("provider", "--provider"), ("threads", "--threads"))
-                                       if opts.get(key) is not None]
-        if not io_binding:
-            onnxruntime_only.append("--no-io-binding")
-        if onnxruntime_only:
-            raise BackendError(f"{', '.join(onnxruntime_only)}: onnxruntime options, not used by --backend tensorrt "
-                               f"(an engine's sizes are fixed when 'glm-export trt' builds it)")
         kwargs["engine_dir"] = opts["engine_dir"]
         kwargs["device"] = opts.get("device") or 0
         return kwargs
-    if opts.get("engine_dir"):
-        raise BackendError("--engine is for --backend tensorrt; --backend onnxruntime runs the bundle's model.onnx")
     provider = opts.get("provider") or "cpu"
-    if ep_given and provider != "tensorrt":
-        raise BackendError(f"{', '.join(ep_given)}: options of onnxruntime's TensorRT execution provider; add "
-                           f"--provider tensorrt (or use --backend tensorrt --engine ENGINE_DIR)")
     if opts.get("device") is not None:
-        if provider == "cpu":
-            raise BackendError("--device selects a CUDA device: use it with --provider cuda/tensorrt or --backend "
-                               "tensorrt")
         provider = f"{provider}:{opts['device']}"
     kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
     if provider.startswith("tensorrt"):

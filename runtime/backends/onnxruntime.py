@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from runtime.backend_options import check_backend_options
 from runtime.errors import BackendError, BundleError, first_line
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
@@ -80,8 +81,7 @@ def provider_config(
     input); ``trt_options`` with another provider is refused rather than ignored.
     """
     name, device_id = parse_provider(provider)
-    if name != "tensorrt" and trt_options is not None:
-        raise BackendError(f"TensorRT provider options apply to provider 'tensorrt', not {name!r}")
+    check_backend_options("onnxruntime", {"trt_options": ["trt_options"]} if trt_options is not None else {}, name)
     wanted = PROVIDERS[name][0]
     options: List[Dict[str, str]] = []
     for p in wanted:

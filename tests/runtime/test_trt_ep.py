@@ -225,7 +225,8 @@ def test_provider_config_refusals():
 
     with pytest.raises(BackendError, match="needs the bundle's manifest"):
         provider_config("tensorrt")
-    with pytest.raises(BackendError, match="apply to provider 'tensorrt', not 'cuda'"):
+    with pytest.raises(BackendError, match="trt_options: options of onnxruntime's TensorRT execution provider; add "
+                                           "provider='tensorrt'"):
         provider_config("cuda", _manifest(), TrtProviderOptions(fp16=True))
     with pytest.raises(BackendError, match="unknown provider"):
         provider_config("tensorrtx", _manifest())
