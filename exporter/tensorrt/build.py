@@ -1,7 +1,7 @@
 """TensorRT engines from export bundles: ``engine_from_bundle(bundle_dir, out_dir, options)``.
 
 Reads the bundle's manifest, checks the graph for TensorRT (``exporter.tensorrt.check``), makes the prefill and decode
-optimization profiles (``runtime.tensorrt.ep_options``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
+optimization profiles (``runtime.tensorrt.profiles``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
 beside it), builds, and writes ``engine.plan`` and ``engine.json`` into ``out_dir`` through a temporary directory
 that is renamed into place. ``engine.json`` records what the runtime needs to refuse an engine that cannot run here
 (``runtime.tensorrt.engine_record``) and to pick a profile per step (``runtime.tensorrt.profiles``).
@@ -31,8 +31,8 @@ from runtime.tensorrt.engine_record import (
     ENGINE_RECORD,
     engine_compatibility,
 )
-from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, check_builder_settings, profiles_for_manifest
-from runtime.tensorrt.profiles import Profile
+from runtime.tensorrt.ep_options import check_builder_settings
+from runtime.tensorrt.profiles import EngineOptionError, Profile, ProfileRequest, profiles_for_manifest
 
 from exporter.staging import check_destination, staged_directory
 from exporter.tensorrt.check import check_for_tensorrt

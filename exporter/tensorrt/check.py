@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from runtime.manifest import PRECISION_TABLE, Manifest, read_manifest
 from runtime.tensorrt.engine_record import major_minor
-from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, profiles_for_manifest
+from runtime.tensorrt.profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
 from runtime.tensorrt.profiles import Profile
 
 # --- What TensorRT's ONNX parser supports, as data ---------------------------------------------------------------

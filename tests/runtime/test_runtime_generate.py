@@ -640,7 +640,8 @@ def test_tensorrt_provider_on_cpu_onnxruntime_is_a_one_line_backend_error(chatgl
     """A real session attempt: this onnxruntime has no TensorrtExecutionProvider, so asking for it must say so."""
     import onnxruntime
 
-    from runtime.tensorrt.ep_options import EngineOptionError, TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
+    from runtime.tensorrt.profiles import EngineOptionError
 
     if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the TensorRT execution provider")

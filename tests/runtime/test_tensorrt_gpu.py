@@ -18,7 +18,7 @@ from runtime.errors import BackendError, GenerationError
 from runtime.sampling import GenerationConfig
 from runtime.tolerances import allowed_diff
 from runtime.tensorrt.engine_record import ENGINE_PLAN, ENGINE_RECORD, engine_compatibility
-from runtime.tensorrt.ep_options import ProfileRequest
+from runtime.tensorrt.profiles import ProfileRequest
 
 CASE = "chatglm3-thudm-hd32"
 REQUEST = ProfileRequest(max_batch=2, max_input_len=16, max_seq_len=48, opt_batch=2, opt_seq=9)

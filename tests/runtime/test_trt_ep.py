@@ -12,15 +12,16 @@ from runtime import graph_contract as gc
 from runtime.errors import GenerationError, GlmExportError
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
-from runtime.tensorrt.ep_options import (
+from runtime.tensorrt.ep_options import tensorrt_ep_options
+from runtime.tensorrt.profiles import (
     EngineOptionError,
     ProfileRequest,
     envelope_profile,
     profiles_for_generation,
     request_with_defaults,
-    tensorrt_ep_options,
+    select_profile,
+    shape_spec,
 )
-from runtime.tensorrt.profiles import select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM = 2, 4
 SHAPE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
