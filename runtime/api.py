@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Mapping, NamedTuple, Optional
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union, cast
 
 import numpy as np
 
@@ -146,8 +146,8 @@ class GlmModel:
         if not io_binding:
             given["io_binding"] = ["io_binding"]
         check_backend_options(backend, given, provider)
-        if backend == "tensorrt":
-            return cls._load_engine(bundle_dir, engine_dir, device, prefill_chunk, verify_checksums)
+        if backend == "tensorrt":  # check_backend_options refused a missing engine_dir
+            return cls._load_engine(bundle_dir, cast(str, engine_dir), device, prefill_chunk, verify_checksums)
         provider = provider if provider is not None else "cpu"
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
         model_path = os.path.join(bundle_dir, manifest.model_file)

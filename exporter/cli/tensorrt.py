@@ -54,7 +54,7 @@ def _manifest_and_request(bundle: str, sizes: Dict[str, Optional[int]]):
 def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, builder_opt_level, no_tf32,
         skip_check, overwrite, print_trtexec, trtexec_path, as_json, quiet, **kwargs):
     """Build a TensorRT 10 engine (prefill + decode profiles) from a bundle, or print the trtexec command for it."""
-    from exporter.tensorrt.build import EngineOptions, PrecisionPlan, workspace_mib_from_gib
+    from exporter.tensorrt.build import EngineOptions, workspace_mib_from_gib
 
     manifest, request = _manifest_and_request(bundle, pop_sizes(kwargs))
     options = EngineOptions(
@@ -85,25 +85,9 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
     from exporter.tensorrt.build import engine_from_bundle
     from runtime.progress import TqdmProgress
 
-    record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
+    result = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
                                 manifest=manifest)
-    mode = PrecisionPlan(record["strongly_typed"], tuple(record["builder_flags"])).label
-    summary = {
-        "engine_dir": engine_dir,
-        "engine_bytes": record["engine_bytes"],
-        "tensorrt_version": record["tensorrt_version"],
-        "gpu_name": record["gpu_name"],
-        "compute_capability": record["compute_capability"],
-        "precision": record["precision"],
-        "mode": mode,
-        "profiles": [p["name"] for p in record["profiles"]],
-    }
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"{engine_dir}: {record['precision']} bundle, {mode}, {record['engine_bytes'] / 2**20:.1f} MiB, "
-                   f"TensorRT {record['tensorrt_version']} on {record['gpu_name']} (compute capability "
-                   f"{record['compute_capability']}), profiles {', '.join(summary['profiles'])}")
+    click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
 @click.command("check")

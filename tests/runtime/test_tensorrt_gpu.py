@@ -44,8 +44,9 @@ def built(tiny_models, tmp_path_factory):
     _, bundle = tiny_models.case(CASE)
     out = str(tmp_path_factory.mktemp("trt") / "engine")
     # TF32 off: the comparison with onnxruntime's fp32 uses the fp32 row of the tolerance table
-    record = engine_from_bundle(bundle, out, EngineOptions(REQUEST, tf32=False))
-    return bundle, out, record
+    result = engine_from_bundle(bundle, out, EngineOptions(REQUEST, tf32=False))
+    assert result.engine_dir == out and result.to_dict()["profiles"] == ["prefill", "decode"]
+    return bundle, out, result.record
 
 
 def _close(got, want, what):
