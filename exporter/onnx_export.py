@@ -203,7 +203,7 @@ def export_bundle(
     start = time.perf_counter()
     spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
     weight_files = find_weight_files(ckpt_dir)
-    with staged_directory(out_dir, overwrite) as tmp:
+    with staged_directory(out_dir, overwrite, inputs=(("--model", ckpt_dir),)) as tmp:
         progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
         model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch_dtype, progress))
         plan = make_plan(spec)

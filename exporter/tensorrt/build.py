@@ -214,7 +214,8 @@ def engine_from_bundle(
     ``manifest`` is the bundle's, where the caller has read it already (None: read here).
     """
     say = (progress or NullProgress()).stage
-    check_destination(out_dir, options.overwrite)
+    inputs = (("--model", bundle_dir), ("--timing-cache", options.timing_cache))
+    check_destination(out_dir, options.overwrite, inputs=inputs)
     manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     manifest_sha = sha256_of(os.path.join(bundle_dir, MANIFEST_NAME))
     model_path = os.path.join(bundle_dir, manifest.model_file)
@@ -291,7 +292,7 @@ def engine_from_bundle(
         len(plan_bytes),
         os.path.abspath(bundle_dir),
     )
-    with staged_directory(out_dir, options.overwrite) as tmp_dir:
+    with staged_directory(out_dir, options.overwrite, inputs=inputs) as tmp_dir:
         with open(os.path.join(tmp_dir, ENGINE_PLAN), "wb") as f:
             f.write(plan_bytes)
         with open(os.path.join(tmp_dir, ENGINE_RECORD), "w", encoding="utf-8") as f:
