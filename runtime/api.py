@@ -30,6 +30,7 @@ from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import GenerationConfig
+from runtime.user_input import check_threads
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
 from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
@@ -113,6 +114,7 @@ class GlmModel:
         io_binding: bool = True,
         prefill_chunk: Union[int, None, str] = AUTO,
         verify_checksums: bool = False,
+        verify_files: bool = True,
     ) -> "GlmModel":
         """Open a bundle written by ``glm-export onnx``.
 
@@ -130,9 +132,11 @@ class GlmModel:
 
         Raises BundleError for a missing or corrupt file or a manifest newer than this runtime, BackendError when the
         backend or provider is not available (naming what to install) or options do not fit the backend,
-        EngineOptionError for TensorRT sizes that are invalid. ``verify_checksums`` re-hashes every file (slow on
-        big bundles); by default only their presence and sizes are checked.
+        EngineOptionError for TensorRT sizes that are invalid. Every file the manifest lists is checked against its
+        sha256 (``verify_files``; each file is hashed once, then a verified stamp keyed by its size and times
+        skips it; False checks only presence and sizes); ``verify_checksums`` re-hashes every file regardless.
         """
+        check_threads(threads, "threads")
         bundle_dir = os.fspath(bundle_dir)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -141,11 +145,13 @@ class GlmModel:
             raise GenerationError(f"prefill_chunk must be a whole number >= 0, None or 'auto', got {prefill_chunk!r}")
         if backend == "tensorrt":
             return cls._load_engine(bundle_dir, engine_dir, device, prefill_chunk, verify_checksums,
-                                    provider=provider, threads=threads, trt_options=trt_options)
+                                    provider=provider, threads=threads, trt_options=trt_options,
+                                    verify_files=verify_files)
         if engine_dir is not None:
             raise BackendError("engine_dir is for backend='tensorrt'; the onnxruntime backend runs the bundle's graph")
         provider = provider if provider is not None else "cpu"
-        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums,
+                                 verify_files=verify_files)
         model_path = os.path.join(bundle_dir, manifest.model_file)
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
@@ -162,7 +168,7 @@ class GlmModel:
     @classmethod
     def _load_engine(cls, bundle_dir: str, engine_dir: Optional[str], device: int, prefill_chunk: Union[int, None, str],
                      verify_checksums: bool, provider: Optional[str], threads: Optional[int],
-                     trt_options: Optional[TrtProviderOptions]) -> "GlmModel":
+                     trt_options: Optional[TrtProviderOptions], verify_files: bool = True) -> "GlmModel":
         if engine_dir is None:
             raise BackendError("backend 'tensorrt' needs engine_dir, an engine built with "
                                "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
@@ -172,7 +178,8 @@ class GlmModel:
                                    f"device {device} with the sizes it was built for")
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise BackendError(f"device must be a CUDA device index >= 0, got {device!r}")
-        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums,
+                                 verify_files=verify_files)
         from runtime.backends.tensorrt import TensorRTBackend
 
         runner = TensorRTBackend(os.fspath(engine_dir), bundle_dir, device=device)

@@ -11,6 +11,8 @@ import json
 
 import click
 
+from exporter.cli.user_values import threads_value
+
 PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (weight-only MatMulNBits)."
 
 
@@ -45,7 +47,8 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
               help="Measure perplexity, top-1 agreement and KL against the fp32 bundle and record them.")
 @click.option("--eval-data", default=None, help="Evaluate on this file instead of held-out calibration text.")
 @click.option("--eval-samples", default=64, show_default=True, type=int, help="Held-out samples to evaluate (at most).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=int, callback=threads_value,
+              help="onnxruntime intra-op threads (1 to the cores here).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -95,7 +98,8 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
 @click.option("--samples", default=0, show_default=True, type=int, help="Evaluate a seeded choice of N samples (0: all).")
 @click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per sample (longer ones cut).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
+@click.option("--threads", default=None, type=int, callback=threads_value,
+              help="onnxruntime intra-op threads (1 to the cores here).")
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def eval_(model_dir, reference_dir, data, fmt, samples, seq_len, seed, threads, as_json, quiet):

@@ -12,6 +12,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import click
 
+from exporter.cli.user_values import flush_stdout, require_stdout, stdin_lines, text_value, threads_value
+
 PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt")
 BACKEND_CHOICES = ("onnxruntime", "tensorrt")
 
@@ -34,8 +36,8 @@ def _model_options(f: Callable) -> Callable:
                      help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu) [default: cpu]."),
         click.option("--device", type=click.IntRange(min=0), default=None,
                      help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads (default: onnxruntime's choice)."),
+        click.option("--threads", type=int, default=None, callback=threads_value,
+                     help="onnxruntime intra-op threads, 1 to the cores here (default: onnxruntime's choice)."),
         click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
                      help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
                           "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
@@ -51,6 +53,8 @@ def _model_options(f: Callable) -> Callable:
         click.option("--trt-fp16", is_flag=True, default=None,
                      help="--provider tensorrt: let TensorRT use FP16 kernels on an fp32 bundle (fp16 bundles "
                           "always)."),
+        click.option("--verify-files/--no-verify-files", default=True, show_default=True,
+                     help="Check every bundle file against the manifest's sha256 (hashed once, then stamped)."),
         click.option("--trt-cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="--provider tensorrt: keep the provider's engine here, built once and reused "
                           "[default: rebuilt every run]."),
@@ -61,7 +65,7 @@ def _model_options(f: Callable) -> Callable:
 
 
 MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
-                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
+                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir", "verify_files")
 EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
               "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
 
@@ -77,7 +81,7 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
 
     backend = opts.get("backend") or ("tensorrt" if opts.get("engine_dir") else "onnxruntime")
     ep_given = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
-    kwargs: Dict[str, Any] = {"backend": backend}
+    kwargs: Dict[str, Any] = {"backend": backend, "verify_files": opts.get("verify_files", True)}
     if opts.get("prefill_chunk") is not None:
         kwargs["prefill_chunk"] = opts["prefill_chunk"]
     if backend == "tensorrt":
@@ -126,7 +130,8 @@ def _sampling_options(f: Callable) -> Callable:
         click.option("--top-p", type=float, default=None, help="Sample from the smallest set with mass >= P."),
         click.option("--repetition-penalty", type=float, default=None, help="CTRL penalty R > 0 on seen tokens."),
         click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output)."),
-        click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable)."),
+        click.option("--stop", multiple=True, callback=text_value,
+                     help="Stop when the text contains this string (repeatable)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -184,10 +189,11 @@ def _status_line(result) -> str:
 
 @click.command()
 @_model_options
-@click.option("--prompt", default=None, help="Prompt text (encoded with the bundle's tokenizer and prompt prefix).")
+@click.option("--prompt", default=None, callback=text_value,
+              help="Prompt text (encoded with the bundle's tokenizer and prompt prefix).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids, used as given.")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap --prompt in the model's chat format.")
-@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--system", default=None, callback=text_value, help="System message (with --chat).")
 @_sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @click.option("--json", "as_json", is_flag=True,
@@ -205,6 +211,7 @@ def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
         raise click.UsageError("--stream and --json cannot be combined")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     config = config_from_options(sampling, sample_by_default=False, default_max_new=128)
+    require_stdout()
 
     with _load(model_opts) as model:
         if as_chat:
@@ -217,7 +224,7 @@ def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
             for piece in source:
                 if piece.text:
                     click.echo(piece.text, nl=False)
-                    sys.stdout.flush()
+                    flush_stdout()
             click.echo()
         else:
             for _ in source:
@@ -239,7 +246,8 @@ CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.8}  # ChatGLM's own chat default
 
 @click.command()
 @_model_options
-@click.option("--system", default=None, help="System message kept at the start of the conversation.")
+@click.option("--system", default=None, callback=text_value,
+              help="System message kept at the start of the conversation.")
 @_sampling_options
 def chat(system, **sampling):
     """Talk to the model: one line per turn on stdin; /clear forgets the history, /quit (or end of input) leaves.
@@ -252,16 +260,20 @@ def chat(system, **sampling):
     config = config_from_options(sampling, sample_by_default=True, default_max_new=1024, chat_defaults=CHAT_SAMPLING)
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
+    require_stdout()
+    lines = stdin_lines()
+    if sys.stdin is None:
+        next(lines)  # raises: stdin is closed
     interactive = sys.stdin.isatty()
     with _load(model_opts) as model:
         model.require_chat()
         while True:
             if interactive:
                 click.echo("user> ", nl=False)
-            line = sys.stdin.readline()
-            if not line:  # end of input
+            got = next(lines, None)
+            if got is None:  # end of input
                 break
-            text = line.rstrip("\r\n")
+            text = got[1]
             command = text.strip()
             if not command:
                 continue
@@ -278,7 +290,7 @@ def chat(system, **sampling):
                 for piece in stream:
                     if piece.text:
                         click.echo(piece.text, nl=False)
-                        sys.stdout.flush()
+                        flush_stdout()
             except GenerationError as e:
                 history.pop()
                 click.echo()
@@ -370,6 +382,7 @@ def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, 
 def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, **kwargs):
     """Measure prefill latency, decode tokens/s, per-token latency p50/p90 and peak RSS on random prompts."""
     opts = _pop_model_options(kwargs)
+    require_stdout()
     with _load(opts, io_binding) as model:
         rows = [
             bench_model(model, p, b, new_tokens, runs, warmup)
