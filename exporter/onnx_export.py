@@ -34,6 +34,7 @@ from runtime.tolerances import allowed_diff, tolerance
 from exporter.staging import staged_directory
 from exporter.config import spec_from_checkpoint
 from exporter.model import GlmForExport, model_from_weights
+from exporter.resources import check_checkpoint_fits
 from exporter.weights import find_weight_files, load_canonical_weights
 
 log = logging.getLogger("glm_export")
@@ -203,6 +204,7 @@ def export_bundle(
     start = time.perf_counter()
     spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
     weight_files = find_weight_files(ckpt_dir)
+    check_checkpoint_fits(ckpt_dir, spec, weight_files, info.layout, torch.finfo(torch_dtype).bits // 8)
     with staged_directory(out_dir, overwrite, inputs=(("--model", ckpt_dir),)) as tmp:
         progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
         model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch_dtype, progress))

@@ -81,7 +81,9 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
 
     backend = opts.get("backend") or ("tensorrt" if opts.get("engine_dir") else "onnxruntime")
     ep_given = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
-    kwargs: Dict[str, Any] = {"backend": backend, "verify_files": opts.get("verify_files", True)}
+    kwargs: Dict[str, Any] = {"backend": backend}
+    if opts.get("verify_files") is False:  # --no-verify-files
+        kwargs["verify_files"] = False
     if opts.get("prefill_chunk") is not None:
         kwargs["prefill_chunk"] = opts["prefill_chunk"]
     if backend == "tensorrt":
