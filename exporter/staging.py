@@ -69,11 +69,11 @@ def check_output_path(out_dir: str, inputs: Inputs = (), option: str = "--out") 
     out_dir = os.fspath(out_dir)
     if "\0" in out_dir:
         raise OutputPathError(f"{option} {out_dir!r}: contains a NUL character")
-    if os.path.basename(os.path.normpath(out_dir)) in (".", "..", ""):
-        raise OutputPathError(f"{option} {out_dir}: names the current or a parent directory; give a new directory")
     real = _real(out_dir)
     if real == os.sep or os.path.dirname(real) == real:
         raise OutputPathError(f"{option} {out_dir}: is the filesystem root")
+    if os.path.basename(os.path.normpath(out_dir)) in (".", "..", ""):
+        raise OutputPathError(f"{option} {out_dir}: names the current or a parent directory; give a new directory")
     cwd = _real(os.getcwd())
     if _inside(cwd, real):
         raise OutputPathError(f"{option} {out_dir}: is the working directory or one of its parents; "

@@ -8,6 +8,10 @@ The template is data from the bundle, so it is rendered in jinja's immutable san
 - no ``include``, ``import`` or ``extends`` (a loader that refuses them);
 - any failure inside the template (division by zero, a missing key, recursion, ...) is one TokenizerError.
 
+String methods, filters and indexing applied to one marked message string (``content.strip()``,
+``content.split('</think>')[-1]``, ``content|trim``) act on its text and mark the result again, so templates that
+edit message text keep it as text too.
+
 Chat text is data: ``encode_rendered`` receives the rendered text in which every string that came from a message
 was wrapped in two Unicode noncharacters (``wrap_messages``). Special-token text is turned into ids only outside
 those spans; message text between them, and the template text around it, is encoded as plain text in one run, so
@@ -18,6 +22,7 @@ import json
 import re
 import sys
 import time
+import types
 from typing import Any, Dict, List, Mapping, Sequence
 
 from runtime.errors import GenerationError, GlmExportError, TokenizerError, first_line
@@ -103,7 +108,18 @@ def _environment():
         def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja's own signature
             _check_args(args)
             _check_args(list(kwargs.values()))
+            inner = _unwrapped(getattr(__obj, "__self__", None))
+            if inner is not None and isinstance(__obj, types.BuiltinMethodType):
+                # a str method on message text (.strip(), .split(...)): applied to the text, result marked again
+                method = getattr(inner, __obj.__name__)
+                return _check_size(_rewrap(super().call(__context, method, *args, **kwargs)))
             return _check_size(super().call(__context, __obj, *args, **kwargs))
+
+        def getitem(self, obj, argument):
+            inner = _unwrapped(obj)
+            if inner is not None and isinstance(argument, (int, slice)):
+                return _rewrap(super().getitem(inner, argument))
+            return super().getitem(obj, argument)
 
     env = _LimitedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols], loader=_NoLoader())
     for name, f in list(env.filters.items()):
@@ -112,13 +128,36 @@ def _environment():
 
 
 def _limited_filter(f):
+    value_at = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0  # after the context/environment
+
     @functools.wraps(f)  # keeps jinja's pass_context / pass_environment marks
     def limited(*args, **kwargs):
-        _check_args(args[1:])
+        _check_args(args[value_at + 1:])
         _check_args(list(kwargs.values()))
+        inner = _unwrapped(args[value_at]) if len(args) > value_at else None
+        if inner is not None:  # a filter on message text (|trim, |replace): applied to the text, marked again
+            args = args[:value_at] + (inner,) + args[value_at + 1:]
+            return _check_size(_rewrap(f(*args, **kwargs)))
         return _check_size(f(*args, **kwargs))
 
     return limited
+
+
+def _unwrapped(value: Any) -> Any:
+    """The text of one marked message string, or None when ``value`` is not exactly one."""
+    if isinstance(value, str) and len(value) >= 2 and value[0] == OPEN and value[-1] == CLOSE:
+        inner = value[1:-1]
+        if OPEN not in inner and CLOSE not in inner:
+            return inner
+    return None
+
+
+def _rewrap(value: Any) -> Any:
+    if isinstance(value, str):
+        return OPEN + value + CLOSE if value else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_rewrap(v) for v in value)
+    return value
 
 
 def _tojson(value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,

@@ -39,10 +39,9 @@ def check_spec_dict(spec: Any, where: str) -> None:
         t = types[name] if isinstance(types[name], str) else getattr(types[name], "__name__", str(types[name]))
         field = f"spec.{name}"
         if t == "int":
-            if not _is_int(value) or not (0 <= value <= _MAX_COUNT):
-                raise _fail(where, field, value, "a whole number >= 0")
-            if name in _POSITIVE_INTS and value <= 0:
-                raise _fail(where, field, value, "a whole number > 0")
+            low = 1 if name in _POSITIVE_INTS else 0
+            if not _is_int(value) or not (low <= value <= _MAX_COUNT):
+                raise _fail(where, field, value, f"a whole number >= {low}")
         elif t == "float":
             if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
                 raise _fail(where, field, value, "a finite number")
