@@ -57,6 +57,20 @@ def main() -> None:
     measures = {"cold": cold, "warm": lambda: {"s": load(True)}, "none": lambda: {"s": load(False)}}
     load(True)  # warm the page cache and onnxruntime once
     medians = interleaved_medians(measures, args.rounds)
+
+    # the bundle check alone (manifest, names, graph references, checksums), without onnxruntime's session
+    from runtime.manifest import read_manifest
+
+    def check(verify: bool, forget: bool = False) -> float:
+        if forget:
+            forget_stamp()
+        start = time.perf_counter()
+        read_manifest(bundle, verify_files=verify)
+        return time.perf_counter() - start
+
+    checks = interleaved_medians({"cold": lambda: {"s": check(True, forget=True)},
+                                  "warm": lambda: {"s": check(True)},
+                                  "none": lambda: {"s": check(False)}}, args.rounds * 4)
     size = sum(os.path.getsize(os.path.join(bundle, f)) for f in os.listdir(bundle) if not f.startswith("."))
     none = medians["none"]["s"]
     print(json.dumps({
@@ -65,7 +79,10 @@ def main() -> None:
         "load_s": {k: round(v["s"], 3) for k, v in medians.items()},
         "cold_vs_none": round(medians["cold"]["s"] / none, 2),
         "warm_vs_none": round(medians["warm"]["s"] / none, 3),
-        "hash_gb_per_s": round(size / 1e9 / max(medians["cold"]["s"] - none, 1e-9), 2),
+        "hash_gb_per_s": round(size / 1e9 / max(checks["cold"]["s"] - checks["none"]["s"], 1e-9), 2),
+        "check_ms": {k: round(v["s"] * 1000, 1) for k, v in checks.items()},
+        "check_cold_vs_load_none": round(checks["cold"]["s"] / none, 3),
+        "check_warm_minus_none_ms": round((checks["warm"]["s"] - checks["none"]["s"]) * 1000, 1),
     }))
 
 

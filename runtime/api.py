@@ -27,6 +27,7 @@ import numpy as np
 from runtime.errors import BackendError, BundleError, GenerationError, TokenizerError
 from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
+from runtime.graph_check import check_session_matches_spec
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import GenerationConfig
@@ -161,6 +162,11 @@ class GlmModel:
             model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
             io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )
+        try:
+            check_session_matches_spec(runner.session, manifest.spec, manifest.kv_dtype, model_path)
+        except BundleError:
+            runner.close()
+            raise
         profiles = [runner.profile] if runner.profile is not None else None  # provider tensorrt: one profile
         chunk, context = plan_limits(manifest.spec.max_position_embeddings, prefill_chunk, profiles, native=False)
         return cls(bundle_dir, manifest, runner, chunk, context, "onnxruntime")

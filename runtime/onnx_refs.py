@@ -20,6 +20,8 @@ _MAX_DEPTH = 64  # nested subgraphs deeper than this are refused (a crafted file
 
 
 def _varint(buf, pos: int, end: int) -> Tuple[int, int]:
+    if pos < end and buf[pos] < 0x80:  # the common one-byte case, on the fast path
+        return buf[pos], pos + 1
     value, shift = 0, 0
     while True:
         if pos >= end or shift > 63:

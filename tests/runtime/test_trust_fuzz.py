@@ -73,6 +73,15 @@ def _mutate(manifest, data):
     return m
 
 
+def _load_and_step(bundle) -> None:
+    """A manifest that reads must also load and generate, or fail typed."""
+    from runtime import GenerationConfig, GlmModel
+
+    with GlmModel.load(str(bundle)) as model:
+        model.generate([1, 2, 3], GenerationConfig(max_new_tokens=2))
+        model.generate("hi", GenerationConfig(max_new_tokens=1))
+
+
 @settings(max_examples=150, **SETTINGS)
 @given(data=st.data())
 def test_any_manifest_reads_or_fails_typed_and_writes_nothing_outside(world, data):
@@ -85,6 +94,7 @@ def test_any_manifest_reads_or_fails_typed_and_writes_nothing_outside(world, dat
     try:
         m = read_manifest(str(bundle))
         assert m.spec.num_layers >= 1
+        _load_and_step(bundle)
     except GlmExportError as e:
         assert str(e) and "\n" not in str(e)
     finally:
