@@ -2,7 +2,7 @@
 
 One error path: user mistakes (every ``GlmExportError``) print one line and exit 2 (``check``: 1), without a
 traceback; Ctrl-C exits 130, SIGTERM/SIGHUP 128 + the signal (staged output is cleaned up first); a closed stdout
-(``| head``) ends quietly. Anything else is a bug: its traceback is shown, with a line asking to report it.
+(``| head``) ends quietly; click's usage errors are one line as well. Anything else is a bug: its traceback is shown, with a line asking to report it.
 """
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ class _Group(click.Group):
         except BrokenPipeError:
             _quiet_stdout()
             ctx.exit(1)
+        except click.exceptions.UsageError as e:  # one line too: what was wrong, and where the help is
+            sub = e.ctx.command_path if e.ctx is not None else "glm-export"
+            click.echo(f"error: {e.format_message()} (see '{sub} --help')", err=True)
+            ctx.exit(e.exit_code)
         except click.exceptions.ClickException:
             raise
         except (click.exceptions.Exit, click.exceptions.Abort):

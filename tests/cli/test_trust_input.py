@@ -150,3 +150,15 @@ def test_ctrl_c_is_one_line_and_cleans_up(tmp_path, monkeypatch):
     r = CliRunner().invoke(main, ["tiny", "--out", str(tmp_path / "ck")])
     assert r.exit_code == 130 and r.output.strip() == "interrupted"
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "--model", "b"], "give exactly one of --prompt or --prompt-ids"),
+    (["run", "--model", "b", "--prompt", "x", "--threads", "abc"], "'--threads'"),
+    (["run", "--model", "b", "--prompt", "x", "--bogus"], "No such option '--bogus'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    r = CliRunner().invoke(main, args)
+    line = assert_one_line_error(r.exit_code, r.output, needle, "--help')")
+    assert "Usage:" not in r.output and line
