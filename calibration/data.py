@@ -56,6 +56,7 @@ class DataSplit:
 
 
 MAX_LINE_BYTES = 4 * MAX_LINE_CHARS  # one sample: 1 Mi characters of UTF-8 at most
+MAX_FILE_BYTES = 512 * 1024**2  # a calibration or evaluation file
 
 
 def read_text_file(path: str) -> str:
@@ -64,6 +65,10 @@ def read_text_file(path: str) -> str:
         raise CalibrationDataError(f"{path}: calibration file not found")
     if os.path.isdir(path):
         raise CalibrationDataError(f"{path}: is a directory; give a text or JSONL file")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise CalibrationDataError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES >> 20} MiB read; "
+                                   "calibration and evaluation need a few hundred samples: give a smaller file")
     # read line by line with a bound, so one enormous line is an error rather than a 1 GB string for the tokenizer
     lines: List[str] = []
     offset = 0

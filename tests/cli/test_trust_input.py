@@ -102,16 +102,17 @@ def test_threads_are_bounded_by_the_cores(tmp_path, tiny_models, command, thread
     assert not (tmp_path / "q").exists()
 
 
-def test_a_1gb_calibration_line_is_an_error_not_bad_alloc(tmp_path, tiny_models):
+@pytest.mark.parametrize("size, needle", [(64 << 20, "line 1 is longer than"), (1 << 30, "MiB, more than")])
+def test_a_huge_calibration_line_or_file_is_an_error_not_bad_alloc(tmp_path, tiny_models, size, needle):
     bundle = tiny_models.case("chatglm3-thudm-hd32")[1]
     data = tmp_path / "calib.txt"
-    with open(data, "wb") as f:  # sparse: 1 GB of one line, no disk used
-        f.truncate(1 << 30)
+    with open(data, "wb") as f:  # sparse: one line of NUL bytes, no disk used
+        f.truncate(size)
     for args in (["quantize", "--model", bundle, "--out", str(tmp_path / "q"), "--precision", "int8",
                   "--calib-data", str(data), "--quiet"],
                  ["eval", "--model", bundle, "--reference", bundle, "--data", str(data), "--quiet"]):
         r = CliRunner().invoke(main, args)
-        assert_one_line_error(r.exit_code, r.output, str(data), "line 1 is longer than")
+        assert_one_line_error(r.exit_code, r.output, str(data), needle)
     assert not (tmp_path / "q").exists() and leftovers(tmp_path) == []
 
 

@@ -132,6 +132,23 @@ def test_external_data_must_be_listed_so_it_is_verified(bundle):
 # ------------------------------------------------------------------------------------------------ checksums
 
 
+def test_a_flipped_byte_in_external_data_is_refused(bundle):
+    """A bundle whose weights are in model.onnx.data: that file is checked like the graph."""
+    import onnx
+
+    from runtime.manifest import record_files
+
+    model = onnx.load(str(bundle / "model.onnx"))
+    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+                    size_threshold=0)
+    edit_json(bundle / "manifest.json", lambda d: d["files"].update(
+        record_files(str(bundle), ["model.onnx", "model.onnx.data"])))
+    assert _run(bundle)[0] == 0
+    _flip_byte(bundle / "model.onnx.data", offset=-7)
+    code, output = _run(bundle)
+    assert_one_line_error(code, output, "model.onnx.data: sha256")
+
+
 @pytest.mark.parametrize("name", ["model.onnx", "tokenizer.model", "config.json"])
 def test_a_flipped_byte_is_refused_naming_file_and_digests(bundle, name):
     rec = json.loads((bundle / "manifest.json").read_text())["files"][name]
