@@ -31,7 +31,7 @@ from runtime.graph_check import check_session_matches_spec
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import GenerationConfig
-from runtime.user_input import check_threads
+from runtime.user_input import check_text, check_threads
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
 from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
@@ -233,6 +233,7 @@ class GlmModel:
         if isinstance(prompt, str):
             if not prompt:
                 raise GenerationError("prompt is empty: give some text or token ids")
+            check_text(prompt, "prompt", max_chars=None)
             return list(self._require_tokenizer("text prompts cannot be encoded").encode_prompt(prompt))
         return _id_list(prompt)
 

@@ -14,6 +14,7 @@ from runtime.chat_template import encode_rendered, render, wrap_messages
 from runtime.errors import GenerationError, TokenizerError
 from runtime.spec import CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, ModelSpec
 from runtime.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
+from runtime.user_input import check_text
 
 CHAT_ROLES = ("system", "user", "assistant", "observation")
 _ROLE_ALIASES = {"tool": "observation"}  # OpenAI-style name for a tool result
@@ -31,6 +32,7 @@ def _role_of(message: Any, index: int) -> str:
     role = _ROLE_ALIASES.get(message.get("role"), message.get("role"))
     if role not in CHAT_ROLES:
         raise GenerationError(f"chat message {index} has role {message.get('role')!r}; expected one of {CHAT_ROLES}")
+    check_text(message.get("content", ""), f"chat message {index} content", max_chars=None)
     return role
 
 

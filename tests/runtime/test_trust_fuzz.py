@@ -82,7 +82,7 @@ def _load_and_step(bundle) -> None:
         model.generate("hi", GenerationConfig(max_new_tokens=1))
 
 
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(data=st.data())
 def test_any_manifest_reads_or_fails_typed_and_writes_nothing_outside(world, data):
     from runtime.manifest import read_manifest
