@@ -26,6 +26,7 @@ TEST = [
     "pytest>=8",
     "transformers==5.24.0",  # the independent reference (GlmForCausalLM, Glm4ForCausalLM); never a runtime dep
     "vermin==1.9.2",
+    "hypothesis==6.170.17",  # property-based tests over manifests, configs and tokenizer inputs
 ]
 
 setup(

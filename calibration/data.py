@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from runtime.errors import GenerationError, TokenizerError
 from runtime.spec import ModelSpec
+from runtime.user_input import MAX_LINE_CHARS
 
 from calibration.errors import CalibrationDataError
 
@@ -54,24 +55,43 @@ class DataSplit:
 # ------------------------------------------------------------------------------------------------ reading
 
 
+MAX_LINE_BYTES = 4 * MAX_LINE_CHARS  # one sample: 1 Mi characters of UTF-8 at most
+MAX_FILE_BYTES = 512 * 1024**2  # a calibration or evaluation file
+
+
 def read_text_file(path: str) -> str:
     """The file's text (UTF-8, an optional BOM removed); CalibrationDataError naming the problem otherwise."""
     if not os.path.exists(path):
         raise CalibrationDataError(f"{path}: calibration file not found")
     if os.path.isdir(path):
         raise CalibrationDataError(f"{path}: is a directory; give a text or JSONL file")
+    size = os.path.getsize(path)
+    if size > MAX_FILE_BYTES:
+        raise CalibrationDataError(f"{path}: {size / 2**20:.0f} MiB, more than the {MAX_FILE_BYTES >> 20} MiB read; "
+                                   "calibration and evaluation need a few hundred samples: give a smaller file")
+    # read line by line with a bound, so one enormous line is an error rather than a 1 GB string for the tokenizer
+    lines: List[str] = []
+    offset = 0
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            while True:
+                raw = f.readline(MAX_LINE_BYTES + 1)
+                if not raw:
+                    break
+                if len(raw) > MAX_LINE_BYTES:
+                    raise CalibrationDataError(f"{path}: line {len(lines) + 1} is longer than {MAX_LINE_BYTES} bytes; "
+                                               "give one sample per line")
+                try:
+                    lines.append(raw.decode("utf-8-sig" if not lines else "utf-8"))
+                except UnicodeDecodeError as e:
+                    raise CalibrationDataError(
+                        f"{path}: not UTF-8 text (undecodable byte at offset {offset + e.start}, line "
+                        f"{len(lines) + 1}); save it as UTF-8"
+                    ) from None
+                offset += len(raw)
     except OSError as e:
         raise CalibrationDataError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise CalibrationDataError(
-            f"{path}: not UTF-8 text (undecodable byte at offset {e.start}, line {line}); save it as UTF-8"
-        ) from None
+    return "".join(lines)
 
 
 def _looks_like_jsonl(first_line: str) -> bool:

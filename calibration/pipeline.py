@@ -39,6 +39,7 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.progress import NullProgress
+from runtime.user_input import check_threads
 
 from calibration import accuracy as acc
 from calibration.embedding import embedding_to_fp16
@@ -118,6 +119,7 @@ class QuantizeResult:
 
 def check_options(opts: QuantizeOptions) -> None:
     """Every option value, before any work."""
+    check_threads(opts.threads, "--threads", QuantizationError)
     if opts.precision not in TARGET_PRECISIONS:
         raise QuantizationError(
             f"--precision must be one of {', '.join(TARGET_PRECISIONS)}, got {opts.precision!r}"
@@ -398,10 +400,12 @@ def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int
     """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them)."""
     from runtime.tokenizer import load_tokenizer
 
+    check_threads(threads, "--threads", QuantizationError)
+    manifest = read_manifest(model_dir)  # both bundles verified (checksums included) before any work
     ref_manifest = read_manifest(reference_dir)
     tokenizer = load_tokenizer(reference_dir, ref_manifest.spec)
     sequences = load_eval_sequences(data, tokenizer, ref_manifest.spec, seq_len, max_samples, seed, fmt)
-    return _evaluate(model_dir, read_manifest(model_dir), reference_dir, ref_manifest, sequences, threads, progress)
+    return _evaluate(model_dir, manifest, reference_dir, ref_manifest, sequences, threads, progress)
 
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize_bundle", "evaluate", "evaluate_bundles", "METHODS",

@@ -17,6 +17,7 @@ All three are computed and stored; ``method`` says which one the quantizer uses.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -224,12 +225,19 @@ def read_ranges(path: str, method: Optional[str] = None) -> CalibrationRanges:
         raise QuantizationError(f"{path}: ranges format version {data.get('version')} is not {RANGES_VERSION}; "
                                 "calibrate again with this glm-export")
     try:
-        tensors = {name: TensorRange(**{k: (int(v) if k == "count" else float(v)) for k, v in rec.items()})
+        tensors = {name: TensorRange(**{k: _range_value(k, v, name) for k, v in rec.items()})
                    for name, rec in data["tensors"].items()}
         chosen = method or data["method"]
         check_method(chosen)
         return CalibrationRanges(method=chosen, tensors=tensors, settings=dict(data.get("settings", {})),
                                  model_sha256=str(data.get("model_sha256", "")),
                                  data_sha256=str(data.get("data_sha256", "")))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise QuantizationError(f"{path}: malformed calibration ranges ({type(e).__name__}: {e})") from None
+
+
+def _range_value(key: str, value, tensor: str):
+    """One recorded figure: a finite number (a whole one for "count"); ValueError naming the tensor otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"tensor {tensor!r} field {key!r} = {value!r:.40} is not a finite number")
+    return int(value) if key == "count" else float(value)

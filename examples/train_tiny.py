@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = dataclasses.replace(TrainSettings(), steps=args.steps, seed=args.seed)
-    with staged_directory(args.out, args.overwrite) as tmp:
+    with staged_directory(args.out, args.overwrite, checkpoint_stamp=True) as tmp:
         report = write_trained_checkpoint(tmp, settings, progress=TqdmProgress())
     print(f"wrote {args.out}: {report['params']} params, trained in {report['train_seconds']}s, held-out next-token "
           f"accuracy {report['heldout_next_token_accuracy']:.3f} (chance {report['chance_accuracy']:.4f})")

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
+from exporter.config_fields import MAX_CONTEXT, bool_field, dict_field, float_field, int_field
 from runtime.errors import ConfigError, UnsupportedModelError, read_json_object
 from runtime.spec import (
     CHAT_CHATGLM2,
@@ -102,21 +103,16 @@ def read_config_json(ckpt_dir: str) -> Dict[str, Any]:
 
 
 def _require(cfg: Dict[str, Any], key: str, where: str) -> int:
-    """An integer field that must be present."""
-    if key not in cfg or cfg[key] is None:
-        raise ConfigError(f"{where}: field '{key}' is missing")
-    value = cfg[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{where}: field '{key}' must be an integer, got {value!r}")
-    return value
+    """A positive integer field that must be present (``exporter.config_fields`` names a wrong type or value)."""
+    return int_field(cfg, key, where, required=True)
 
 
 def _eos_ids(value: Any, where: str) -> Tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return (value,)
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+    if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
         return tuple(value)
     raise ConfigError(f"{where}: field 'eos_token_id' must be an integer or a list of integers, got {value!r}")
 
@@ -136,7 +132,7 @@ def _rope_ratio_meaning(ckpt_dir: str, cfg: Dict[str, Any], chat_family: str) ->
             return ROPE_SCALING_BASE, "modeling_chatglm.py multiplies the base by rope_ratio"
         if re.search(r"/\s*self\.rope_ratio", text):
             return ROPE_SCALING_INTERPOLATION, "modeling_chatglm.py divides positions by rope_ratio"
-    name = str(cfg.get("_name_or_path", "")).lower()
+    name = str(cfg.get("_name_or_path") or "").lower()
     if "chatglm2" in name:
         return ROPE_SCALING_INTERPOLATION, f"_name_or_path {cfg.get('_name_or_path')!r} is a ChatGLM2 model"
     if chat_family == CHAT_CHATGLM2:
@@ -153,9 +149,10 @@ def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
     f = SIZE_FIELDS[LAYOUT_THUDM]
     heads = _require(cfg, f["num_heads"], where)
     hidden = _require(cfg, f["hidden_size"], where)
-    kv_heads = _require(cfg, f["num_kv_heads"], where) if cfg.get("multi_query_attention", False) else heads
-    head_dim = cfg.get(f["head_dim"]) or hidden // heads
-    vocab = cfg.get(f["vocab_size"]) or cfg.get("vocab_size")
+    mqa = bool_field(cfg, "multi_query_attention", where, False)
+    kv_heads = _require(cfg, f["num_kv_heads"], where) if mqa else heads
+    head_dim = int_field(cfg, f["head_dim"], where) or hidden // heads
+    vocab = int_field(cfg, f["vocab_size"], where) or int_field(cfg, "vocab_size", where)
     if vocab is None:
         raise ConfigError(f"{where}: field '{f['vocab_size']}' is missing")
     return dict(
@@ -166,30 +163,41 @@ def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
         head_dim=head_dim,
         ffn_hidden_size=_require(cfg, f["ffn_hidden_size"], where),
         vocab_size=vocab,
-        norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        norm_eps=float_field(cfg, "layernorm_epsilon", where, 1e-5),
         rotary_dim=head_dim // 2,  # THUDM: RotaryEmbedding(rotary_dim // 2) over kv_channels
         rope_theta=10000.0,
-        qkv_bias=bool(cfg.get("add_qkv_bias", False)),
+        qkv_bias=bool_field(cfg, "add_qkv_bias", where, False),
         sandwich_norms=False,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 2048)),
-        rope_ratio=float(cfg.get("rope_ratio", 1.0) or 1.0),
+        tie_word_embeddings=bool_field(cfg, "tie_word_embeddings", where, False),
+        max_position_embeddings=int_field(cfg, f["max_position_embeddings"], where, 2048, maximum=MAX_CONTEXT),
+        rope_ratio=float_field(cfg, "rope_ratio", where, 1.0) if cfg.get("rope_ratio") != 0 else 1.0,
     )
 
 
 def _hf_rope(cfg: Dict[str, Any], where: str) -> Tuple[float, float, float, str]:
     """(theta, partial_rotary_factor, position_scale, kind) from transformers 4.x top-level fields or 5.x
     ``rope_parameters``."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    factor = params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.5))
+    params = dict_field(cfg, "rope_parameters", where)
+    scaling = dict_field(cfg, "rope_scaling", where)
+    src = "rope_parameters" if "rope_theta" in params else ""
+    theta = float_field(params if src else cfg, "rope_theta", where + (" rope_parameters" if src else ""), 10000.0)
+    in_params = "partial_rotary_factor" in params
+    factor = float_field(params if in_params else cfg, "partial_rotary_factor",
+                         where + (" rope_parameters" if in_params else ""), 0.5)
+    if factor > 1:
+        raise ConfigError(f"{where}: field 'partial_rotary_factor' = {factor!r} is invalid; expected a number in (0, 1]")
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"{where}: field 'rope_type' = {rope_type!r:.60} is invalid; expected a string")
     if rope_type == "default":
-        return float(theta), float(factor), 1.0, ROPE_SCALING_NONE
+        return theta, factor, 1.0, ROPE_SCALING_NONE
     if rope_type == "linear":
-        lin = params.get("factor", scaling.get("factor"))
-        return float(theta), float(factor), float(lin), ROPE_SCALING_INTERPOLATION
+        holder = params if "factor" in params else scaling
+        lin = float_field(holder, "factor", where + (" rope_parameters" if holder is params else " rope_scaling"),
+                          float("nan"))
+        if lin != lin:
+            raise ConfigError(f"{where}: linear rope scaling needs a 'factor'")
+        return theta, factor, lin, ROPE_SCALING_INTERPOLATION
     raise UnsupportedModelError(f"{where}: rope type {rope_type!r} is not supported (default or linear only)")
 
 
@@ -197,7 +205,7 @@ def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
     f = SIZE_FIELDS[CONFIG_HF]
     heads = _require(cfg, f["num_heads"], where)
     hidden = _require(cfg, f["hidden_size"], where)
-    head_dim = cfg.get(f["head_dim"]) or hidden // heads
+    head_dim = int_field(cfg, f["head_dim"], where) or hidden // heads
     theta, factor, pos_scale, kind = _hf_rope(cfg, where)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
@@ -206,19 +214,19 @@ def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
         num_layers=_require(cfg, f["num_layers"], where),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=cfg.get(f["num_kv_heads"]) or heads,
+        num_kv_heads=int_field(cfg, f["num_kv_heads"], where) or heads,
         head_dim=head_dim,
         ffn_hidden_size=_require(cfg, f["ffn_hidden_size"], where),
         vocab_size=_require(cfg, f["vocab_size"], where),
-        norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        norm_eps=float_field(cfg, "rms_norm_eps", where, 1e-5),
         rotary_dim=int(head_dim * factor),
         rope_theta=theta,
         rope_position_scale=pos_scale,
         rope_scaling=kind,
-        qkv_bias=bool(cfg.get("attention_bias", True)),
+        qkv_bias=bool_field(cfg, "attention_bias", where, True),
         sandwich_norms=layout == LAYOUT_GLM4,
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 131072)),
+        tie_word_embeddings=bool_field(cfg, "tie_word_embeddings", where, False),
+        max_position_embeddings=int_field(cfg, f["max_position_embeddings"], where, 131072, maximum=MAX_CONTEXT),
     )
 
 
@@ -255,7 +263,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
         fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
         fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
         fields["rope_scaling"] = kind
-        pad = cfg.get("pad_token_id", 0)
+        pad = int_field(cfg, "pad_token_id", where, 0, minimum=0)
     else:
         fields = _hf_fields(cfg, where, layout)
         tok = detect_tokenizer(ckpt_dir, CHAT_GLM4)
@@ -266,7 +274,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
                 "--rope-scaling applies to THUDM checkpoints (rope_ratio); "
                 f"{where} states its rope parameters explicitly"
             )
-        pad = cfg.get("pad_token_id", 151329)
+        pad = int_field(cfg, "pad_token_id", where, 151329, minimum=0)
 
     spec = ModelSpec(
         generation=generation,

@@ -34,6 +34,7 @@ from runtime.tolerances import allowed_diff, tolerance
 from exporter.staging import staged_directory
 from exporter.config import spec_from_checkpoint
 from exporter.model import GlmForExport, model_from_weights
+from exporter.resources import check_checkpoint_fits
 from exporter.weights import find_weight_files, load_canonical_weights
 
 log = logging.getLogger("glm_export")
@@ -183,7 +184,8 @@ def export_bundle(
     start = time.perf_counter()
     spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
     weight_files = find_weight_files(ckpt_dir)
-    with staged_directory(out_dir, overwrite) as tmp:
+    check_checkpoint_fits(ckpt_dir, spec, weight_files, info.layout, 2 if kv_dtype == "float16" else 4)
+    with staged_directory(out_dir, overwrite, inputs=(("--model", ckpt_dir),)) as tmp:
         reference, plan = _trace_model(ckpt_dir, tmp, spec, info, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
         inline_if_small(tmp)

@@ -149,9 +149,11 @@ def find_weight_files(ckpt_dir: str) -> WeightFiles:
         index_path = os.path.join(ckpt_dir, index)
         if os.path.isfile(index_path):
             weight_map = read_json_object(index_path, WeightsError, "shard index").get("weight_map")
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise WeightsError(f"{index_path}: unreadable shard index (expected a 'weight_map' of file names)")
-            key_to_file = {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
+            if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                           for k, v in weight_map.items()):
+                raise WeightsError(f"{index_path}: field 'weight_map' = {weight_map!r:.60} is invalid; expected an "
+                                   "object of weight name -> shard file name")
+            key_to_file = {k: checkpoint_member(ckpt_dir, v, index_path) for k, v in weight_map.items()}
             for path in set(key_to_file.values()):
                 if not os.path.isfile(path):
                     raise WeightsError(f"{path}: listed in {index} but missing")
@@ -171,6 +173,15 @@ def find_weight_files(ckpt_dir: str) -> WeightFiles:
         f"{ckpt_dir}: no weights found (expected model.safetensors, model.safetensors.index.json, "
         "pytorch_model.bin or pytorch_model.bin.index.json)"
     )
+
+
+def checkpoint_member(ckpt_dir: str, name: str, where: str) -> str:
+    """The path of file ``name`` an index lists, which must be a plain name staying inside the checkpoint."""
+    root = os.path.realpath(ckpt_dir)
+    real = os.path.realpath(os.path.join(ckpt_dir, name))
+    if not name or os.path.isabs(name) or "\0" in name or not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise WeightsError(f"{where}: shard file {name!r:.80} is not a file inside the checkpoint directory")
+    return os.path.join(ckpt_dir, name)
 
 
 def _keys_of(kind: str, path: str) -> List[str]:
@@ -199,9 +210,14 @@ def _load_bin(path: str):
 
     if path not in _BIN_CACHE:
         try:
-            _BIN_CACHE[path] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as e:
             raise WeightsError(f"{path}: not loadable as weights-only torch file ({first_line(e)})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise WeightsError(f"{path}: holds a {type(state).__name__}, expected a state dict of weight name -> "
+                               "tensor")
+        _BIN_CACHE[path] = state
     return _BIN_CACHE[path]
 
 

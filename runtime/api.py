@@ -28,9 +28,11 @@ from runtime.backend_options import check_backend_options
 from runtime.errors import BackendError, BundleError, GenerationError, TokenizerError
 from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
+from runtime.graph_check import check_session_matches_spec
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import GenerationConfig
+from runtime.user_input import check_text, check_threads
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
 from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
@@ -114,6 +116,7 @@ class GlmModel:
         io_binding: bool = True,
         prefill_chunk: Union[int, None, str] = AUTO,
         verify_checksums: bool = False,
+        verify_files: bool = True,
     ) -> "GlmModel":
         """Open a bundle written by ``glm-export onnx``.
 
@@ -131,9 +134,11 @@ class GlmModel:
 
         Raises BundleError for a missing or corrupt file or a manifest newer than this runtime, BackendError when the
         backend or provider is not available (naming what to install) or options do not fit the backend,
-        EngineOptionError for TensorRT sizes that are invalid. ``verify_checksums`` re-hashes every file (slow on
-        big bundles); by default only their presence and sizes are checked.
+        EngineOptionError for TensorRT sizes that are invalid. Every file the manifest lists is checked against its
+        sha256 (``verify_files``; each file is hashed once, then a verified stamp keyed by its size and times
+        skips it; False checks only presence and sizes); ``verify_checksums`` re-hashes every file regardless.
         """
+        check_threads(threads, "threads")
         bundle_dir = os.fspath(bundle_dir)
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -147,9 +152,11 @@ class GlmModel:
             given["io_binding"] = ["io_binding"]
         check_backend_options(backend, given, provider)
         if backend == "tensorrt":  # check_backend_options refused a missing engine_dir
-            return cls._load_engine(bundle_dir, cast(str, engine_dir), device, prefill_chunk, verify_checksums)
+            return cls._load_engine(bundle_dir, cast(str, engine_dir), device, prefill_chunk, verify_checksums,
+                                    verify_files=verify_files)
         provider = provider if provider is not None else "cpu"
-        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums,
+                                 verify_files=verify_files)
         model_path = os.path.join(bundle_dir, manifest.model_file)
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
@@ -159,16 +166,22 @@ class GlmModel:
             model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
             io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )
+        try:
+            check_session_matches_spec(runner.session, manifest.spec, manifest.kv_dtype, model_path)
+        except BundleError:
+            runner.close()
+            raise
         profiles = [runner.profile] if runner.profile is not None else None  # provider tensorrt: one profile
         chunk, context = plan_limits(manifest.spec.max_position_embeddings, prefill_chunk, profiles, native=False)
         return cls(bundle_dir, manifest, runner, chunk, context, "onnxruntime")
 
     @classmethod
     def _load_engine(cls, bundle_dir: str, engine_dir: str, device: int, prefill_chunk: Union[int, None, str],
-                     verify_checksums: bool) -> "GlmModel":
+                     verify_checksums: bool, verify_files: bool = True) -> "GlmModel":
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise BackendError(f"device must be a CUDA device index >= 0, got {device!r}")
-        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
+        manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums,
+                                 verify_files=verify_files)
         from runtime.backends.tensorrt import TensorRTBackend
 
         runner = TensorRTBackend(os.fspath(engine_dir), bundle_dir, device=device)
@@ -216,6 +229,7 @@ class GlmModel:
         if isinstance(prompt, str):
             if not prompt:
                 raise GenerationError("prompt is empty: give some text or token ids")
+            check_text(prompt, "prompt", max_chars=None)
             return list(self._require_tokenizer("text prompts cannot be encoded").encode_prompt(prompt))
         return _id_list(prompt)
 

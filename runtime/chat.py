@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from typing import Any, List, Mapping, Sequence, Set
 
+from runtime.chat_template import encode_rendered, render, wrap_messages
 from runtime.errors import GenerationError, TokenizerError
 from runtime.spec import CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, ModelSpec
-from runtime.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer, _import
+from runtime.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
+from runtime.user_input import check_text
 
 CHAT_ROLES = ("system", "user", "assistant", "observation")
 _ROLE_ALIASES = {"tool": "observation"}  # OpenAI-style name for a tool result
@@ -30,6 +32,7 @@ def _role_of(message: Any, index: int) -> str:
     role = _ROLE_ALIASES.get(message.get("role"), message.get("role"))
     if role not in CHAT_ROLES:
         raise GenerationError(f"chat message {index} has role {message.get('role')!r}; expected one of {CHAT_ROLES}")
+    check_text(message.get("content", ""), f"chat message {index} content", max_chars=None)
     return role
 
 
@@ -86,12 +89,16 @@ def _glm4_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generat
 
 
 def _template_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
-    """The checkpoint's own jinja chat_template, rendered, then encoded with special-token text recognised."""
+    """The checkpoint's own jinja chat_template, rendered; special-token text in the template becomes special ids,
+    message text (user, system, tool, assistant) is encoded as plain text, whatever it contains."""
     if not tok.chat_template:
         raise TokenizerError(f"chat format 'template' but the bundle's {TOKENIZER_CONFIG_FILE} has no chat_template")
     extra = {k: tok.config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token") if k in tok.config}
-    text = render_chat_template(tok.chat_template, messages, add_generation_prompt, **extra)
-    return tok.encode_with_specials(text)
+    for i, m in enumerate(messages):
+        _role_of(m, i)
+    # message strings are wrapped in marks, so only the template's own special-token text becomes special ids
+    text = render_chat_template(tok.chat_template, wrap_messages(messages), add_generation_prompt, **extra)
+    return encode_rendered(tok, text)
 
 
 _CHAT_BUILDERS = {
@@ -128,44 +135,16 @@ def chat_stop_ids(tokenizer: Tokenizer, spec: ModelSpec) -> Set[int]:
     return stop
 
 
-# -- jinja rendering ---------------------------------------------------------------------------------------------
-# Written here rather than calling transformers' apply_chat_template because the runtime may not import
-# transformers; the environment mirrors transformers' (sandboxed, trim_blocks, lstrip_blocks, loop controls,
-# tojson without ASCII escaping, raise_exception, strftime_now) so templates render the same text.
-
-
-def _tojson(
-    value: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    """transformers' tojson filter: like jinja's, but without ASCII escaping or HTML-safe quoting."""
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _raise_template_exception(message: str) -> None:
-    raise GenerationError(f"chat template refused the messages: {message}")
-
-
-def _strftime_now(fmt: str) -> str:
-    import datetime
-
-    return datetime.datetime.now().strftime(fmt)
+# -- jinja rendering: runtime.chat_template (sandboxed, time and size limits, message text kept as text) ---------
 
 
 def render_chat_template(
     template: str, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
 ) -> str:
-    """The text a jinja chat template renders for messages (tools, bos_token, ... may be given as variables)."""
-    jinja2 = _import("jinja2", "chat_template")
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    """The text a jinja chat template renders for messages (tools, bos_token, ... may be given as variables).
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_template_exception
-    env.globals["strftime_now"] = _strftime_now
-    try:
-        return env.from_string(template).render(
-            messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, **variables
-        )
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"{TOKENIZER_CONFIG_FILE}: chat_template failed to render ({e})") from None
+    Written here rather than calling transformers' apply_chat_template because the runtime may not import
+    transformers; the environment mirrors transformers' (sandboxed, trim_blocks, lstrip_blocks, loop controls,
+    tojson without ASCII escaping, raise_exception, strftime_now) so templates render the same text."""
+    return render(template, TOKENIZER_CONFIG_FILE, messages=[dict(m) for m in messages],
+                  add_generation_prompt=add_generation_prompt, **variables)

@@ -69,16 +69,26 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_json_object(path: str, error_cls: Type[GlmExportError], what: str = "JSON", hint: str = "") -> Dict[str, Any]:
+MAX_JSON_BYTES = 256 * 1024**2  # config, manifest, index and tokenizer_config files are far smaller
+
+
+def read_json_object(path: str, error_cls: Type[GlmExportError], what: str = "JSON", hint: str = "",
+                     max_bytes: int = MAX_JSON_BYTES) -> Dict[str, Any]:
     """The JSON object in the file at ``path``; ``error_cls`` naming the file when it cannot be read, is not JSON,
-    or holds something other than an object ("PATH: unreadable WHAT (reason)", "PATH: expected a JSON object"),
-    each followed by "; HINT" when a hint is given. The one JSON-object reader of the project."""
+    is nested too deeply, is larger than ``max_bytes``, or holds something other than an object ("PATH: unreadable
+    WHAT (reason)", "PATH: expected a JSON object"), each followed by "; HINT" when a hint is given. The one
+    JSON-object reader of the project."""
     suffix = f"; {hint}" if hint else ""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            text = f.read(max_bytes + 1)
+        if len(text) > max_bytes:
+            raise error_cls(f"{path}: larger than {max_bytes >> 20} MiB; not a {what} file")
+        data = json.loads(text)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
         raise error_cls(f"{path}: unreadable {what} ({first_line(e)}){suffix}") from None
+    except RecursionError:
+        raise error_cls(f"{path}: unreadable {what} (nested too deeply){suffix}") from None
     if not isinstance(data, dict):
         raise error_cls(f"{path}: expected a JSON object{suffix}")
     return data

@@ -19,7 +19,11 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Tuple
 
+from runtime.bundle_paths import bundle_member
 from runtime.errors import BundleError, read_json_object
+from runtime.integrity import verify_files as verify_bundle_files
+from runtime.manifest_schema import check_manifest_dict
+from runtime.onnx_refs import external_data_locations
 from runtime.graph_contract import TensorSpec, past_key_name
 from runtime.spec import ModelSpec
 
@@ -129,6 +133,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object")
         if d.get("format") != FORMAT_NAME:
             raise BundleError(f"{where}: not a glm-export bundle manifest (format={d.get('format')!r})")
         version = d.get("format_version")
@@ -139,6 +145,7 @@ class Manifest:
                 f"{where}: manifest format_version {version} is newer than this glm-export understands "
                 f"({FORMAT_VERSION}); upgrade glm-export or re-export the bundle with this version"
             )
+        check_manifest_dict(d, where)
         try:
             return cls(
                 spec=ModelSpec.from_dict(d["spec"]),
@@ -176,8 +183,14 @@ def record_files(bundle_dir: str, names: List[str]) -> Dict[str, Dict[str, Any]]
     return out
 
 
-def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: bool = False) -> Manifest:
-    """Read and validate ``bundle_dir/manifest.json``; every listed file must exist with its recorded size."""
+def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: bool = False,
+                  verify_files: bool = True) -> Manifest:
+    """Read and validate ``bundle_dir/manifest.json``; every listed file must exist with its recorded size.
+
+    With ``check_files`` every name the manifest and the graph give must stay inside the bundle (see
+    ``runtime.bundle_paths``) and every listed file must match its sha256 (``verify_files``; hashed once thanks to
+    the verified stamp of ``runtime.integrity``; ``verify_checksums`` hashes every file again regardless).
+    """
     if not os.path.isdir(bundle_dir):
         raise BundleError(f"{bundle_dir}: bundle directory does not exist")
     path = os.path.join(bundle_dir, MANIFEST_NAME)
@@ -186,15 +199,33 @@ def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: b
     manifest = Manifest.from_dict(read_json_object(path, BundleError, "manifest"), where=path)
     if check_files:
         for name, rec in manifest.files.items():
-            p = os.path.join(bundle_dir, name)
+            p = bundle_member(bundle_dir, name, "files entry", path)
             if not os.path.isfile(p):
                 raise BundleError(f"{p}: listed in the manifest but missing from the bundle")
             size = os.path.getsize(p)
             if "bytes" in rec and size != rec["bytes"]:
                 raise BundleError(f"{p}: {size} bytes, manifest records {rec['bytes']}; the bundle is corrupt")
-            if verify_checksums and "sha256" in rec and sha256_of(p) != rec["sha256"]:
-                raise BundleError(f"{p}: checksum differs from the manifest; the bundle is corrupt")
+        for name in manifest.tokenizer_files:
+            bundle_member(bundle_dir, name, "tokenizer_files entry", path)
+        check_graph_references(bundle_dir, manifest, path)
+        if verify_files or verify_checksums:
+            verify_bundle_files(bundle_dir, manifest.files, use_stamp=not verify_checksums, where=path)
     return manifest
+
+
+def check_graph_references(bundle_dir: str, manifest: Manifest, where: str) -> None:
+    """The model file and every external-data file its graph names must be bundle files listed in the manifest
+    (so they stay inside the bundle and are covered by its checksums)."""
+    model = bundle_member(bundle_dir, manifest.model_file, "model_file", where)
+    if manifest.files and manifest.model_file not in manifest.files:
+        raise BundleError(f"{where}: model_file {manifest.model_file!r} is not listed in 'files'")
+    if not os.path.isfile(model):
+        return  # the loader reports a missing graph with its own message
+    for location in sorted(external_data_locations(model)):
+        bundle_member(bundle_dir, location, f"external data location in {manifest.model_file}", where)
+        if location not in manifest.files:
+            raise BundleError(f"{model}: external data {location!r} is not listed in the manifest's 'files', so "
+                              "it cannot be verified; re-export the bundle")
 
 
 def copy_side_files(src_dir: str, out_dir: str, tokenizer_files: Iterable[str]) -> List[str]:
@@ -203,7 +234,8 @@ def copy_side_files(src_dir: str, out_dir: str, tokenizer_files: Iterable[str]) 
     names = [CONFIG_FILE] + [f for f in tokenizer_files if f != CONFIG_FILE]
     copied: List[str] = []
     for name in names:
-        src = os.path.join(src_dir, name)
+        src = bundle_member(src_dir, name, "tokenizer file", src_dir)
+        bundle_member(out_dir, name, "tokenizer file", out_dir)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(out_dir, name))
             copied.append(name)

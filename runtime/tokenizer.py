@@ -22,6 +22,7 @@ import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
 from runtime.errors import TokenizerError, first_line, read_json_object
+from runtime.user_input import check_text
 from runtime.spec import (
     CHAT_CHATGLM3,
     TOKENIZER_JSON,
@@ -92,12 +93,17 @@ class Tokenizer:
     # -- the interface ----------------------------------------------------------------------------------------
     def encode(self, text: str) -> List[int]:
         """Ids of plain text: no prefix, and special-token text such as "<|user|>" is encoded as ordinary text."""
-        return self._encode_plain(text) if text else []
+        return self._encode_plain(check_text(text, "text to encode", TokenizerError, max_chars=None)) if text else []
+
+    def template_tokens(self) -> Dict[str, int]:
+        """Token text a chat template may insert as one id: the special tokens."""
+        return dict(self.special_ids)
 
     def encode_with_specials(self, text: str) -> List[int]:
         """Ids of text in which special-token strings ("[gMASK]", "<|user|>", ...) become their ids."""
         if not text:
             return []
+        check_text(text, "text to encode", TokenizerError, max_chars=None)
         if self._special_re is None:
             return self._encode_plain(text)
         ids = []  # type: List[int]
@@ -268,10 +274,15 @@ class JsonTokenizer(Tokenizer):
         self._tok.encode_special_tokens = True
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def template_tokens(self) -> Dict[str, int]:
+        """Every added token, special or not: the library splits them all out of template text itself."""
+        return {t.content: int(i) for i, t in self._tok.get_added_tokens_decoder().items()}
+
     def encode_with_specials(self, text: str) -> List[int]:
         """The library splits out added tokens itself (as transformers does), non-special ones included."""
         if not text:
             return []
+        check_text(text, "text to encode", TokenizerError, max_chars=None)
         self._tok.encode_special_tokens = False
         return self._tok.encode(text, add_special_tokens=False).ids
 

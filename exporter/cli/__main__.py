@@ -3,4 +3,4 @@ import sys
 
 from exporter.cli import main
 
-sys.exit(main())
+sys.exit(main(prog_name="glm-export"))

@@ -24,7 +24,7 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
     from exporter.staging import staged_directory
     from exporter.tiny.checkpoint import write_tiny_checkpoint
 
-    with staged_directory(out_dir, overwrite) as tmp:
+    with staged_directory(out_dir, overwrite, checkpoint_stamp=True) as tmp:
         write_tiny_checkpoint(tmp, generation=generation, layout=layout, size=size, seed=seed,
                               weight_format=weights_format)
     click.echo(f"wrote {generation} ({layout} layout, {size}) checkpoint to {out_dir}")

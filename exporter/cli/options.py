@@ -9,6 +9,8 @@ from typing import Any, Callable, Dict
 
 import click
 
+from exporter.cli.user_values import text_value, threads_value
+
 # ---------------------------------------------------------------------------------------------------- every command
 
 overwrite_option = click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
@@ -19,8 +21,8 @@ def json_option(help: str = "Print the result as one JSON object.") -> Callable:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
-def threads_option(help: str = "onnxruntime intra-op threads.") -> Callable:
-    return click.option("--threads", type=click.IntRange(min=1), default=None, help=help)
+def threads_option(help: str = "onnxruntime intra-op threads (1 to the cores here).") -> Callable:
+    return click.option("--threads", type=int, default=None, callback=threads_value, help=help)
 
 
 # ---------------------------------------------------------------------------------------------------- run, chat, bench
@@ -46,7 +48,7 @@ def model_options(f: Callable) -> Callable:
                      help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu) [default: cpu]."),
         click.option("--device", type=click.IntRange(min=0), default=None,
                      help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
-        threads_option("onnxruntime intra-op threads (default: onnxruntime's choice)."),
+        threads_option("onnxruntime intra-op threads, 1 to the cores here (default: onnxruntime's choice)."),
         click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
                      help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
                           "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
@@ -62,6 +64,8 @@ def model_options(f: Callable) -> Callable:
         click.option("--trt-fp16", is_flag=True, default=None,
                      help="--provider tensorrt: let TensorRT use FP16 kernels on an fp32 bundle (fp16 bundles "
                           "always)."),
+        click.option("--verify-files/--no-verify-files", default=True, show_default=True,
+                     help="Check every bundle file against the manifest's sha256 (hashed once, then stamped)."),
         click.option("--trt-cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
                      help="--provider tensorrt: keep the provider's engine here, built once and reused "
                           "[default: rebuilt every run]."),
@@ -72,7 +76,7 @@ def model_options(f: Callable) -> Callable:
 
 
 MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
-                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
+                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir", "verify_files")
 EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
               "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
 
@@ -92,7 +96,8 @@ def sampling_options(f: Callable) -> Callable:
         click.option("--top-p", type=float, default=None, help="Sample from the smallest set with mass >= P."),
         click.option("--repetition-penalty", type=float, default=None, help="CTRL penalty R > 0 on seen tokens."),
         click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output)."),
-        click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable)."),
+        click.option("--stop", multiple=True, callback=text_value,
+                     help="Stop when the text contains this string (repeatable)."),
     ]
     for option in reversed(options):
         f = option(f)

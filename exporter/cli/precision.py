@@ -60,7 +60,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
              accept_accuracy_loss, overwrite, as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
-    from exporter.staging import staged_directory
+    from exporter.staging import check_destination, input_pairs, staged_directory
     from runtime.progress import TqdmProgress
 
     opts = QuantizeOptions(
@@ -71,8 +71,10 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
         eval_samples=eval_samples, threads=threads, accept_accuracy_loss=accept_accuracy_loss,
     )
+    inputs = input_pairs(model=model_dir, calib_data=calib_data, ranges=ranges_file, eval_data=eval_data)
+    check_destination(out_dir, overwrite, inputs=inputs)  # before any work
     source = check_quantize(model_dir, opts)  # before anything is created at --out
-    with staged_directory(out_dir, overwrite) as tmp:
+    with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
                                  source=source)
     result.bundle_dir = out_dir

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 import click
 
 from exporter.cli.options import EP_OPTIONS, json_option, model_options, pop_model_options, sampling_options
+from exporter.cli.user_values import flush_stdout, require_stdout, stdin_lines, text_value
 
 # the CLI's spelling of GlmModel.load's parameters, for the runtime's one backend/option rule
 CLI_SPELLING_FLAGS = {"backend": "--backend", "engine_dir": "--engine", "provider": "--provider",
@@ -33,6 +34,8 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
         given["io_binding"] = ["--no-io-binding"]
     check_backend_options(backend, given, opts.get("provider"), Spelling(CLI_SPELLING_FLAGS))
     kwargs: Dict[str, Any] = {"backend": backend}
+    if opts.get("verify_files") is False:  # --no-verify-files
+        kwargs["verify_files"] = False
     if opts.get("prefill_chunk") is not None:
         kwargs["prefill_chunk"] = opts["prefill_chunk"]
     if backend == "tensorrt":
@@ -104,10 +107,11 @@ def _status_line(result) -> str:
 
 @click.command()
 @model_options
-@click.option("--prompt", default=None, help="Prompt text (encoded with the bundle's tokenizer and prompt prefix).")
+@click.option("--prompt", default=None, callback=text_value,
+              help="Prompt text (encoded with the bundle's tokenizer and prompt prefix).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids, used as given.")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap --prompt in the model's chat format.")
-@click.option("--system", default=None, help="System message (with --chat).")
+@click.option("--system", default=None, callback=text_value, help="System message (with --chat).")
 @sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
 @json_option("Print one JSON object: prompt_ids, generated_ids, text, finish_reason, timings.")
@@ -124,6 +128,7 @@ def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
         raise click.UsageError("--stream and --json cannot be combined")
     ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     config = config_from_options(sampling, sample_by_default=False, default_max_new=128)
+    require_stdout()
 
     with _load(model_opts) as model:
         if as_chat:
@@ -136,7 +141,7 @@ def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
             for piece in source:
                 if piece.text:
                     click.echo(piece.text, nl=False)
-                    sys.stdout.flush()
+                    flush_stdout()
             click.echo()
         else:
             for _ in source:
@@ -158,7 +163,8 @@ CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.8}  # ChatGLM's own chat default
 
 @click.command()
 @model_options
-@click.option("--system", default=None, help="System message kept at the start of the conversation.")
+@click.option("--system", default=None, callback=text_value,
+              help="System message kept at the start of the conversation.")
 @sampling_options
 def chat(system, **sampling):
     """Talk to the model: one line per turn on stdin; /clear forgets the history, /quit (or end of input) leaves.
@@ -171,16 +177,20 @@ def chat(system, **sampling):
     config = config_from_options(sampling, sample_by_default=True, default_max_new=1024, chat_defaults=CHAT_SAMPLING)
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
+    require_stdout()
+    lines = stdin_lines()
+    if sys.stdin is None:
+        next(lines)  # raises: stdin is closed
     interactive = sys.stdin.isatty()
     with _load(model_opts) as model:
         model.require_chat()
         while True:
             if interactive:
                 click.echo("user> ", nl=False)
-            line = sys.stdin.readline()
-            if not line:  # end of input
+            got = next(lines, None)
+            if got is None:  # end of input
                 break
-            text = line.rstrip("\r\n")
+            text = got[1]
             command = text.strip()
             if not command:
                 continue
@@ -197,7 +207,7 @@ def chat(system, **sampling):
                 for piece in stream:
                     if piece.text:
                         click.echo(piece.text, nl=False)
-                        sys.stdout.flush()
+                        flush_stdout()
             except GenerationError as e:
                 history.pop()
                 click.echo()
@@ -231,6 +241,7 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
     from runtime.bench import bench_model, peak_rss_mib
 
     opts = pop_model_options(kwargs)
+    require_stdout()
     with _load(opts, io_binding) as model:
         rows = [
             bench_model(model, p, b, new_tokens, runs, warmup)

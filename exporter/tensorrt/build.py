@@ -247,7 +247,8 @@ def engine_from_bundle(
     ``manifest`` is the bundle's, where the caller has read it already (None: read here).
     """
     say = (progress or NullProgress()).stage
-    check_destination(out_dir, options.overwrite)
+    inputs = (("--model", bundle_dir), ("--timing-cache", options.timing_cache))
+    check_destination(out_dir, options.overwrite, inputs=inputs)
     manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     manifest_sha = sha256_of(os.path.join(bundle_dir, MANIFEST_NAME))
     model_path = os.path.join(bundle_dir, manifest.model_file)
@@ -286,7 +287,7 @@ def engine_from_bundle(
         len(plan_bytes),
         os.path.abspath(bundle_dir),
     )
-    _write_engine_dir(out_dir, options.overwrite, plan_bytes, record)
+    _write_engine_dir(out_dir, options.overwrite, plan_bytes, record, inputs)
     say(f"wrote {os.path.join(out_dir, ENGINE_PLAN)} ({len(plan_bytes) / 2**20:.1f} MiB)")
     return EngineResult(out_dir, record)
 
@@ -355,9 +356,11 @@ def _builder_config(builder: trt.Builder, network_inputs: Sequence[str], plan: P
     return config
 
 
-def _write_engine_dir(out_dir: str, overwrite: bool, plan_bytes: bytes, record: Dict[str, Any]) -> None:
-    """``engine.plan`` and ``engine.json`` into ``out_dir``, staged and renamed into place."""
-    with staged_directory(out_dir, overwrite) as tmp_dir:
+def _write_engine_dir(out_dir: str, overwrite: bool, plan_bytes: bytes, record: Dict[str, Any],
+                      inputs: Sequence[Tuple[str, Optional[str]]] = ()) -> None:
+    """``engine.plan`` and ``engine.json`` into ``out_dir``, staged and renamed into place (refusing an ``out_dir``
+    that is, holds or lies inside one of ``inputs``)."""
+    with staged_directory(out_dir, overwrite, inputs=inputs) as tmp_dir:
         with open(os.path.join(tmp_dir, ENGINE_PLAN), "wb") as f:
             f.write(plan_bytes)
         with open(os.path.join(tmp_dir, ENGINE_RECORD), "w", encoding="utf-8") as f:

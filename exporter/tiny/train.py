@@ -366,7 +366,7 @@ def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(
     path = os.path.join(os.path.abspath(cache_root), f"trained-{settings.generation}-{settings.key()}")
     if os.path.isfile(os.path.join(path, REPORT_FILE)):
         return path
-    with staged_directory(path, overwrite=True) as tmp:
+    with staged_directory(path, overwrite=True, checkpoint_stamp=True) as tmp:
         write_trained_checkpoint(tmp, settings, progress)
     return path
 

@@ -132,6 +132,11 @@ def test_existing_bundle_needs_overwrite(tmp_path, ckpt):
     result = CliRunner().invoke(main, ["onnx", "--model", str(ckpt), "--out", str(out), "--quiet"])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces only a directory of ours (a bundle's manifest, a checkpoint stamp): not this one
+    result = CliRunner().invoke(main, ["onnx", "--model", str(ckpt), "--out", str(out), "--quiet", "--overwrite"])
+    assert result.exit_code == 2 and "not written by glm-export" in result.output, result.output
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    (out / "manifest.json").write_text("{}")  # a previous bundle
     result = CliRunner().invoke(main, ["onnx", "--model", str(ckpt), "--out", str(out), "--quiet", "--overwrite"])
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == sorted(["manifest.json", "model.onnx", "config.json", "tokenizer.model",
