@@ -32,6 +32,7 @@ from runtime.manifest import Manifest, read_manifest
 from runtime.sampling import GenerationConfig
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
+from runtime.positions import PositionRule
 from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
 
 if TYPE_CHECKING:
@@ -253,6 +254,7 @@ class GlmModel:
             pad_token_id=self.spec.pad_token_id,
             decoder_factory=self._decoder_factory(),
             prefill_chunk=self.prefill_chunk,
+            position_rule=PositionRule.from_spec(self.spec),
         )
 
     def generate(
