@@ -56,3 +56,14 @@ class _Cache:
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return _Cache(str(tmp_path_factory.mktemp("tiny-models")))
+
+
+# ChatGLM-6B (v1): 3 layers (layer-scaling coefficients 1..3, alpha sqrt(6)), 4 heads of 32, ice_text tokenizer
+V1_SHAPE = dict(num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def chatglm1_model(tiny_models):
+    """(checkpoint dir, fp32 bundle dir) of the tiny ChatGLM-6B, built once per session."""
+    ckpt = tiny_models.checkpoint("chatglm1", "chatglm1", "thudm", **V1_SHAPE)
+    return ckpt, tiny_models.bundle("chatglm1", ckpt)
