@@ -53,6 +53,10 @@ class PositionRule:
     def suffix_hint(self) -> str:
         return f"[gMASK] <sop> (ids {self.mask_ids[-1]} {self.sop_id})" if self.two_d else ""
 
+    def prompt_suffix(self) -> List[int]:
+        """Ids an id prompt must end with for this numbering: [gMASK] <sop> for 2D, nothing otherwise."""
+        return [self.mask_ids[-1], self.sop_id] if self.two_d else []
+
     def anchors(self, ids: Sequence[int], where: str = "prompt") -> Tuple[int, int]:
         """(mask position, context length) of one unpadded row; (0, 0) for sequential positions.
         GenerationError when a 2D row lacks its mask token or <sop>."""

@@ -146,7 +146,9 @@ class TensorRTBackend:
         kv_bytes = self.max_batch * self.kv_heads * self.max_total * self.head_dim * self.kv_dtype.itemsize
         self._sets = [[self._alloc(kv_bytes) for _ in self._past_names] for _ in range(2)]
         rows, item = self.max_batch, self._dtypes[LOGITS].itemsize
-        self._dev = {n: self._alloc(rows * self.max_seq * self._dtypes[n].itemsize) for n in (INPUT_IDS, POSITION_IDS)}
+        # position_ids get two rows per sequence: room for ChatGLM-6B's [batch, 2, seq]
+        self._dev = {n: self._alloc(k * rows * self.max_seq * self._dtypes[n].itemsize)
+                     for n, k in ((INPUT_IDS, 1), (POSITION_IDS, 2))}
         self._dev[ATTENTION_MASK] = self._alloc(rows * self.max_total * self._dtypes[ATTENTION_MASK].itemsize)
         self._dev[LOGITS] = self._alloc(rows * self.max_seq * self.vocab * item)
         self._profile = -1
