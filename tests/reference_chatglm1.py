@@ -98,6 +98,25 @@ def apply_rotary(x, cos, sin, pos):
     return x * c + rotate_half(x) * s
 
 
+def rotated_qkv(x, sd, i, config, positions, variant: str = ""):
+    """q, k, v (n, heads, d) of layer i from its normalised input x (n, hidden), rotary applied to q and k."""
+    p = f"transformer.layers.{i}."
+    n, hidden, heads = x.shape[0], config["hidden_size"], config["num_attention_heads"]
+    d = hidden // heads
+    mixed = x @ sd[p + "attention.query_key_value.weight"].T + sd[p + "attention.query_key_value.bias"]
+    if variant == "qkv_grouped":
+        q, k, v = (m.reshape(n, heads, d) for m in np.split(mixed, 3, axis=-1))
+    else:
+        per_head = mixed.reshape(n, heads, 3 * d)
+        q, k, v = per_head[..., :d], per_head[..., d: 2 * d], per_head[..., 2 * d:]
+    cos, sin = rotary_tables(d // 2, int(positions.max()) + 1, variant)
+    pos, block = positions[0], positions[1]
+    second = pos if variant == "no_block_pos" else block
+    q = np.concatenate([apply_rotary(q[..., : d // 2], cos, sin, pos), apply_rotary(q[..., d // 2:], cos, sin, second)], -1)
+    k = np.concatenate([apply_rotary(k[..., : d // 2], cos, sin, pos), apply_rotary(k[..., d // 2:], cos, sin, second)], -1)
+    return q, k, v
+
+
 def layer(h, sd, i, config, positions, mask, variant: str = ""):
     """One GLMBlock on one sequence. h: (n, hidden) -> (n, hidden)."""
     p = f"transformer.layers.{i}."
@@ -112,17 +131,7 @@ def layer(h, sd, i, config, positions, mask, variant: str = ""):
 
     n = h.shape[0]
     x = ln(h, "input_layernorm")
-    mixed = x @ sd[p + "attention.query_key_value.weight"].T + sd[p + "attention.query_key_value.bias"]
-    if variant == "qkv_grouped":
-        q, k, v = (m.reshape(n, heads, d) for m in np.split(mixed, 3, axis=-1))
-    else:
-        per_head = mixed.reshape(n, heads, 3 * d)
-        q, k, v = per_head[..., :d], per_head[..., d: 2 * d], per_head[..., 2 * d:]
-    cos, sin = rotary_tables(d // 2, int(positions.max()) + 1, variant)
-    pos, block = positions[0], positions[1]
-    second = pos if variant == "no_block_pos" else block
-    q = np.concatenate([apply_rotary(q[..., : d // 2], cos, sin, pos), apply_rotary(q[..., d // 2:], cos, sin, second)], -1)
-    k = np.concatenate([apply_rotary(k[..., : d // 2], cos, sin, pos), apply_rotary(k[..., d // 2:], cos, sin, second)], -1)
+    q, k, v = rotated_qkv(x, sd, i, config, positions, variant)
     coeff = float(i + 1)
     q = q / (math.sqrt(d) * coeff)
     scores = np.einsum("qhd,khd->hqk", q, k)  # (heads, n, n)
@@ -153,6 +162,21 @@ def logits(ids: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], variant:
     tied = config.get("tie_word_embeddings", True)  # THUDM leaves transformers' default: lm_head is the embedding
     head = sd["transformer.word_embeddings.weight"] if tied else sd["lm_head.weight"]
     return h @ head.T
+
+
+def scaled_scores(ids: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], layer_index: int) -> np.ndarray:
+    """q.k / sqrt(d) (heads, n, n) of one layer, before any masking: what an fp16 QK^T without THUDM's
+    query_key_layer_scaling would have to hold."""
+    ids = list(ids)
+    positions, mask = thudm_positions(ids, config), thudm_mask(ids, config)
+    h = sd["transformer.word_embeddings.weight"][ids].astype(np.float64)
+    for i in range(layer_index):
+        h = layer(h, sd, i, config, positions, mask)
+    p = f"transformer.layers.{layer_index}."
+    x = layer_norm(h, sd[p + "input_layernorm.weight"], sd[p + "input_layernorm.bias"],
+                   config.get("layernorm_epsilon", 1e-5))
+    q, k, _ = rotated_qkv(x, sd, layer_index, config, positions)
+    return np.einsum("qhd,khd->hqk", q, k) / math.sqrt(q.shape[-1])
 
 
 def greedy(prompt: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], new_tokens: int) -> List[int]:
