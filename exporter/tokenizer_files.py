@@ -156,6 +156,7 @@ def _ice_text_facts(ckpt_dir: str, files: List[str]) -> TokenizerFacts:
 def detect_tokenizer(ckpt_dir: str, chat_format_hint: str) -> TokenizerFacts:
     """The tokenizer a checkpoint directory ships: kind, chat format, special ids and the files to copy.
 
+    ice_text.model -> "ice_text" (ChatGLM-6B, chat format chatglm1);
     tokenizer.json -> "tokenizer.json" (chat format "template" when tokenizer_config.json has a chat_template, else
     the hint); else a sentencepiece tokenizer.model -> "sentencepiece" (chatglm2 or chatglm3); else a tokenizer.model
     of base64-rank lines -> "tiktoken" (chat format glm4); no tokenizer file -> kind and chat format "none".

@@ -29,10 +29,10 @@ from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
+from runtime.positions import PositionRule
 from runtime.sampling import GenerationConfig
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
-from runtime.positions import PositionRule
 from runtime.tensorrt.profiles import Profile, prefill_chunk_refusal, widest
 
 if TYPE_CHECKING:

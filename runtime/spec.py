@@ -71,7 +71,8 @@ class ModelSpec:
     ffn_hidden_size: int
     vocab_size: int  # rows of the embedding and the LM head (THUDM's padded_vocab_size)
     norm_eps: float
-    rotary_dim: int  # leading dims of each head that rotate (pairs interleaved); the rest pass through
+    rotary_dim: int  # leading dims of each head that rotate (pairs interleaved); the rest pass through. v1
+    #                  (ROTARY_2D_HALF): the dims of each head half, head_dim / 2, each half rotating on its own
     rope_theta: float  # the rotary base actually used (already multiplied for base scaling)
     rope_position_scale: float  # positions are divided by this (interpolation); 1.0 otherwise
     rope_scaling: str  # one of ROPE_SCALING_KINDS, recorded for the user

@@ -64,6 +64,15 @@ V1_SHAPE = dict(num_layers=3)
 
 @pytest.fixture(scope="session")
 def chatglm1_model(tiny_models):
-    """(checkpoint dir, fp32 bundle dir) of the tiny ChatGLM-6B, built once per session."""
+    """(checkpoint dir, fp32 bundle dir) of the tiny ChatGLM-6B as published (lm_head tied to the embedding)."""
     ckpt = tiny_models.checkpoint("chatglm1", "chatglm1", "thudm", **V1_SHAPE)
     return ckpt, tiny_models.bundle("chatglm1", ckpt)
+
+
+@pytest.fixture(scope="session")
+def chatglm1_untied(tiny_models):
+    """The same with its own random lm_head (tie_word_embeddings: false, which THUDM's code honours): with random
+    weights a tied head mostly predicts the input token again, so greedy runs need this one to mean something."""
+    ckpt = tiny_models.checkpoint("chatglm1-untied", "chatglm1", "thudm",
+                                  config_overrides={"tie_word_embeddings": False}, **V1_SHAPE)
+    return ckpt, tiny_models.bundle("chatglm1-untied", ckpt)

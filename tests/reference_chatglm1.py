@@ -31,12 +31,12 @@ VARIANTS = ("qkv_grouped", "no_block_pos", "one_d_positions", "plain_residual", 
 
 
 def load_checkpoint(ckpt_dir: str):
-    """(config dict, {THUDM name: float32 array}) of a safetensors checkpoint."""
+    """(config dict, {THUDM name: float64 array}) of a safetensors checkpoint (one dtype: numpy then uses BLAS)."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(ckpt_dir, "config.json"), encoding="utf-8") as f:
         config = json.load(f)
-    tensors = {k: v.astype(np.float32) for k, v in load_file(os.path.join(ckpt_dir, "model.safetensors")).items()}
+    tensors = {k: v.astype(np.float64) for k, v in load_file(os.path.join(ckpt_dir, "model.safetensors")).items()}
     return config, tensors
 
 

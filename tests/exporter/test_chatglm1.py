@@ -129,9 +129,17 @@ def v1(chatglm1_model):
     return ckpt, bundle, config, sd
 
 
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def v1_both(request):
+    """The published (tied lm_head) and the untied tiny ChatGLM-6B."""
+    ckpt, bundle = request.getfixturevalue("chatglm1_model" if request.param == "tied" else "chatglm1_untied")
+    config, sd = ref.load_checkpoint(ckpt)
+    return ckpt, bundle, config, sd
+
+
 @pytest.mark.parametrize("lengths", [(11,), (11, 5)], ids=["batch1", "batch2-leftpad"])
-def test_onnx_matches_reference_prefill_and_4_cached_decode_steps(v1, lengths):
-    _, bundle, config, sd = v1
+def test_onnx_matches_reference_prefill_and_4_cached_decode_steps(v1_both, lengths):
+    _, bundle, config, sd = v1_both
     prompts = _prompts(config, lengths)
     decode = np.random.default_rng(3).integers(20010, config["vocab_size"] - 8, size=(4, len(lengths)))
     ids, mask, prefill, steps = _run_onnx(bundle, prompts, decode)

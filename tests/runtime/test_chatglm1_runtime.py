@@ -67,8 +67,8 @@ def test_chunk_bounds_keep_the_context_in_the_first_chunk():
 
 
 @pytest.fixture(scope="module")
-def v1(chatglm1_model):
-    ckpt, bundle = chatglm1_model
+def v1(chatglm1_untied):
+    ckpt, bundle = chatglm1_untied
     config, sd = ref.load_checkpoint(ckpt)
     return ckpt, bundle, config, sd
 
@@ -92,7 +92,7 @@ def test_32_greedy_tokens_equal_the_reference_batch_of_two_left_padded(v1):
     for prompt, result in zip(prompts, results):
         want = _cut(ref.greedy(prompt, config, sd, 32), config["eos_token_id"])
         assert result.generated_ids == want
-        assert len(want) >= 8  # the comparison covers real decoding, not an immediate eos
+        assert len(want) == 32 and len(set(want)) >= 16  # 32 real decoding steps, not a repeated token
 
 
 def test_chunked_prefill_gives_the_same_tokens(v1):
