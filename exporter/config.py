@@ -1,8 +1,9 @@
 """Checkpoint config.json -> ModelSpec. The only module that knows checkpoint field names and generations.
 
 Supported: THUDM's remote-code layout (``model_type: chatglm``: ChatGLM-6B (v1, told apart by its own config
-fields, ``CHATGLM1_SIGNALS``), ChatGLM2-6B, ChatGLM3-6B, their 32k variants, GLM-4-9B-chat), transformers' ``glm`` (glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused
-here, before any work, with a message naming the field.
+fields, ``CHATGLM1_SIGNALS``), ChatGLM2-6B, ChatGLM3-6B, their 32k variants, GLM-4-9B-chat), transformers' ``glm``
+(glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused here, before any work, with a message
+naming the field.
 """
 from __future__ import annotations
 
@@ -19,13 +20,13 @@ from runtime.spec import (
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
     CHAT_GLM4,
-    ROPE_SCALING_BASE,
-    ROPE_SCALING_INTERPOLATION,
-    ROPE_SCALING_KINDS,
     NORM_LAYER,
     POSITIONS_2D_BLOCK,
     QKV_PER_HEAD,
     RESIDUAL_NORMED_SCALED,
+    ROPE_SCALING_BASE,
+    ROPE_SCALING_INTERPOLATION,
+    ROPE_SCALING_KINDS,
     ROPE_SCALING_NONE,
     ROTARY_2D_HALF,
     TOKENIZER_TIKTOKEN,

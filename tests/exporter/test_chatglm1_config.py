@@ -148,3 +148,23 @@ def test_fp16_bundle_stays_finite_where_unscaled_fp16_scores_overflow(chatglm1_m
     assert all(np.isfinite(x).all() for x in logits)
     want = ref.logits(prompt + [20070, 20071], config, sd)
     assert int(np.argmax(logits[0])) == int(np.argmax(want[len(prompt) - 1]))
+
+
+def test_checkpoint_without_ice_text_exports_and_runs_on_ids(tmp_path):
+    """The tokenizer is optional: the special ids come from config.json, prompts are ids."""
+    from exporter.onnx_export import export_bundle
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
+    from runtime import GenerationConfig, GlmModel
+
+    ckpt = write_tiny_checkpoint(str(tmp_path / "ck"), generation="chatglm1", tokenizer=False, num_layers=1)
+    assert not os.path.exists(os.path.join(ckpt, "ice_text.model"))
+    spec, _ = spec_from_checkpoint(ckpt)
+    assert (spec.tokenizer_kind, spec.chat_format) == ("none", "none")
+    with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
+        cfg = json.load(f)
+    assert spec.special_tokens["<sop>"] == cfg["bos_token_id"]
+    result = export_bundle(ckpt, str(tmp_path / "b"))
+    assert max(result.max_diffs.values()) < 1e-3
+    with GlmModel.load(result.bundle_dir, threads=1) as model:
+        out = model.generate([10, 20, cfg["gmask_token_id"], cfg["bos_token_id"]], GenerationConfig(max_new_tokens=3))
+    assert len(out.generated_ids) >= 1
