@@ -176,8 +176,10 @@ def _init_parameters(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def _batch_tensors(seqs: List[List[int]], pad_id: int):
-    """Right-padded ids (B, T), a loss mask (B, T-1) over real next tokens, positions (B, T)."""
+def _batch_tensors(seqs: List[List[int]], pad_id: int, rule=None):
+    """Right-padded ids (B, T), a loss mask (B, T-1) over real next tokens, positions (B, T) (ChatGLM-6B: (B, 2, T),
+    numbered by ``rule``, a runtime.positions.PositionRule; right pads then sit after the context, unseen)."""
+    import numpy as np
     import torch
 
     t = max(len(s) for s in seqs)
@@ -187,6 +189,9 @@ def _batch_tensors(seqs: List[List[int]], pad_id: int):
         ids[i, : len(s)] = torch.tensor(s)
         loss_mask[i, : len(s) - 1] = True
     positions = torch.arange(t).expand(len(seqs), t)
+    if rule is not None and rule.two_d:
+        index = np.broadcast_to(np.arange(t, dtype=np.int64), (len(seqs), t))
+        positions = torch.from_numpy(np.ascontiguousarray(rule.rows(seqs).at(index)))
     return ids, loss_mask, positions
 
 
@@ -201,7 +206,8 @@ def _forward_logits(model, ids, positions):
     return model(ids, mask, positions, *empty_past(model.spec, ids.shape[0]))[0]
 
 
-def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0) -> Dict[str, float]:
+def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0,
+                        rule=None) -> Dict[str, float]:
     """Greedy next-token accuracy and mean loss over ``sequences``; targets before index ``score_from`` (the
     prompt prefix) are not scored."""
     import torch
@@ -211,7 +217,7 @@ def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_fr
     with torch.no_grad():
         for i in range(0, len(sequences), 64):
             chunk = sequences[i : i + 64]
-            ids, loss_mask, pos = _batch_tensors(chunk, pad_id)
+            ids, loss_mask, pos = _batch_tensors(chunk, pad_id, rule)
             logits = _forward_logits(model, ids, pos)[:, :-1]  # (B, T-1, V)
             loss_mask[:, : max(score_from - 1, 0)] = False
             targets = ids[:, 1:]
@@ -229,13 +235,18 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     from calibration.data import Sample, sample_ids
     from runtime.tokenizer import load_tokenizer
 
-    from exporter.config import spec_from_checkpoint
-    from exporter.model import GlmForExport, canonical_state
+    from runtime.positions import PositionRule
 
-    spec, _ = spec_from_checkpoint(ckpt_dir)
+    from exporter.config import spec_from_checkpoint
+    from exporter.model import canonical_state, export_model_class
+
+    spec, info = spec_from_checkpoint(ckpt_dir)
     tok = load_tokenizer(ckpt_dir, spec)
+    rule = PositionRule.from_spec(spec)
 
     def encode(records):
+        if rule.two_d:  # ChatGLM-6B: a chat prompt is bidirectional context, next-token loss over it would leak
+            records = [r for r in records if r.get("text") is not None]
         samples = [Sample(text=r.get("text"), messages=r.get("messages")) for r in records]
         return [sample_ids(s, tok, spec)[: settings.max_len] for s in samples]
 
@@ -247,7 +258,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     torch.set_num_threads(1)  # deterministic, and polite on a shared machine
     try:
         torch.manual_seed(settings.seed)
-        model = GlmForExport(spec)  # on the CPU, its inv_freq buffer already computed (no meta device here)
+        model = export_model_class(spec)[0](spec)  # on the CPU, its inv_freq buffer computed (no meta device here)
         _init_parameters(model, settings.seed)
         model.train()
         decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
@@ -266,7 +277,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
             for group in opt.param_groups:
                 group["lr"] = settings.lr * max(lr_scale, 0.02)
             batch = [train_seqs[rng.randrange(len(train_seqs))] for _ in range(settings.batch)]
-            ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id)
+            ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id, rule)
             logits = _forward_logits(model, ids, pos)[:, :-1]
             nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
             loss = (nll * loss_mask).sum() / loss_mask.sum()
@@ -278,7 +289,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
         seconds = time.perf_counter() - start
         model.eval()
         score_from = len(tok.prefix_ids())
-        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from)
+        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from, rule)
     finally:
         torch.set_num_threads(threads)
 
@@ -287,7 +298,7 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
 
     state = canonical_state(model)
     assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
-    save_weights(ckpt_dir, to_layout(spec, state, "thudm"), "safetensors")
+    save_weights(ckpt_dir, to_layout(spec, state, info.layout), "safetensors")
     targets = [t for s in heldout_seqs for t in s[max(score_from, 1):]]
     majority = max(targets.count(t) for t in set(targets)) / len(targets)
     report = {
@@ -319,7 +330,28 @@ def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettin
         hidden_size=settings.hidden_size, num_layers=settings.num_layers, num_heads=settings.num_heads,
         num_kv_heads=settings.num_kv_heads, head_dim=settings.head_dim, ffn_hidden_size=settings.ffn_hidden_size,
     )
+    if settings.generation == "chatglm1":
+        _without_image_tokens(out_dir)
     return train(out_dir, settings, progress)
+
+
+def _without_image_tokens(ckpt_dir: str) -> None:
+    """ChatGLM-6B as THUDM's later files describe it: num_image_tokens 0, ids without the 20000 offset (vocabulary
+    130528 at full size). Here it keeps the trained model's vocabulary (and its training time) small."""
+    from runtime.ice_text import IMAGE_TOKENS
+
+    cfg_path, tok_path = os.path.join(ckpt_dir, "config.json"), os.path.join(ckpt_dir, "tokenizer_config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id"):
+        cfg[key] -= IMAGE_TOKENS
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    with open(tok_path, encoding="utf-8") as f:
+        tok = json.load(f)
+    tok["num_image_tokens"] = 0
+    with open(tok_path, "w", encoding="utf-8") as f:
+        json.dump(tok, f, indent=2, ensure_ascii=False)
 
 
 def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(), progress=None) -> str:
