@@ -66,7 +66,7 @@ def prepare(work: str):
         out = os.path.join(work, "mid-" + name.replace(" ", "-").replace("(", "").replace(")", "").replace(".", ""))
         if not os.path.isdir(out):
             _cli("quantize", "--model", fp32, "--out", out, "--calib-data", calib, "--calib-samples", "32",
-                 "--eval-samples", "16", "--quiet", *args)
+                 "--eval-samples", "16", "--accept-accuracy-loss", "--quiet", *args)  # random weights: figures say nothing
         bundles[name] = out
     return bundles
 

@@ -12,3 +12,8 @@ class CalibrationDataError(GlmExportError):
 class QuantizationError(GlmExportError):
     """A precision conversion was asked for something impossible: an unknown precision, an already quantized
     bundle, a graph that is not glm-export's, a bad option value."""
+
+
+class AccuracyBoundError(QuantizationError):
+    """A converted bundle's measured accuracy breaks the bounds of ``runtime.tolerances.ACCURACY_BOUNDS`` and the
+    user did not accept the loss (``--accept-accuracy-loss``); nothing is written."""

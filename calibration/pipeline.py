@@ -30,6 +30,7 @@ from runtime import graph_contract as gc
 from runtime.errors import BundleError
 from runtime.manifest import (
     KV_DTYPE_OF_PRECISION,
+    PRECISION_TABLE,
     PRECISIONS,
     Manifest,
     copy_side_files,
@@ -42,7 +43,7 @@ from runtime.progress import NullProgress
 from calibration import accuracy as acc
 from calibration.embedding import embedding_to_fp16
 from calibration.data import DataSplit, check_counts, load_eval_sequences, load_split
-from calibration.errors import CalibrationDataError, QuantizationError
+from calibration.errors import AccuracyBoundError, CalibrationDataError, QuantizationError
 from calibration.graph_io import contrib_ops, default_opset, load_graph, save_graph
 from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
@@ -76,6 +77,9 @@ class QuantizeOptions:
     eval_data: Optional[str] = None  # evaluate on this file instead of held-out calibration text
     eval_samples: int = 64
     threads: Optional[int] = None
+    # write the bundle even when its measured accuracy breaks runtime/tolerances.py ACCURACY_BOUNDS (recorded in the
+    # manifest); without it such a bundle is an AccuracyBoundError and nothing is written
+    accept_accuracy_loss: bool = False
 
     def settings(self) -> Dict[str, Any]:
         """The options that shaped the result, for the manifest (paths as given)."""
@@ -128,7 +132,7 @@ def check_options(opts: QuantizeOptions) -> None:
         raise QuantizationError("--calib-batch must be >= 1 and --decode-steps >= 0")
     if opts.ranges and opts.precision != "int8":
         raise QuantizationError(f"--ranges applies to --precision int8 only, not {opts.precision}")
-    needs_calibration = opts.precision == "int8" and opts.ranges is None
+    needs_calibration = PRECISION_TABLE[opts.precision].needs_calibration and opts.ranges is None
     if needs_calibration and not opts.calib_data:
         raise CalibrationDataError("--precision int8 calibrates on your text: give --calib-data FILE "
                                    "(or --ranges FILE from an earlier calibration)")
@@ -200,7 +204,7 @@ def _fp16(opts, src: _Source, out_dir, split, chosen, progress):
     progress.stage("converting to fp16 (fp32 norms, softmax, rotary tables and logits)")
     return fp16_from_fp32(load_graph(src.model)), {
         "fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables", "logits"],
-        "runs_on": ["onnxruntime", "tensorrt"],
+        "runs_on": _runs_on("fp16"),
     }
 
 
@@ -227,7 +231,7 @@ def _int8(opts, src: _Source, out_dir, split, chosen, progress):
     return static_int8(load_graph(src.model), chosen, ranges), {
         "form": "QDQ", "weights": "int8 per-channel symmetric (axis 1 of each (K, N) weight)",
         "activations": "int8 per-tensor symmetric", "ranges_file": RANGES_FILE, "calibration": ranges.settings,
-        "runs_on": ["onnxruntime", "tensorrt"],
+        "runs_on": _runs_on("int8"),
     }
 
 
@@ -237,7 +241,7 @@ def _int8_dynamic(opts, src: _Source, out_dir, split, chosen, progress):
     progress.stage(f"quantizing {len(chosen)} linear layers to dynamic INT8")
     return dynamic_int8(src.model, chosen, out_dir), {
         "form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
-        "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"],
+        "activations": "uint8 per-tensor, computed at run time", "runs_on": _runs_on("int8-dynamic"),
     }
 
 
@@ -248,10 +252,15 @@ def _int4(opts, src: _Source, out_dir, split, chosen, progress):
     proto = int4_weight_only(load_graph(src.model), chosen, opts.block_size, opts.int4_symmetric,
                              opts.int4_accuracy_level)
     return proto, {
-        "form": "MatMulNBits", "runs_on": ["onnxruntime"],
+        "form": "MatMulNBits", "runs_on": _runs_on("int4"),
         "weights": f"int4 blocks of {opts.block_size} along K, "
                    + ("symmetric" if opts.int4_symmetric else "with zero points"),
     }
+
+
+def _runs_on(precision: str):
+    """The manifest's ``runs_on`` for a precision, from runtime.manifest.PRECISION_TABLE (a JSON list)."""
+    return list(PRECISION_TABLE[precision].runs_on)
 
 
 _CONVERTERS = {"fp16": _fp16, "int8": _int8, "int8-dynamic": _int8_dynamic, "int4": _int4}
@@ -321,7 +330,8 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
                            prefix=len(tokenizer.prefix_ids()) if tokenizer is not None else None)
         new.extra["accuracy"] = dict(report.to_dict(), data=opts.eval_data or opts.calib_data,
                                      heldout="separate file" if opts.eval_data else "held out from calibration data",
-                                     reference="fp32 source bundle")
+                                     reference="fp32 source bundle",
+                                     bounds=_enforce_bounds(opts, report))
     else:
         new.extra["accuracy"] = {"skipped": "--no-eval"}
     write_manifest(out_dir, new)  # once, complete: the evaluation ran from the manifest in memory
@@ -333,6 +343,24 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+
+
+def _enforce_bounds(opts: QuantizeOptions, report: acc.AccuracyReport) -> Dict[str, Any]:
+    """The manifest's record of the precision's accuracy bounds (runtime/tolerances.py ACCURACY_BOUNDS) and which
+    the report breaks; AccuracyBoundError, before anything is written, when it breaks one and the user did not
+    accept the loss."""
+    limits = dict(acc.accuracy_bounds().get(opts.precision, {}))
+    broken = acc.check_bounds(opts.precision, report)
+    if broken and not opts.accept_accuracy_loss:
+        raise AccuracyBoundError(
+            f"--precision {opts.precision}: measured accuracy breaks runtime/tolerances.py ACCURACY_BOUNDS: "
+            f"{'; '.join(broken)}; nothing written (--accept-accuracy-loss writes it anyway and records it)"
+        )
+    record: Dict[str, Any] = {"limits": limits, "broken": broken}
+    if broken:
+        record["accepted"] = "--accept-accuracy-loss"
+    return record
+
 
 
 def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manifest: Manifest,

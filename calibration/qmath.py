@@ -49,15 +49,6 @@ def per_channel_scales(w: np.ndarray, axis: int, qmax: int = INT8_QMAX) -> np.nd
     return np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
 
 
-def fake_quant_per_channel(w: np.ndarray, axis: int, qmax: int = INT8_QMAX) -> np.ndarray:
-    """w quantized per channel and dequantized again: what the INT8 graph computes with."""
-    scales = per_channel_scales(w, axis, qmax)
-    shape = [1] * np.ndim(w)
-    shape[axis] = -1
-    s = scales.reshape(shape)
-    return dequantize(quantize_symmetric(w, s, qmax), s)
-
-
 # ------------------------------------------------------------------------------------------------ histograms
 
 

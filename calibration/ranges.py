@@ -26,6 +26,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from runtime.errors import read_json_object
 from runtime.manifest import sha256_of
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
@@ -214,14 +215,10 @@ def write_ranges(path: str, ranges: CalibrationRanges) -> str:
 
 def read_ranges(path: str, method: Optional[str] = None) -> CalibrationRanges:
     """A ranges file; ``method`` (when given) overrides the one recorded, since all three are stored."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise QuantizationError(f"{path}: calibration ranges file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise QuantizationError(f"{path}: unreadable calibration ranges ({e})") from None
-    if not isinstance(data, dict) or data.get("format") != RANGES_FORMAT:
+    if not os.path.isfile(path):
+        raise QuantizationError(f"{path}: calibration ranges file not found")
+    data = read_json_object(path, QuantizationError, "calibration ranges")
+    if data.get("format") != RANGES_FORMAT:
         raise QuantizationError(f"{path}: not a glm-export calibration ranges file")
     if data.get("version") != RANGES_VERSION:
         raise QuantizationError(f"{path}: ranges format version {data.get('version')} is not {RANGES_VERSION}; "

@@ -15,7 +15,7 @@ Every number comes from the published configs (``exporter.tiny.published.PUBLISH
 
 TensorRT's activation memory, the CUDA context and the operating system are NOT included: nothing here has run on a
 Jetson. ``python docs/memory_table.py`` prints the markdown that docs/jetson.md holds between its
-``memory-table`` markers; tests/test_trt_ep.py checks that the two agree and that the numbers are ModelSpec's.
+``memory-table`` markers; tests/runtime/test_trt_ep.py checks that the two agree and that the numbers are ModelSpec's.
 """
 from __future__ import annotations
 

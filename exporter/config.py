@@ -41,6 +41,42 @@ LAYOUT_GLM4 = "glm4"
 # model_type -> weight-name layout
 LAYOUT_OF_MODEL_TYPE = {"chatglm": LAYOUT_THUDM, "glm": LAYOUT_GLM, "glm4": LAYOUT_GLM4}
 
+# The config.json field holding each size of the spec, per config family: THUDM's remote-code config (layout
+# "thudm") and transformers' (glm and glm4 share the "hf" names). The reader below reads these names; the tiny
+# checkpoint writer (exporter.tiny.checkpoint) writes them: checkpoint field names are known here only.
+CONFIG_HF = "hf"
+SIZE_FIELDS: Dict[str, Dict[str, str]] = {
+    LAYOUT_THUDM: {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_layers",
+        "num_heads": "num_attention_heads",
+        "num_kv_heads": "multi_query_group_num",  # read only with multi_query_attention: true
+        "head_dim": "kv_channels",
+        "ffn_hidden_size": "ffn_hidden_size",
+        "vocab_size": "padded_vocab_size",
+        "max_position_embeddings": "seq_length",
+    },
+    # ChatGLM-6B (v1): no kv groups and no head size field (head_dim = hidden / heads)
+    LAYOUT_THUDM_V1: {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_layers",
+        "num_heads": "num_attention_heads",
+        "ffn_hidden_size": "inner_hidden_size",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_sequence_length",
+    },
+    CONFIG_HF: {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "num_heads": "num_attention_heads",
+        "num_kv_heads": "num_key_value_heads",
+        "head_dim": "head_dim",
+        "ffn_hidden_size": "intermediate_size",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_position_embeddings",
+    },
+}
+
 # THUDM fields whose value must be exactly this for our block to be the right one. Anything else is refused.
 THUDM_REQUIRED_VALUES = {
     "add_bias_linear": False,
@@ -141,20 +177,21 @@ def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
             raise UnsupportedModelError(
                 f"{where}: field '{key}' = {cfg[key]!r} is not supported (glm-export needs {wanted!r})"
             )
-    heads = _require(cfg, "num_attention_heads", where)
-    hidden = _require(cfg, "hidden_size", where)
-    kv_heads = _require(cfg, "multi_query_group_num", where) if cfg.get("multi_query_attention", False) else heads
-    head_dim = cfg.get("kv_channels") or hidden // heads
-    vocab = cfg.get("padded_vocab_size") or cfg.get("vocab_size")
+    f = SIZE_FIELDS[LAYOUT_THUDM]
+    heads = _require(cfg, f["num_heads"], where)
+    hidden = _require(cfg, f["hidden_size"], where)
+    kv_heads = _require(cfg, f["num_kv_heads"], where) if cfg.get("multi_query_attention", False) else heads
+    head_dim = cfg.get(f["head_dim"]) or hidden // heads
+    vocab = cfg.get(f["vocab_size"]) or cfg.get("vocab_size")
     if vocab is None:
-        raise ConfigError(f"{where}: field 'padded_vocab_size' is missing")
+        raise ConfigError(f"{where}: field '{f['vocab_size']}' is missing")
     return dict(
-        num_layers=_require(cfg, "num_layers", where),
+        num_layers=_require(cfg, f["num_layers"], where),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        ffn_hidden_size=_require(cfg, "ffn_hidden_size", where),
+        ffn_hidden_size=_require(cfg, f["ffn_hidden_size"], where),
         vocab_size=vocab,
         norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
         rotary_dim=head_dim // 2,  # THUDM: RotaryEmbedding(rotary_dim // 2) over kv_channels
@@ -162,7 +199,7 @@ def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
         qkv_bias=bool(cfg.get("add_qkv_bias", False)),
         sandwich_norms=False,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("seq_length", 2048)),
+        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 2048)),
         rope_ratio=float(cfg.get("rope_ratio", 1.0) or 1.0),
     )
 
@@ -181,9 +218,10 @@ def _chatglm1_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
     if cfg.get("position_encoding_2d", True) is not True:
         raise UnsupportedModelError(f"{where}: field 'position_encoding_2d' = {cfg['position_encoding_2d']!r} is not "
                                     "supported (glm-export needs true, as ChatGLM-6B publishes it)")
-    heads = _require(cfg, "num_attention_heads", where)
-    hidden = _require(cfg, "hidden_size", where)
-    layers = _require(cfg, "num_layers", where)
+    f = SIZE_FIELDS[LAYOUT_THUDM_V1]
+    heads = _require(cfg, f["num_heads"], where)
+    hidden = _require(cfg, f["hidden_size"], where)
+    layers = _require(cfg, f["num_layers"], where)
     if hidden % (2 * heads):
         raise ConfigError(f"{where}: hidden_size {hidden} must split into {heads} heads of two rotary halves")
     head_dim = hidden // heads
@@ -199,8 +237,8 @@ def _chatglm1_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
         num_heads=heads,
         num_kv_heads=heads,  # no grouping in v1
         head_dim=head_dim,
-        ffn_hidden_size=cfg.get("inner_hidden_size") or 4 * hidden,  # THUDM: inner_hidden_size, default 4 x hidden
-        vocab_size=_require(cfg, "vocab_size", where),
+        ffn_hidden_size=cfg.get(f["ffn_hidden_size"]) or 4 * hidden,  # THUDM's default: 4 x hidden
+        vocab_size=_require(cfg, f["vocab_size"], where),
         norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
         rotary_dim=head_dim // 2,  # each half of a head rotates on its own (RotaryEmbedding(hidden // (heads * 2)))
         rope_theta=10000.0,
@@ -210,7 +248,7 @@ def _chatglm1_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
         sandwich_norms=False,
         # THUDM's code leaves tie_word_embeddings at transformers' default (true): lm_head is the embedding
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        max_position_embeddings=int(cfg.get("max_sequence_length", 2048)),
+        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 2048)),
         special_tokens=specials,
         norm_kind=NORM_LAYER,
         activation=ACT_GELU_TANH,
@@ -243,21 +281,22 @@ def _hf_rope(cfg: Dict[str, Any], where: str) -> Tuple[float, float, float, str]
 
 
 def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
-    heads = _require(cfg, "num_attention_heads", where)
-    hidden = _require(cfg, "hidden_size", where)
-    head_dim = cfg.get("head_dim") or hidden // heads
+    f = SIZE_FIELDS[CONFIG_HF]
+    heads = _require(cfg, f["num_heads"], where)
+    hidden = _require(cfg, f["hidden_size"], where)
+    head_dim = cfg.get(f["head_dim"]) or hidden // heads
     theta, factor, pos_scale, kind = _hf_rope(cfg, where)
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{where}: field 'hidden_act' = {act!r} is not supported (glm-export needs 'silu')")
     return dict(
-        num_layers=_require(cfg, "num_hidden_layers", where),
+        num_layers=_require(cfg, f["num_layers"], where),
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        num_kv_heads=cfg.get(f["num_kv_heads"]) or heads,
         head_dim=head_dim,
-        ffn_hidden_size=_require(cfg, "intermediate_size", where),
-        vocab_size=_require(cfg, "vocab_size", where),
+        ffn_hidden_size=_require(cfg, f["ffn_hidden_size"], where),
+        vocab_size=_require(cfg, f["vocab_size"], where),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
         rotary_dim=int(head_dim * factor),
         rope_theta=theta,
@@ -266,7 +305,7 @@ def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
         qkv_bias=bool(cfg.get("attention_bias", True)),
         sandwich_norms=layout == LAYOUT_GLM4,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 131072)),
+        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 131072)),
     )
 
 

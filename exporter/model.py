@@ -204,6 +204,10 @@ def canonical_state(model: GlmForExport) -> Dict[str, torch.Tensor]:
     return out
 
 
-def empty_past(spec: ModelSpec, batch: int, dtype=torch.float32) -> List[torch.Tensor]:
-    shape = (batch, spec.num_kv_heads, 0, spec.head_dim)
-    return [torch.zeros(shape, dtype=dtype) for _ in range(2 * spec.num_layers)]
+def torch_empty_past(spec: ModelSpec, batch: int, dtype=torch.float32) -> List[torch.Tensor]:
+    """``runtime.steps.empty_past`` as torch tensors, in the model's argument order (the pasts' shape rule lives
+    there): each (batch, kv_heads, 0, head_dim)."""
+    from runtime.steps import empty_past
+
+    np_dtype = torch.zeros((), dtype=dtype).numpy().dtype
+    return [torch.from_numpy(a.copy()) for a in empty_past(spec, batch, np_dtype).values()]

@@ -17,7 +17,7 @@ from typing import Dict, Optional
 from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
 from runtime import graph_contract as gc
-from runtime.errors import ConfigError, VerificationError
+from runtime.errors import ConfigError, ExportError, VerificationError
 from runtime.manifest import (
     DATA_FILE,
     INLINE_LIMIT,
@@ -133,7 +133,7 @@ def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
                 keep.append(value)
                 continue
             if value.name not in tensors:
-                raise RuntimeError(f"traced graph input {value.name!r} is neither a contract input nor a weight")
+                raise ExportError(f"traced graph input {value.name!r} is neither a contract input nor a weight")
             array = tensors[value.name].detach().contiguous().numpy()
             pad = (-offset) % 64  # align each tensor for memory-mapped readers
             data.write(b"\0" * pad)
@@ -165,16 +165,6 @@ def inline_if_small(out_dir: str) -> None:
     os.remove(data_path)
 
 
-def ort_session(path: str, threads: Optional[int] = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def export_bundle(
     ckpt_dir: str,
     out_dir: str,
@@ -190,48 +180,21 @@ def export_bundle(
     ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
     softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
     """
-    import numpy as np
-    import torch
-
-    if precision not in DIRECT_PRECISIONS:
-        raise ConfigError(f"--precision: a checkpoint exports directly to {' or '.join(DIRECT_PRECISIONS)}, "
-                          f"got {precision!r} (use 'glm-export quantize' for the others)")
-    kv_dtype = KV_DTYPE_OF_PRECISION[precision]
-    torch_dtype = getattr(torch, kv_dtype)
-
-    from exporter.verify import make_plan, max_diffs, run_onnx, run_torch
-
+    kv_dtype = _kv_dtype_of(precision)
     progress = progress or NullProgress()
     start = time.perf_counter()
     spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
     weight_files = find_weight_files(ckpt_dir)
     with staged_directory(out_dir, overwrite) as tmp:
-        progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
-        model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch_dtype, progress))
-        plan = make_plan(spec)
-        reference = run_torch(model, spec, plan) if verify else None
-
-        progress.stage("tracing to ONNX")
-        trace_to_onnx(model, tmp, opset)
-        del model
-        _gc.collect()
+        reference, plan = _trace_model(ckpt_dir, tmp, spec, info, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
         inline_if_small(tmp)
         copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
-
+        verification: Dict = {}
         diffs: Dict[str, float] = {}
         if verify:
             progress.stage("verifying with onnxruntime: prefill + 3 cached decode steps, batch 2, left padding")
-            session = ort_session(os.path.join(tmp, MODEL_FILE))
-            got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
-            del session
-            diffs = max_diffs(plan, got, reference)
-            scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
-            tol = allowed_diff("onnx_vs_torch", precision, scale)
-            if not all(v <= tol for v in diffs.values()):
-                listing = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
-                raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
-
+            diffs, verification = _verify_graph(tmp, spec, plan, reference, precision, kv_dtype)
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
         manifest = Manifest(
             spec=spec,
@@ -241,24 +204,10 @@ def export_bundle(
             model_file=MODEL_FILE,
             opset=opset,
             tool_version=__version__,
-            source={
-                "checkpoint": info.path,
-                "layout": info.layout,
-                "model_type": info.model_type,
-                "weight_files": [os.path.basename(f) for f in weight_files.files],
-                "rope_scaling_decided_by": info.rope_scaling_source,
-            },
+            source=_source_record(info, weight_files),
             files=record_files(tmp, graph_files + copied),
             tokenizer_files=[f for f in copied if f != "config.json"],
-            verification={
-                "against": "pytorch",
-                "tolerance": tolerance("onnx_vs_torch", precision),
-                "allowed_max_abs_diff": tol,
-                "max_abs_diff": diffs,
-                "steps": "prefill + 3 decode, batch 2, left padding",
-            }
-            if verify
-            else {},
+            verification=verification,
         )
         write_manifest(tmp, manifest)
     file_bytes = {name: rec["bytes"] for name, rec in manifest.files.items()}
@@ -271,3 +220,67 @@ def export_bundle(
         seconds=time.perf_counter() - start,
     )
 
+
+def _kv_dtype_of(precision: str) -> str:
+    """The KV (and traced torch) dtype of a precision a checkpoint exports to directly; ConfigError otherwise."""
+    if precision not in DIRECT_PRECISIONS:
+        raise ConfigError(f"--precision: a checkpoint exports directly to {' or '.join(DIRECT_PRECISIONS)}, "
+                          f"got {precision!r} (use 'glm-export quantize' for the others)")
+    return KV_DTYPE_OF_PRECISION[precision]
+
+
+def _trace_model(ckpt_dir: str, tmp: str, spec, info, kv_dtype: str, opset: int, verify: bool, progress):
+    """Load the weights into GlmForExport, run the reference steps (when verifying), trace ``tmp/model.onnx``
+    and free the model. Returns (reference outputs or None, the verification plan or None)."""
+    import torch
+
+    from exporter.verify import make_plan, run_torch
+
+    progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
+    # the loaded dict is not kept: the model owns the tensors, so the weights are held once
+    model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, getattr(torch, kv_dtype),
+                                                            progress))
+    plan = make_plan(spec) if verify else None
+    reference = run_torch(model, spec, plan) if verify else None
+    progress.stage("tracing to ONNX")
+    trace_to_onnx(model, tmp, opset)
+    del model
+    _gc.collect()
+    return reference, plan
+
+
+def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str):
+    """Run the traced graph through the plan's steps and compare with ``reference``: (max diffs, the manifest's
+    verification record); VerificationError listing each output's max difference beyond the tolerance."""
+    import numpy as np
+
+    from exporter.verify import max_diffs, run_onnx
+    from runtime.backends.onnxruntime import new_session
+
+    session = new_session(os.path.join(tmp, MODEL_FILE))
+    got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
+    del session
+    diffs = max_diffs(plan, got, reference)
+    scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
+    tol = allowed_diff("onnx_vs_torch", precision, scale)
+    if not all(v <= tol for v in diffs.values()):
+        listing = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
+        raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
+    return diffs, {
+        "against": "pytorch",
+        "tolerance": tolerance("onnx_vs_torch", precision),
+        "allowed_max_abs_diff": tol,
+        "max_abs_diff": diffs,
+        "steps": "prefill + 3 decode, batch 2, left padding",
+    }
+
+
+def _source_record(info, weight_files) -> Dict:
+    """The manifest's ``source``: where the bundle came from and how its rope scaling was decided."""
+    return {
+        "checkpoint": info.path,
+        "layout": info.layout,
+        "model_type": info.model_type,
+        "weight_files": [os.path.basename(f) for f in weight_files.files],
+        "rope_scaling_decided_by": info.rope_scaling_source,
+    }

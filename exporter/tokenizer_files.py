@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
-from runtime.errors import TokenizerError
+from runtime.errors import TokenizerError, read_json_object
 from runtime.ice_text import ICE_TEXT_FILE, ICE_TEXT_SPECIALS, image_offset
 from runtime.spec import (
     CHAT_CHATGLM1,
@@ -36,7 +36,6 @@ from runtime.tokenizer import (
     TOKENIZER_JSON_FILE,
     TOKENIZER_MODEL_FILE,
     read_chat_template,
-    read_json_object,
     read_tiktoken_ranks,
     read_tokenizer_config,
 )
@@ -71,7 +70,7 @@ def _present(ckpt_dir: str) -> List[str]:
 
 def _json_specials(path: str) -> Dict[str, int]:
     """Special added tokens of a tokenizer.json, read as JSON (no need to build the tokenizer for this)."""
-    added = read_json_object(path).get("added_tokens") or []
+    added = read_json_object(path, TokenizerError).get("added_tokens") or []
     try:
         return {str(t["content"]): int(t["id"]) for t in added if t.get("special")}
     except (KeyError, TypeError, ValueError, AttributeError):

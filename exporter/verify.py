@@ -66,7 +66,7 @@ def run_torch(model, spec: ModelSpec, plan: VerifyPlan) -> List[Dict[str, np.nda
     """Logits of every step from our PyTorch model, feeding its own presents back as pasts."""
     import torch
 
-    from exporter.model import empty_past as torch_empty_past
+    from exporter.model import torch_empty_past
 
     dtype = next(model.parameters()).dtype
     past = torch_empty_past(spec, plan.input_ids.shape[0], dtype)

@@ -7,12 +7,11 @@ After loading, every checkpoint key has been used exactly once and every shape c
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Tuple
 
-from runtime.errors import WeightsError, first_line
+from runtime.errors import ConfigError, WeightsError, first_line, read_json_object
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
 
@@ -135,7 +134,7 @@ def name_table(spec: ModelSpec, layout: str) -> Dict[str, List[str]]:
         if layout == LAYOUT_GLM4:
             per_layer.update(_GLM4_SANDWICH)
     else:
-        raise ValueError(f"unknown layout {layout!r}")
+        raise ConfigError(f"unknown checkpoint layout {layout!r}; expected {LAYOUT_THUDM!r}, {LAYOUT_GLM!r} or {LAYOUT_GLM4!r}")
     wanted = canonical_shapes(spec)
     table = {}
     for name in wanted:
@@ -189,11 +188,9 @@ def find_weight_files(ckpt_dir: str) -> WeightFiles:
     ):
         index_path = os.path.join(ckpt_dir, index)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                raise WeightsError(f"{index_path}: unreadable shard index ({e})") from None
+            weight_map = read_json_object(index_path, WeightsError, "shard index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise WeightsError(f"{index_path}: unreadable shard index (expected a 'weight_map' of file names)")
             key_to_file = {k: os.path.join(ckpt_dir, v) for k, v in weight_map.items()}
             for path in set(key_to_file.values()):
                 if not os.path.isfile(path):

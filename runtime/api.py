@@ -20,10 +20,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, Iterator, List, Mapping, NamedTuple, Optional
-from typing import Sequence, Tuple, Union
+from typing import Sequence, Tuple, Union, cast
 
 import numpy as np
 
+from runtime.backend_options import check_backend_options
 from runtime.errors import BackendError, BundleError, GenerationError, TokenizerError
 from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
@@ -140,11 +141,14 @@ class GlmModel:
         if not (prefill_chunk is None or prefill_chunk == AUTO
                 or (isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool) and prefill_chunk >= 0)):
             raise GenerationError(f"prefill_chunk must be a whole number >= 0, None or 'auto', got {prefill_chunk!r}")
-        if backend == "tensorrt":
-            return cls._load_engine(bundle_dir, engine_dir, device, prefill_chunk, verify_checksums,
-                                    provider=provider, threads=threads, trt_options=trt_options)
-        if engine_dir is not None:
-            raise BackendError("engine_dir is for backend='tensorrt'; the onnxruntime backend runs the bundle's graph")
+        given = {name: [name] for name, value in (("engine_dir", engine_dir), ("provider", provider),
+                                                  ("threads", threads), ("trt_options", trt_options))
+                 if value is not None}
+        if not io_binding:
+            given["io_binding"] = ["io_binding"]
+        check_backend_options(backend, given, provider)
+        if backend == "tensorrt":  # check_backend_options refused a missing engine_dir
+            return cls._load_engine(bundle_dir, cast(str, engine_dir), device, prefill_chunk, verify_checksums)
         provider = provider if provider is not None else "cpu"
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
         model_path = os.path.join(bundle_dir, manifest.model_file)
@@ -161,16 +165,8 @@ class GlmModel:
         return cls(bundle_dir, manifest, runner, chunk, context, "onnxruntime")
 
     @classmethod
-    def _load_engine(cls, bundle_dir: str, engine_dir: Optional[str], device: int, prefill_chunk: Union[int, None, str],
-                     verify_checksums: bool, provider: Optional[str], threads: Optional[int],
-                     trt_options: Optional[TrtProviderOptions]) -> "GlmModel":
-        if engine_dir is None:
-            raise BackendError("backend 'tensorrt' needs engine_dir, an engine built with "
-                               "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
-        for name, value in (("provider", provider), ("threads", threads), ("trt_options", trt_options)):
-            if value is not None:
-                raise BackendError(f"{name} is an onnxruntime option; backend 'tensorrt' runs the engine on CUDA "
-                                   f"device {device} with the sizes it was built for")
+    def _load_engine(cls, bundle_dir: str, engine_dir: str, device: int, prefill_chunk: Union[int, None, str],
+                     verify_checksums: bool) -> "GlmModel":
         if isinstance(device, bool) or not isinstance(device, int) or device < 0:
             raise BackendError(f"device must be a CUDA device index >= 0, got {device!r}")
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)

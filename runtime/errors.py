@@ -58,20 +58,27 @@ class BackendError(GlmExportError):
     """The requested execution backend or provider is not available here."""
 
 
+class ExportError(GlmExportError):
+    """The traced graph does not match what the exporter expects of it (an input that is neither contract nor
+    weight, ...): the checkpoint holds something the export-friendly model does not."""
+
+
 def first_line(error: BaseException) -> str:
     """An exception's message cut to one line (library errors can span several); its type name when empty."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def read_json_object(path: str, error_cls: Type[GlmExportError], what: str = "JSON") -> Dict[str, Any]:
+def read_json_object(path: str, error_cls: Type[GlmExportError], what: str = "JSON", hint: str = "") -> Dict[str, Any]:
     """The JSON object in the file at ``path``; ``error_cls`` naming the file when it cannot be read, is not JSON,
-    or holds something other than an object ("PATH: unreadable WHAT (reason)", "PATH: expected a JSON object")."""
+    or holds something other than an object ("PATH: unreadable WHAT (reason)", "PATH: expected a JSON object"),
+    each followed by "; HINT" when a hint is given. The one JSON-object reader of the project."""
+    suffix = f"; {hint}" if hint else ""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError
-        raise error_cls(f"{path}: unreadable {what} ({e})") from None
+        raise error_cls(f"{path}: unreadable {what} ({first_line(e)}){suffix}") from None
     if not isinstance(data, dict):
-        raise error_cls(f"{path}: expected a JSON object")
+        raise error_cls(f"{path}: expected a JSON object{suffix}")
     return data

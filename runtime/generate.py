@@ -134,7 +134,7 @@ def prefill(
     first_chunk_end: int = 0,
 ) -> Tuple[np.ndarray, KVCache]:
     """Run the (left-padded) prompts [batch, n] through the model from an empty cache, ``chunk_size`` columns per
-    forward (None or 0: all at once), the first forward reaching at least column ``first_end`` (ChatGLM-6B's
+    forward (None or 0: all at once), the first forward reaching at least column ``first_chunk_end`` (ChatGLM-6B's
     bidirectional context, ``BatchPositions.context_end``). position_ids: [batch, n] or [batch, 2, n].
     Returns the last position's logits [batch, vocab] and the cache."""
     batch, n = input_ids.shape
@@ -156,6 +156,48 @@ def decode_step(
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+
+
+def _check_config(config: GenerationConfig) -> None:
+    """GenerationError for a config that is not a GenerationConfig or holds invalid values."""
+    if not isinstance(config, GenerationConfig):
+        raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
+    config.validate()
+
+
+def _check_decoding(config: GenerationConfig, decoder_factory: Optional[Callable[[], TextDecoder]],
+                    prefill_chunk: Optional[int]) -> None:
+    """GenerationError for stop strings without a decoder or a negative prefill chunk."""
+    if config.stop and decoder_factory is None:
+        raise GenerationError("stop strings need a tokenizer to decode the text; this bundle has none")
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
+        raise GenerationError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
+
+
+def checked_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context_length: int) -> List[List[int]]:
+    """The prompts as lists of ints, each non-empty, inside the vocabulary and leaving room for one new token in
+    ``context_length``; GenerationError naming the prompt otherwise."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    checked = []
+    for i, p in enumerate(prompts):
+        where = f"prompt {i}" if len(prompts) > 1 else "prompt"
+        try:
+            ids = [int(t) for t in p]
+        except (TypeError, ValueError):
+            raise GenerationError(f"{where} must be a list of token ids") from None
+        if not ids:
+            raise GenerationError(f"{where} is empty: give at least one token")
+        bad = [t for t in ids if t < 0 or t >= vocab_size]
+        if bad:
+            raise GenerationError(f"{where} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        if len(ids) >= context_length:
+            raise GenerationError(
+                f"{where} is {len(ids)} tokens, but the context holds {context_length}: at most "
+                f"{context_length - 1} prompt tokens leave room for one new token; shorten the prompt"
+            )
+        checked.append(ids)
+    return checked
 
 
 class Generation:
@@ -184,37 +226,13 @@ class Generation:
         prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
         position_rule: Optional[PositionRule] = None,
     ):
-        if not isinstance(config, GenerationConfig):
-            raise GenerationError(f"config must be a GenerationConfig, got {type(config).__name__}")
-        config.validate()
-        if not prompts:
-            raise GenerationError("no prompts given")
+        _check_config(config)
         if config.max_length is not None:
             context_length = min(context_length, config.max_length)
-        checked = []
-        for i, p in enumerate(prompts):
-            where = f"prompt {i}" if len(prompts) > 1 else "prompt"
-            try:
-                ids = [int(t) for t in p]
-            except (TypeError, ValueError):
-                raise GenerationError(f"{where} must be a list of token ids") from None
-            if not ids:
-                raise GenerationError(f"{where} is empty: give at least one token")
-            bad = [t for t in ids if t < 0 or t >= vocab_size]
-            if bad:
-                raise GenerationError(f"{where} has token id {bad[0]} outside the vocabulary [0, {vocab_size})")
-            if len(ids) >= context_length:
-                raise GenerationError(
-                    f"{where} is {len(ids)} tokens, but the context holds {context_length}: at most "
-                    f"{context_length - 1} prompt tokens leave room for one new token; shorten the prompt"
-                )
-            checked.append(ids)
+        checked = checked_prompts(prompts, vocab_size, context_length)
+        _check_decoding(config, decoder_factory, prefill_chunk)
         self.position_rule = position_rule or PositionRule()
         self._positions = self.position_rule.rows(checked)  # refuses a ChatGLM-6B prompt without [gMASK] <sop>
-        if config.stop and decoder_factory is None:
-            raise GenerationError("stop strings need a tokenizer to decode the text; this bundle has none")
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
-            raise GenerationError(f"prefill_chunk must be >= 0, got {prefill_chunk}")
 
         self.backend = backend
         self.config = config
@@ -250,27 +268,29 @@ class Generation:
 
     def _run(self) -> Iterator[TokenEvent]:
         cfg, seqs = self.config, self.sequences
-        ids, mask, _ = left_pad([s.prompt_ids for s in seqs], self.pad_token_id)
+        ids, mask, _ = left_pad([s.prompt_ids for s in seqs], self.pad_token_id)  # each [batch, n_max]
         n_max = ids.shape[1]
         rows = self._positions
         positions = rows.prompt(n_max)
         # the mask for the longest possible run, one column per step; every new column is a real token
         steps_max = min(cfg.max_new_tokens, self.context_length)
-        full_mask = np.ones((len(seqs), n_max + steps_max), dtype=np.int64)
+        full_mask = np.ones((len(seqs), n_max + steps_max), dtype=np.int64)  # [batch, n_max + steps_max]
         full_mask[:, :n_max] = mask
-        next_pos = np.array([len(s.prompt_ids) for s in seqs], dtype=np.int64)
+        # the rows below shrink together as sequences finish: [live_rows] each, row j is sequence live[j]
+        next_pos = np.array([len(s.prompt_ids) for s in seqs], dtype=np.int64)  # position of each row's next token
         live = np.arange(len(seqs))  # which sequence each row of the running batch is
         rng = cfg.make_rng() if cfg.do_sample else None
         seen = [set(s.prompt_ids) for s in seqs] if cfg.repetition_penalty != 1.0 else None
 
         t0 = time.perf_counter()
-        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk, rows.context_end(n_max))
-        tokens = self._choose(logits, live, rng, seen)
+        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk,
+                                rows.context_end(n_max))  # [live_rows, vocab] f32
+        tokens = self._choose(logits, live, rng, seen)  # [live_rows] int64: the token each row feeds next
         self.prefill_ms = (time.perf_counter() - t0) * 1000.0
 
         step = 0
         while True:
-            done = np.zeros(live.size, dtype=bool)
+            done = np.zeros(live.size, dtype=bool)  # [live_rows]: row j's sequence finished on this token
             for j, r in enumerate(live.tolist()):
                 event = self._accept(r, int(tokens[j]))
                 if seen is not None:
@@ -286,9 +306,10 @@ class Generation:
                 rows = rows.select(keep)
             step += 1
             t0 = time.perf_counter()
+            # the step's mask [live_rows, n_max + step] covers the cache (n_max + step - 1 columns) and this token
             logits, cache = decode_step(
                 self.backend, tokens, np.ascontiguousarray(full_mask[:, : n_max + step]), rows.step(next_pos), cache
-            )
+            )  # logits [live_rows, vocab]
             tokens = self._choose(logits, live, rng, seen)
             self.step_ms.append((time.perf_counter() - t0) * 1000.0)
             next_pos = next_pos + 1

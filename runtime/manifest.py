@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List
+from typing import Any, Dict, Iterable, List, Tuple
 
 from runtime.errors import BundleError, read_json_object
 from runtime.graph_contract import TensorSpec, past_key_name
@@ -26,11 +26,37 @@ from runtime.spec import ModelSpec
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "glm-export-bundle"
 FORMAT_VERSION = 1
-PRECISIONS = ("fp32", "fp16", "int8", "int8-dynamic", "int4")
-# numpy dtype of the past/present KV tensors a bundle of each precision takes and returns (quantized bundles keep
-# the fp32 bundle's float32 cache; only fp16 halves it)
-KV_DTYPE_OF_PRECISION = {"fp32": "float32", "fp16": "float16", "int8": "float32", "int8-dynamic": "float32",
-                         "int4": "float32"}
+
+
+@dataclass(frozen=True)
+class PrecisionFacts:
+    """What a bundle precision means to every stage: the one table the exporter, the quantizer, the TensorRT builder
+    and check and the TensorRT execution provider options read (instead of branching on precision names)."""
+
+    kv_dtype: str  # numpy dtype of the past/present KV tensors (quantized bundles keep the fp32 bundle's cache)
+    tensorrt_builds: bool  # the native TensorRT builder takes this precision (its check may still find operators)
+    tensorrt_ep: bool  # onnxruntime's TensorRT execution provider runs the whole graph (no split)
+    strongly_typed: bool  # native engines: strongly typed network by default (every tensor keeps its ONNX type)
+    builder_flags: Tuple[str, ...]  # trt.BuilderFlag names a weakly typed build needs ("FP16", "INT8")
+    runs_on: Tuple[str, ...]  # where a bundle of this precision runs (recorded in quantized manifests)
+    needs_calibration: bool  # quantizing to it needs activation ranges from calibration text (or --ranges)
+
+    @property
+    def takes_fp16_option(self) -> bool:
+        """``--fp16`` (FP16 kernels for a weakly typed build) means something: the precision does not need them."""
+        return "FP16" not in self.builder_flags
+
+
+_BOTH = ("onnxruntime", "tensorrt")
+PRECISION_TABLE: Dict[str, PrecisionFacts] = {
+    "fp32": PrecisionFacts("float32", True, True, False, (), _BOTH, False),
+    "fp16": PrecisionFacts("float16", True, True, True, ("FP16",), _BOTH, False),
+    "int8": PrecisionFacts("float32", True, True, True, ("INT8",), _BOTH, True),  # static Q/DQ
+    "int8-dynamic": PrecisionFacts("float32", False, False, False, (), ("onnxruntime",), False),  # MatMulInteger
+    "int4": PrecisionFacts("float32", True, False, True, ("FP16",), ("onnxruntime",), False),  # MatMulNBits
+}
+PRECISIONS = tuple(PRECISION_TABLE)  # fp32, fp16, int8, int8-dynamic, int4
+KV_DTYPE_OF_PRECISION = {name: facts.kv_dtype for name, facts in PRECISION_TABLE.items()}
 KV_DTYPES = ("float32", "float16")
 
 # The bundle's file layout, shared by the exporter and the precision stage.

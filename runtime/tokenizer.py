@@ -22,8 +22,7 @@ import os
 import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence
 
-from runtime.errors import TokenizerError, first_line
-from runtime.errors import read_json_object as _read_json_object
+from runtime.errors import TokenizerError, first_line, read_json_object
 from runtime.spec import (
     CHAT_CHATGLM3,
     TOKENIZER_ICE_TEXT,
@@ -172,15 +171,10 @@ def _import(module: str, path: str):
         raise TokenizerError(f"{path} needs the '{module}' package: pip install {module}") from None
 
 
-def read_json_object(path: str) -> Dict[str, Any]:
-    """A JSON file holding an object; TokenizerError naming the file otherwise."""
-    return _read_json_object(path, TokenizerError)
-
-
 def read_tokenizer_config(bundle_dir: str) -> Dict[str, Any]:
     """tokenizer_config.json of a bundle or checkpoint, {} when there is none."""
     path = os.path.join(bundle_dir, TOKENIZER_CONFIG_FILE)
-    return read_json_object(path) if os.path.isfile(path) else {}
+    return read_json_object(path, TokenizerError) if os.path.isfile(path) else {}
 
 
 def read_chat_template(bundle_dir: str, config: Mapping[str, Any]) -> Optional[str]:

@@ -9,6 +9,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# the trained fixture, registered here once so that its session-scoped build is shared by every module using it
+from trained_fixture import trained  # noqa: E402,F401  (pytest fixture)
+
 # (generation, layout, shape overrides, config overrides): every case the parity tests cover
 CASES = {
     "chatglm3-thudm-hd32": ("chatglm3", "thudm", dict(head_dim=32, vocab_size=1001), {}),
@@ -21,6 +24,10 @@ CASES = {
 
 
 class _Cache:
+    """Checkpoints and bundles keyed by what they are built from, not by the name a test gives them: tests asking
+    for the same checkpoint (the default chatglm3 one, say) share one build. The name only names the directory of
+    the first build. Tests must not modify what they get (copy it first)."""
+
     def __init__(self, root):
         self.root = root
         self.made = {}
@@ -29,7 +36,7 @@ class _Cache:
                    **shape):
         from exporter.tiny.checkpoint import write_tiny_checkpoint
 
-        key = ("ckpt", name)
+        key = ("ckpt", generation, layout, seed, weight_format, _frozen(config_overrides), _frozen(shape))
         if key not in self.made:
             path = os.path.join(self.root, "ckpt-" + name)
             write_tiny_checkpoint(path, generation=generation, layout=layout, seed=seed,
@@ -40,7 +47,7 @@ class _Cache:
     def bundle(self, name, ckpt, **kwargs):
         from exporter.onnx_export import export_bundle
 
-        key = ("bundle", name)
+        key = ("bundle", ckpt, _frozen(kwargs))
         if key not in self.made:
             path = os.path.join(self.root, "bundle-" + name)
             export_bundle(ckpt, path, **kwargs)
@@ -51,6 +58,10 @@ class _Cache:
         gen, layout, shape, overrides = CASES[case_name]
         ckpt = self.checkpoint(case_name, gen, layout, config_overrides=overrides, **shape)
         return ckpt, self.bundle(case_name, ckpt)
+
+
+def _frozen(mapping):
+    return tuple(sorted((mapping or {}).items()))
 
 
 @pytest.fixture(scope="session")

@@ -15,14 +15,11 @@ class OnnxStepper:
     """Prefill then single-token steps, presents fed back as pasts (``past``: the cache, by input name)."""
 
     def __init__(self, bundle_dir):
-        import onnxruntime as ort
+        from runtime.backends.onnxruntime import new_session
 
         self.manifest = read_manifest(bundle_dir)
         self.spec = self.manifest.spec
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.session = ort.InferenceSession(f"{bundle_dir}/{self.manifest.model_file}", opts,
-                                            providers=["CPUExecutionProvider"])
+        self.session = new_session(f"{bundle_dir}/{self.manifest.model_file}", threads=1)
         self.names = [o.name for o in self.session.get_outputs()]
 
     def start(self, ids: np.ndarray, mask: np.ndarray):

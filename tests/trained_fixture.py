@@ -37,9 +37,11 @@ class TrainedModels:
 
     @property
     def report(self) -> dict:
-        from exporter.tiny.train import read_report
+        """The checkpoint's train_report.json."""
+        from exporter.tiny.train import REPORT_FILE
+        from runtime.errors import ConfigError, read_json_object
 
-        return read_report(self.checkpoint)
+        return read_json_object(os.path.join(self.checkpoint, REPORT_FILE), ConfigError, "training report")
 
     def bundle(self, precision: str = "fp32") -> str:
         """The checkpoint exported directly (``glm-export onnx``, with ``--fp16`` for "fp16")."""

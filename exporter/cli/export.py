@@ -5,6 +5,8 @@ import json
 
 import click
 
+from exporter.cli.options import json_option, overwrite_option, quiet_option
+
 
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
@@ -17,7 +19,7 @@ import click
 @click.option("--weights-format", default="safetensors", show_default=True,
               type=click.Choice(["safetensors", "sharded", "bin"]))
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
     """Write a small random ChatGLM checkpoint (published config shape, real tokenizer) to try the tool."""
     from exporter.staging import staged_directory
@@ -34,13 +36,13 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Run prefill + 3 cached decode steps in onnxruntime and compare with PyTorch.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @click.option("--rope-scaling", type=click.Choice(["interpolation", "base"]), default=None,
               help="How THUDM's rope_ratio applies (default: detected; ChatGLM2-32k interpolates, ChatGLM3-32k/GLM-4 scale the base).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21))
 @click.option("--fp16", is_flag=True, help="FP16 weights and KV cache; norms, softmax, rotary and logits stay fp32.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@json_option()
+@quiet_option
 def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, fp16, as_json, quiet):
     """Export a ChatGLM checkpoint to a verified ONNX bundle with a KV cache."""
     from exporter.onnx_export import export_bundle

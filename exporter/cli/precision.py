@@ -11,6 +11,8 @@ import json
 
 import click
 
+from exporter.cli.options import json_option, overwrite_option, quiet_option, threads_option
+
 PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (weight-only MatMulNBits)."
 
 
@@ -45,14 +47,17 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
               help="Measure perplexity, top-1 agreement and KL against the fp32 bundle and record them.")
 @click.option("--eval-data", default=None, help="Evaluate on this file instead of held-out calibration text.")
 @click.option("--eval-samples", default=64, show_default=True, type=int, help="Held-out samples to evaluate (at most).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@threads_option()
+@click.option("--accept-accuracy-loss", is_flag=True,
+              help="Write the bundle even when its measured accuracy breaks the bounds of runtime/tolerances.py "
+                   "(the manifest records it); without it such a bundle is an error and nothing is written.")
+@overwrite_option
+@json_option()
+@quiet_option
 def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samples, calib_seq_len, calib_seed,
              method, percentile, keep_float, ranges_file, calib_batch, decode_steps, block_size,
-             int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads, overwrite,
-             as_json, quiet):
+             int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads,
+             accept_accuracy_loss, overwrite, as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
     from exporter.staging import staged_directory
@@ -64,7 +69,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         keep_float=tuple(keep_float), ranges=ranges_file, calib_batch=calib_batch,
         decode_steps=decode_steps, block_size=block_size, int4_symmetric=int4_symmetric,
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
-        eval_samples=eval_samples, threads=threads,
+        eval_samples=eval_samples, threads=threads, accept_accuracy_loss=accept_accuracy_loss,
     )
     source = check_quantize(model_dir, opts)  # before anything is created at --out
     with staged_directory(out_dir, overwrite) as tmp:
@@ -93,9 +98,9 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
 @click.option("--samples", default=0, show_default=True, type=int, help="Evaluate a seeded choice of N samples (0: all).")
 @click.option("--seq-len", default=128, show_default=True, type=int, help="Tokens per sample (longer ones cut).")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
-@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@threads_option()
+@json_option("Print the figures as one JSON object.")
+@quiet_option
 def eval_(model_dir, reference_dir, data, fmt, samples, seq_len, seed, threads, as_json, quiet):
     """Perplexity of both bundles, top-1 agreement, mean KL divergence and max logit difference on held-out text."""
     from calibration.pipeline import evaluate_bundles

@@ -8,102 +8,39 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import click
 
-PROVIDER_CHOICES = ("cpu", "cuda", "tensorrt")
-BACKEND_CHOICES = ("onnxruntime", "tensorrt")
+from exporter.cli.options import EP_OPTIONS, json_option, model_options, pop_model_options, sampling_options
 
-
-# ---------------------------------------------------------------------------------------------------- shared options
-
-
-def _model_options(f: Callable) -> Callable:
-    options = [
-        click.option("--model", "bundle", required=True, type=click.Path(),
-                     help="Bundle directory written by 'glm-export onnx' (manifest, tokenizer; the graph for "
-                          "onnxruntime)."),
-        click.option("--backend", type=click.Choice(BACKEND_CHOICES), default=None,
-                     help="onnxruntime runs the bundle's graph; tensorrt runs a native engine (--engine) "
-                          "[default: tensorrt with --engine, else onnxruntime]."),
-        click.option("--engine", "engine_dir", type=click.Path(), default=None, metavar="ENGINE_DIR",
-                     help="--backend tensorrt: engine built from --model by 'glm-export trt --model BUNDLE_DIR "
-                          "--out ENGINE_DIR'."),
-        click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default=None,
-                     help="onnxruntime execution provider (cuda/tensorrt need onnxruntime-gpu) [default: cpu]."),
-        click.option("--device", type=click.IntRange(min=0), default=None,
-                     help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="onnxruntime intra-op threads (default: onnxruntime's choice)."),
-        click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
-                     help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
-                          "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
-                          "the whole prompt on --backend tensorrt]."),
-        click.option("--max-batch", type=int, default=None, metavar="N",
-                     help="--provider tensorrt: most rows per step in the provider's profile [default: 1]."),
-        click.option("--max-input-len", type=int, default=None, metavar="N",
-                     help="--provider tensorrt: most tokens per forward (prompt chunk) [default: half of "
-                          "--max-seq-len]."),
-        click.option("--max-seq-len", type=int, default=None, metavar="N",
-                     help="--provider tensorrt: longest prompt + generated sequence, the generation's context "
-                          "[default: 2048, or the model's context when shorter]."),
-        click.option("--trt-fp16", is_flag=True, default=None,
-                     help="--provider tensorrt: let TensorRT use FP16 kernels on an fp32 bundle (fp16 bundles "
-                          "always)."),
-        click.option("--trt-cache-dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
-                     help="--provider tensorrt: keep the provider's engine here, built once and reused "
-                          "[default: rebuilt every run]."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
-                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
-EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
-              "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
-
-
-def _pop_model_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: kwargs.pop(k) for k in MODEL_OPTIONS}
+# the CLI's spelling of GlmModel.load's parameters, for the runtime's one backend/option rule
+CLI_SPELLING_FLAGS = {"backend": "--backend", "engine_dir": "--engine", "provider": "--provider",
+                      "device": "--device", "threads": "--threads"}
 
 
 def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]:
     """``GlmModel.load`` keyword arguments from the shared model options (``MODEL_OPTIONS``). Options that do not
-    apply to the chosen backend or provider are refused with a one-line BackendError rather than ignored."""
-    from runtime.errors import BackendError
+    apply to the chosen backend or provider are refused by the runtime's rule
+    (``runtime.backend_options.check_backend_options``), named by their flags, rather than ignored."""
+    from runtime.backend_options import Spelling, check_backend_options
 
     backend = opts.get("backend") or ("tensorrt" if opts.get("engine_dir") else "onnxruntime")
-    ep_given = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
+    given = {param: [flag] for param, flag in CLI_SPELLING_FLAGS.items()
+             if param != "backend" and opts.get(param) is not None}
+    given["trt_options"] = [flag for key, flag in EP_OPTIONS.items() if opts.get(key) not in (None, False)]
+    if not io_binding:
+        given["io_binding"] = ["--no-io-binding"]
+    check_backend_options(backend, given, opts.get("provider"), Spelling(CLI_SPELLING_FLAGS))
     kwargs: Dict[str, Any] = {"backend": backend}
     if opts.get("prefill_chunk") is not None:
         kwargs["prefill_chunk"] = opts["prefill_chunk"]
     if backend == "tensorrt":
-        if not opts.get("engine_dir"):
-            raise BackendError("--backend tensorrt needs --engine ENGINE_DIR, an engine built from the bundle with "
-                               "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
-        onnxruntime_only = ep_given + [flag for key, flag in (("provider", "--provider"), ("threads", "--threads"))
-                                       if opts.get(key) is not None]
-        if not io_binding:
-            onnxruntime_only.append("--no-io-binding")
-        if onnxruntime_only:
-            raise BackendError(f"{', '.join(onnxruntime_only)}: onnxruntime options, not used by --backend tensorrt "
-                               f"(an engine's sizes are fixed when 'glm-export trt' builds it)")
         kwargs["engine_dir"] = opts["engine_dir"]
         kwargs["device"] = opts.get("device") or 0
         return kwargs
-    if opts.get("engine_dir"):
-        raise BackendError("--engine is for --backend tensorrt; --backend onnxruntime runs the bundle's model.onnx")
     provider = opts.get("provider") or "cpu"
-    if ep_given and provider != "tensorrt":
-        raise BackendError(f"{', '.join(ep_given)}: options of onnxruntime's TensorRT execution provider; add "
-                           f"--provider tensorrt (or use --backend tensorrt --engine ENGINE_DIR)")
     if opts.get("device") is not None:
-        if provider == "cpu":
-            raise BackendError("--device selects a CUDA device: use it with --provider cuda/tensorrt or --backend "
-                               "tensorrt")
         provider = f"{provider}:{opts['device']}"
     kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
     if provider.startswith("tensorrt"):
@@ -114,23 +51,6 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
             max_seq_len=opts.get("max_seq_len"), fp16=bool(opts.get("trt_fp16")), cache_dir=opts.get("trt_cache_dir"),
         )
     return kwargs
-
-
-def _sampling_options(f: Callable) -> Callable:
-    options = [
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
-                     help="Most tokens to generate [default: 128 for run, 1024 per chat turn]."),
-        click.option("--greedy", is_flag=True, help="Always take the most likely token (no sampling options)."),
-        click.option("--temperature", type=float, default=None, help="Sample; divide logits by T > 0."),
-        click.option("--top-k", type=int, default=None, help="Sample from the K most likely tokens (0: all)."),
-        click.option("--top-p", type=float, default=None, help="Sample from the smallest set with mass >= P."),
-        click.option("--repetition-penalty", type=float, default=None, help="CTRL penalty R > 0 on seen tokens."),
-        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible output)."),
-        click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
 
 
 def config_from_options(opts: Dict[str, Any], sample_by_default: bool, default_max_new: int,
@@ -183,18 +103,17 @@ def _status_line(result) -> str:
 
 
 @click.command()
-@_model_options
+@model_options
 @click.option("--prompt", default=None, help="Prompt text (encoded with the bundle's tokenizer and prompt prefix).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids, used as given.")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap --prompt in the model's chat format.")
 @click.option("--system", default=None, help="System message (with --chat).")
-@_sampling_options
+@sampling_options
 @click.option("--stream", is_flag=True, help="Print text as it is generated.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON object: prompt_ids, generated_ids, text, finish_reason, timings.")
+@json_option("Print one JSON object: prompt_ids, generated_ids, text, finish_reason, timings.")
 def run(prompt, prompt_ids, as_chat, system, stream, as_json, **sampling):
     """Generate a continuation (or a chat reply) for one prompt."""
-    model_opts = _pop_model_options(sampling)
+    model_opts = pop_model_options(sampling)
     if (prompt is None) == (prompt_ids is None):
         raise click.UsageError("give exactly one of --prompt or --prompt-ids")
     if as_chat and prompt is None:
@@ -238,9 +157,9 @@ CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.8}  # ChatGLM's own chat default
 
 
 @click.command()
-@_model_options
+@model_options
 @click.option("--system", default=None, help="System message kept at the start of the conversation.")
-@_sampling_options
+@sampling_options
 def chat(system, **sampling):
     """Talk to the model: one line per turn on stdin; /clear forgets the history, /quit (or end of input) leaves.
 
@@ -248,7 +167,7 @@ def chat(system, **sampling):
     """
     from runtime.errors import GenerationError
 
-    model_opts = _pop_model_options(sampling)
+    model_opts = pop_model_options(sampling)
     config = config_from_options(sampling, sample_by_default=True, default_max_new=1024, chat_defaults=CHAT_SAMPLING)
     start = [{"role": "system", "content": system}] if system is not None else []
     history = list(start)
@@ -294,73 +213,8 @@ def chat(system, **sampling):
 # ---------------------------------------------------------------------------------------------------- bench
 
 
-def _percentile(values: List[float], q: float) -> float:
-    import numpy as np
-
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
-
-
-def _peak_rss_mib() -> Optional[float]:
-    try:
-        import resource
-    except ImportError:  # not on Windows
-        return None
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux (bytes on macOS)
-    return kib / 1024.0 if sys.platform != "darwin" else kib / 2**20
-
-
-def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, warmup: int,
-                seed: int = 0) -> Dict[str, Any]:
-    """Prefill latency, decode speed and per-token latency for random prompts; exactly ``new_tokens`` each."""
-    import statistics
-
-    import numpy as np
-
-    from runtime.errors import GenerationError
-    from runtime.positions import PositionRule
-    from runtime.sampling import GenerationConfig
-
-    spec = model.spec
-    if prompt_len + new_tokens > model.context_length:
-        raise GenerationError(
-            f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the context of "
-            f"{model.context_length} tokens"
-        )
-    rng = np.random.default_rng(seed)
-    forbidden = set(spec.eos_token_ids) | set(spec.special_tokens.values())
-    pool = np.array([i for i in range(spec.vocab_size) if i not in forbidden], dtype=np.int64)
-    suffix = PositionRule.from_spec(spec).prompt_suffix()  # ChatGLM-6B prompts end with [gMASK] <sop>
-    if prompt_len <= len(suffix):
-        raise GenerationError(f"--prompt-len {prompt_len}: a {spec.generation} prompt needs more than "
-                              f"{len(suffix)} tokens")
-    prompts = [rng.choice(pool, size=prompt_len - len(suffix)).tolist() + suffix for _ in range(batch)]
-    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())  # greedy, never stops early
-    prefill, speed, steps = [], [], []
-    for i in range(warmup + runs):
-        gen = model.start(prompts, config)
-        for _ in gen:
-            pass
-        if i >= warmup:
-            t = gen.timings
-            prefill.append(t["prefill_ms"])
-            speed.append(t["decode_tokens_per_s"])
-            steps.extend(gen.step_ms)
-    per_seq = statistics.median(speed) if speed else 0.0
-    return {
-        "prompt_len": prompt_len,
-        "batch": batch,
-        "new_tokens": new_tokens,
-        "runs": runs,
-        "prefill_ms": statistics.median(prefill),
-        "decode_tokens_per_s": per_seq,  # per sequence
-        "batch_tokens_per_s": per_seq * batch,
-        "token_latency_p50_ms": _percentile(steps, 50),
-        "token_latency_p90_ms": _percentile(steps, 90),
-    }
-
-
 @click.command()
-@_model_options
+@model_options
 @click.option("--prompt-len", "prompt_lens", type=click.IntRange(min=1), multiple=True,
               help="Prompt length in tokens (repeatable) [default: 32].")
 @click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
@@ -371,10 +225,12 @@ def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, 
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Unmeasured runs first.")
 @click.option("--io-binding/--no-io-binding", default=True, show_default=True,
               help="Keep the KV cache in onnxruntime between steps (off: plain session.run, for comparison).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@json_option("Print one JSON object.")
 def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, **kwargs):
     """Measure prefill latency, decode tokens/s, per-token latency p50/p90 and peak RSS on random prompts."""
-    opts = _pop_model_options(kwargs)
+    from runtime.bench import bench_model, peak_rss_mib
+
+    opts = pop_model_options(kwargs)
     with _load(opts, io_binding) as model:
         rows = [
             bench_model(model, p, b, new_tokens, runs, warmup)
@@ -384,7 +240,7 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
         backend = model.backend_name
         provider = getattr(model.backend, "provider", None)
         prefill_chunk = model.prefill_chunk
-    rss = _peak_rss_mib()
+    rss = peak_rss_mib()
     if as_json:
         click.echo(json.dumps({"model": opts["bundle"], "backend": backend, "engine": opts["engine_dir"],
                                "provider": provider, "threads": opts["threads"],

@@ -9,38 +9,19 @@ and 2 on bad input (``GlmExportError``, printed on one line by the group). Heavy
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Dict, Optional
+from typing import Dict, Optional
 
 import click
 
-SIZE_HELP = {
-    "max_batch": "Most rows per step [default: 1].",
-    "max_input_len": "Longest prompt, in tokens [default: half of --max-seq-len].",
-    "max_seq_len": "Longest prompt + generated sequence [default: 2048, or the model's context when shorter].",
-    "opt_batch": "Batch TensorRT tunes for [default: 1].",
-    "opt_seq": "Prompt length TensorRT tunes for (decode: cached tokens) [default: half of --max-input-len].",
-}
-
-
-def _size_options(f: Callable) -> Callable:
-    # plain int (not IntRange): out-of-range sizes are refused by ProfileRequest with a one-line message
-    for name in reversed(("max_batch", "max_input_len", "max_seq_len", "opt_batch", "opt_seq")):
-        flag = "--" + name.replace("_", "-")
-        f = click.option(flag, name, type=int, default=None, metavar="N", help=SIZE_HELP[name])(f)
-    return f
-
+from exporter.cli.options import json_option, overwrite_option, pop_sizes, quiet_option, size_options
 
 def _manifest_and_request(bundle: str, sizes: Dict[str, Optional[int]]):
     """The bundle's manifest (read once per command, handed to the builders) and the sizes, defaults filled in."""
     from runtime.manifest import read_manifest
-    from runtime.tensorrt.ep_options import request_with_defaults
+    from runtime.tensorrt.profiles import request_with_defaults
 
     manifest = read_manifest(bundle)
     return manifest, request_with_defaults(manifest.spec.max_position_embeddings, **sizes)
-
-
-def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
-    return {k: kwargs.pop(k) for k in ("max_batch", "max_input_len", "max_seq_len", "opt_batch", "opt_seq")}
 
 
 @click.command("trt")
@@ -54,7 +35,7 @@ def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
 @click.option("--weakly-typed", is_flag=True,
               help="Build fp16/int8 bundles weakly typed (TensorRT picks each layer's precision) instead of "
                    "strongly typed; TensorRT 8.x trtexec has no --stronglyTyped.")
-@_size_options
+@size_options
 @click.option("--workspace", type=float, default=None, metavar="GiB",
               help="Builder workspace limit in GiB (fractions allowed) [default: TensorRT's].")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
@@ -63,19 +44,19 @@ def _sizes(kwargs: Dict[str, Any]) -> Dict[str, Optional[int]]:
               help="Builder optimization level 0..5 [default: TensorRT's, 3].")
 @click.option("--no-tf32", is_flag=True, help="Clear TF32: full fp32 matmuls (slower, closer to onnxruntime).")
 @click.option("--skip-check", is_flag=True, help="Build even where 'glm-export check' reports problems.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@overwrite_option
 @click.option("--print-trtexec", is_flag=True,
               help="Print the equivalent trtexec command line and exit: no TensorRT needed, nothing built or written.")
 @click.option("--trtexec", "trtexec_path", default="trtexec", show_default=True, metavar="PATH",
               help="The trtexec named by --print-trtexec (JetPack: /usr/src/tensorrt/bin/trtexec).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
-@click.option("--quiet", is_flag=True, help="No progress output.")
+@json_option()
+@quiet_option
 def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, builder_opt_level, no_tf32,
         skip_check, overwrite, print_trtexec, trtexec_path, as_json, quiet, **kwargs):
     """Build a TensorRT 10 engine (prefill + decode profiles) from a bundle, or print the trtexec command for it."""
-    from exporter.tensorrt.build import EngineOptions, PrecisionPlan, workspace_mib_from_gib
+    from exporter.tensorrt.build import EngineOptions, workspace_mib_from_gib
 
-    manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
+    manifest, request = _manifest_and_request(bundle, pop_sizes(kwargs))
     options = EngineOptions(
         profile=request,
         fp16=fp16,
@@ -104,35 +85,19 @@ def trt(bundle, engine_dir, fp16, int8, weakly_typed, workspace, timing_cache, b
     from exporter.tensorrt.build import engine_from_bundle
     from runtime.progress import TqdmProgress
 
-    record = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
+    result = engine_from_bundle(bundle, engine_dir, options, progress=TqdmProgress(enabled=not quiet and not as_json),
                                 manifest=manifest)
-    mode = PrecisionPlan(record["strongly_typed"], tuple(record["builder_flags"])).label
-    summary = {
-        "engine_dir": engine_dir,
-        "engine_bytes": record["engine_bytes"],
-        "tensorrt_version": record["tensorrt_version"],
-        "gpu_name": record["gpu_name"],
-        "compute_capability": record["compute_capability"],
-        "precision": record["precision"],
-        "mode": mode,
-        "profiles": [p["name"] for p in record["profiles"]],
-    }
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"{engine_dir}: {record['precision']} bundle, {mode}, {record['engine_bytes'] / 2**20:.1f} MiB, "
-                   f"TensorRT {record['tensorrt_version']} on {record['gpu_name']} (compute capability "
-                   f"{record['compute_capability']}), profiles {', '.join(summary['profiles'])}")
+    click.echo(json.dumps(result.to_dict()) if as_json else result.summary())
 
 
 @click.command("check")
 @click.argument("bundle", type=click.Path())
 @click.option("--target", type=click.Choice(["tensorrt"]), default="tensorrt", show_default=True,
               help="What to check the bundle against.")
-@_size_options
+@size_options
 @click.option("--trt-version", default="10.0", show_default=True, metavar="X.Y",
               help="TensorRT 10 release to check for (JetPack 6.1/6.2: 10.3); operators added later are reported.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object (every problem).")
+@json_option("Print the report as one JSON object (every problem).")
 @click.pass_context
 def check(ctx, bundle, target, trt_version, as_json, **kwargs):
     """Static check: would TensorRT take this bundle? Exit 0 clean, 1 problems found, 2 bad input.
@@ -143,7 +108,7 @@ def check(ctx, bundle, target, trt_version, as_json, **kwargs):
     """
     from exporter.tensorrt.check import check_bundle_for_tensorrt
 
-    manifest, request = _manifest_and_request(bundle, _sizes(kwargs))
+    manifest, request = _manifest_and_request(bundle, pop_sizes(kwargs))
     report, profiles = check_bundle_for_tensorrt(bundle, request, trt_version, manifest=manifest)
     if as_json:
         click.echo(json.dumps(dict(

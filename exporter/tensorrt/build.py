@@ -1,7 +1,7 @@
 """TensorRT engines from export bundles: ``engine_from_bundle(bundle_dir, out_dir, options)``.
 
 Reads the bundle's manifest, checks the graph for TensorRT (``exporter.tensorrt.check``), makes the prefill and decode
-optimization profiles (``runtime.tensorrt.ep_options``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
+optimization profiles (``runtime.tensorrt.profiles``), parses ``model.onnx`` with TensorRT's ONNX parser (external data
 beside it), builds, and writes ``engine.plan`` and ``engine.json`` into ``out_dir`` through a temporary directory
 that is renamed into place. ``engine.json`` records what the runtime needs to refuse an engine that cannot run here
 (``runtime.tensorrt.engine_record``) and to pick a profile per step (``runtime.tensorrt.profiles``).
@@ -18,11 +18,11 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from runtime.backends.tensorrt import current_gpu, import_tensorrt
 from runtime.errors import BackendError, BundleError
-from runtime.manifest import MANIFEST_NAME, Manifest, read_manifest, sha256_of
+from runtime.manifest import MANIFEST_NAME, PRECISION_TABLE, Manifest, read_manifest, sha256_of
 from runtime.progress import NullProgress
 from runtime.tensorrt.engine_record import (
     ENGINE_FORMAT,
@@ -31,14 +31,18 @@ from runtime.tensorrt.engine_record import (
     ENGINE_RECORD,
     engine_compatibility,
 )
-from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, check_builder_settings, profiles_for_manifest
-from runtime.tensorrt.profiles import Profile
+from runtime.tensorrt.ep_options import check_builder_settings
+from runtime.tensorrt.profiles import EngineOptionError, Profile, ProfileRequest, profiles_for_manifest
 
 from exporter.staging import check_destination, staged_directory
 from exporter.tensorrt.check import check_for_tensorrt
 
+if TYPE_CHECKING:  # the steps below take TensorRT objects; tensorrt itself is imported only when building
+    import tensorrt as trt
+
 __all__ = [
     "EngineOptions",
+    "EngineResult",
     "PrecisionPlan",
     "engine_compatibility",
     "engine_from_bundle",
@@ -117,15 +121,16 @@ def precision_plan(
             f"--int8 builds from an INT8 (static Q/DQ) bundle, but this bundle's manifest says {bundle_precision}; "
             f"TensorRT 10 takes INT8 scales only from Q/DQ nodes in the graph: {fix}"
         )
-    if bundle_precision == "int8-dynamic":
-        raise EngineOptionError(
-            "int8-dynamic bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build the "
-            "engine from an fp16, fp32 or int8 (static Q/DQ) bundle"
-        )
-    if bundle_precision not in ("fp32", "fp16", "int8", "int4"):
+    facts = PRECISION_TABLE.get(bundle_precision)
+    if facts is None:
         raise BundleError(f"manifest precision {bundle_precision!r} is not one glm-export knows; re-export the bundle")
-    typed = strongly_typed if strongly_typed is not None else bundle_precision != "fp32"
-    if fp16 and bundle_precision in ("fp16", "int4"):
+    if not facts.tensorrt_builds:
+        raise EngineOptionError(
+            f"{bundle_precision} bundles use DynamicQuantizeLinear/MatMulInteger, which TensorRT cannot parse; build "
+            "the engine from an fp16, fp32 or int8 (static Q/DQ) bundle"
+        )
+    typed = strongly_typed if strongly_typed is not None else facts.strongly_typed
+    if fp16 and not facts.takes_fp16_option:
         raise EngineOptionError(f"--fp16 applies to fp32 and int8 bundles; this bundle is already {bundle_precision}")
     if fp16 and typed:
         raise EngineOptionError(
@@ -134,11 +139,7 @@ def precision_plan(
         )
     if typed:
         return PrecisionPlan(strongly_typed=True)
-    flags: List[str] = []
-    if bundle_precision == "int8":
-        flags.append("INT8")
-    if fp16 or bundle_precision in ("fp16", "int4"):
-        flags.append("FP16")
+    flags = [f for f in ("INT8", "FP16") if f in facts.builder_flags or (f == "FP16" and fp16)]
     return PrecisionPlan(strongly_typed=False, builder_flags=tuple(flags))
 
 
@@ -201,14 +202,46 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+@dataclass
+class EngineResult:
+    """What ``engine_from_bundle`` built: the engine directory and its ``engine.json`` record (as written)."""
+
+    engine_dir: str
+    record: Dict[str, Any]
+
+    @property
+    def plan(self) -> PrecisionPlan:
+        return PrecisionPlan(self.record["strongly_typed"], tuple(self.record["builder_flags"]))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The figures ``glm-export trt --json`` prints."""
+        r = self.record
+        return {
+            "engine_dir": self.engine_dir,
+            "engine_bytes": r["engine_bytes"],
+            "tensorrt_version": r["tensorrt_version"],
+            "gpu_name": r["gpu_name"],
+            "compute_capability": r["compute_capability"],
+            "precision": r["precision"],
+            "mode": self.plan.label,
+            "profiles": [p["name"] for p in r["profiles"]],
+        }
+
+    def summary(self) -> str:
+        r = self.record
+        return (f"{self.engine_dir}: {r['precision']} bundle, {self.plan.label}, {r['engine_bytes'] / 2**20:.1f} MiB, "
+                f"TensorRT {r['tensorrt_version']} on {r['gpu_name']} (compute capability "
+                f"{r['compute_capability']}), profiles {', '.join(p['name'] for p in r['profiles'])}")
+
+
 def engine_from_bundle(
     bundle_dir: str,
     out_dir: str,
     options: EngineOptions,
     progress: Optional[NullProgress] = None,
     manifest: Optional[Manifest] = None,
-) -> Dict[str, Any]:
-    """Build a TensorRT engine for the bundle into ``out_dir``; returns the ``engine.json`` record.
+) -> EngineResult:
+    """Build a TensorRT engine for the bundle into ``out_dir``; returns it with its ``engine.json`` record.
 
     ``progress`` is a ``runtime.progress`` reporter (``NullProgress`` by default): each stage is one ``stage()``.
     ``manifest`` is the bundle's, where the caller has read it already (None: read here).
@@ -220,15 +253,7 @@ def engine_from_bundle(
     model_path = os.path.join(bundle_dir, manifest.model_file)
     plan = precision_plan(manifest.precision, options.fp16, options.strongly_typed, options.int8)
     profiles = profiles_for_manifest(manifest, options.profile)
-
-    ok, trt_version = tensorrt_available()
-    if not ok:
-        raise BackendError(f"{trt_version}; {PRINT_TRTEXEC_HINT}")
-    report = check_for_tensorrt(model_path, profiles, trt_version)
-    if not report.ok:
-        if not options.skip_check:
-            raise BundleError(f"{model_path}: TensorRT cannot build this graph as it is.\n{report.text()}")
-        say(f"building despite {len(report.problems)} reported problem(s) (--skip-check)")
+    trt_version = _check_buildable(model_path, profiles, options.skip_check, say)
 
     import tensorrt as trt  # importable: tensorrt_available said so
 
@@ -236,39 +261,9 @@ def engine_from_bundle(
     say(f"TensorRT {trt_version} on {gpu_name} (compute capability {compute_capability}); {plan.label}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
     say(f"parsing {model_path}")
-    if not parser.parse_from_file(model_path):  # resolves model.onnx.data beside the model
-        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
-        raise BundleError(f"{model_path}: TensorRT's ONNX parser failed:\n{errors}")
-    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
-    missing = sorted(set(network_inputs) - set(profiles[0].shapes))
-    if missing:
-        raise BundleError(f"{model_path}: graph inputs {missing} are not in the manifest; re-export the bundle")
-
-    config = builder.create_builder_config()
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    if not options.tf32:
-        config.clear_flag(trt.BuilderFlag.TF32)
-    if options.workspace_mib is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    if options.optimization_level is not None:
-        config.builder_optimization_level = options.optimization_level
-    for p in profiles:
-        profile = builder.create_optimization_profile()
-        for name in network_inputs:
-            lo, opt, hi = p.shapes[name]
-            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
-        config.add_optimization_profile(profile)
-    cache_bytes = b""
-    if options.timing_cache and os.path.isfile(options.timing_cache):
-        with open(options.timing_cache, "rb") as f:
-            cache_bytes = f.read()
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, False)
+    network, network_inputs, _parser = _parse_network(builder, logger, model_path, plan, profiles)
+    config = _builder_config(builder, network_inputs, plan, profiles, options)
 
     say(f"building the engine ({len(profiles)} profiles: {', '.join(p.name for p in profiles)})")
     serialized = builder.build_serialized_network(network, config)
@@ -291,11 +286,80 @@ def engine_from_bundle(
         len(plan_bytes),
         os.path.abspath(bundle_dir),
     )
-    with staged_directory(out_dir, options.overwrite) as tmp_dir:
+    _write_engine_dir(out_dir, options.overwrite, plan_bytes, record)
+    say(f"wrote {os.path.join(out_dir, ENGINE_PLAN)} ({len(plan_bytes) / 2**20:.1f} MiB)")
+    return EngineResult(out_dir, record)
+
+
+def _check_buildable(model_path: str, profiles: Sequence[Profile], skip_check: bool,
+                     say: Callable[[str], None]) -> str:
+    """The TensorRT version, after refusing a missing TensorRT and (unless ``skip_check``) a graph the static check
+    finds problems in."""
+    ok, trt_version = tensorrt_available()
+    if not ok:
+        raise BackendError(f"{trt_version}; {PRINT_TRTEXEC_HINT}")
+    report = check_for_tensorrt(model_path, profiles, trt_version)
+    if not report.ok:
+        if not skip_check:
+            raise BundleError(f"{model_path}: TensorRT cannot build this graph as it is.\n{report.text()}")
+        say(f"building despite {len(report.problems)} reported problem(s) (--skip-check)")
+    return trt_version
+
+
+def _parse_network(builder: trt.Builder, logger: trt.ILogger, model_path: str, plan: PrecisionPlan,
+                   profiles: Sequence[Profile]) -> Tuple[trt.INetworkDefinition, List[str], trt.OnnxParser]:
+    """(network, its input names, the parser: it must outlive the build) for ``model_path``; BundleError when
+    TensorRT's parser fails or the graph has inputs the manifest (so the profiles) does not list."""
+    import tensorrt as trt
+
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(model_path):  # resolves model.onnx.data beside the model
+        errors = "\n".join(f"  {parser.get_error(i)}" for i in range(parser.num_errors))
+        raise BundleError(f"{model_path}: TensorRT's ONNX parser failed:\n{errors}")
+    network_inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    missing = sorted(set(network_inputs) - set(profiles[0].shapes))
+    if missing:
+        raise BundleError(f"{model_path}: graph inputs {missing} are not in the manifest; re-export the bundle")
+    return network, network_inputs, parser
+
+
+def _builder_config(builder: trt.Builder, network_inputs: Sequence[str], plan: PrecisionPlan,
+                    profiles: Sequence[Profile], options: EngineOptions) -> trt.IBuilderConfig:
+    """The builder config: the plan's flags, TF32, workspace, optimization level, one optimization profile per
+    profile (shapes of every network input) and the timing cache (read from ``options.timing_cache`` if it exists)."""
+    import tensorrt as trt
+
+    config = builder.create_builder_config()
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if not options.tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
+    if options.workspace_mib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
+    if options.optimization_level is not None:
+        config.builder_optimization_level = options.optimization_level
+    for p in profiles:
+        profile = builder.create_optimization_profile()
+        for name in network_inputs:
+            lo, opt, hi = p.shapes[name]
+            profile.set_shape(name, trt.Dims(list(lo)), trt.Dims(list(opt)), trt.Dims(list(hi)))
+        config.add_optimization_profile(profile)
+    cache_bytes = b""
+    if options.timing_cache and os.path.isfile(options.timing_cache):
+        with open(options.timing_cache, "rb") as f:
+            cache_bytes = f.read()
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, False)
+    return config
+
+
+def _write_engine_dir(out_dir: str, overwrite: bool, plan_bytes: bytes, record: Dict[str, Any]) -> None:
+    """``engine.plan`` and ``engine.json`` into ``out_dir``, staged and renamed into place."""
+    with staged_directory(out_dir, overwrite) as tmp_dir:
         with open(os.path.join(tmp_dir, ENGINE_PLAN), "wb") as f:
             f.write(plan_bytes)
         with open(os.path.join(tmp_dir, ENGINE_RECORD), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
-    say(f"wrote {os.path.join(out_dir, ENGINE_PLAN)} ({len(plan_bytes) / 2**20:.1f} MiB)")
-    return record

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Opti
 import onnx
 from onnx import numpy_helper
 
-from runtime.manifest import Manifest, read_manifest
+from runtime.manifest import PRECISION_TABLE, Manifest, read_manifest
 from runtime.tensorrt.engine_record import major_minor
-from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, profiles_for_manifest
+from runtime.tensorrt.profiles import EngineOptionError, ProfileRequest, profiles_for_manifest
 from runtime.tensorrt.profiles import Profile
 
 # --- What TensorRT's ONNX parser supports, as data ---------------------------------------------------------------
@@ -198,12 +198,13 @@ def check_bundle_for_tensorrt(
     manifest = manifest if manifest is not None else read_manifest(bundle_dir)
     profiles = profiles_for_manifest(manifest, request) if request is not None else []
     report = check_for_tensorrt(os.path.join(bundle_dir, manifest.model_file), profiles or None, trt_version)
-    if manifest.precision == "int8-dynamic":
+    facts = PRECISION_TABLE.get(manifest.precision)
+    if facts is not None and not facts.tensorrt_builds:
         report.problems.insert(0, Problem(
             "precision",
             "manifest.json",
-            "precision int8-dynamic: DynamicQuantizeLinear/MatMulInteger have no TensorRT equivalent; build from an "
-            "fp32, fp16 or static Q/DQ int8 bundle",
+            f"precision {manifest.precision}: DynamicQuantizeLinear/MatMulInteger have no TensorRT equivalent; build "
+            "from an fp32, fp16 or static Q/DQ int8 bundle",
         ))
     return report, profiles
 

@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 from runtime.manifest import Manifest, read_manifest
 from runtime.tensorrt.engine_record import ENGINE_PLAN
-from runtime.tensorrt.ep_options import profiles_for_manifest
+from runtime.tensorrt.profiles import profiles_for_manifest
 from runtime.tensorrt.profiles import Profile, shape_spec
 
 from exporter.tensorrt.build import EngineOptions, PrecisionPlan, precision_plan

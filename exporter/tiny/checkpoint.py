@@ -6,6 +6,7 @@ sharded safetensors or pytorch_model.bin), and a real tokenizer trained on a sma
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -55,45 +56,24 @@ _TOKENIZER_OF = {
 
 
 def tiny_config(generation: str, layout: str, shape: TinyShape, vocab_size: int, eos, pad: int) -> Dict[str, Any]:
-    """The published config of ``generation`` in ``layout`` with the sizes of ``shape``."""
-    if generation in PUBLISHED_V1_CONFIGS:  # ChatGLM-6B's own field names; one head size, no kv groups
+    """The published config of ``generation`` in ``layout`` with the sizes of ``shape`` (written under the field
+    names the config reader reads: ``exporter.config.SIZE_FIELDS``)."""
+    from exporter.config import LAYOUT_THUDM_V1, SIZE_FIELDS
+
+    if generation in PUBLISHED_V1_CONFIGS:  # ChatGLM-6B: its own field names; head_dim is hidden / heads
         cfg = dict(PUBLISHED_V1_CONFIGS[generation])
-        cfg.update(
-            hidden_size=shape.num_heads * shape.head_dim,
-            num_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads,
-            inner_hidden_size=shape.ffn_hidden_size,
-            vocab_size=vocab_size,
-            max_sequence_length=shape.max_position_embeddings,
-        )
-    elif layout == "thudm":
-        if generation not in PUBLISHED_CONFIGS:
-            raise ConfigError(f"--generation {generation!r} has no THUDM layout (use --layout hf)")
-        cfg = dict(PUBLISHED_CONFIGS[generation])
-        cfg.update(
-            hidden_size=shape.hidden_size,
-            num_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads,
-            multi_query_group_num=shape.num_kv_heads,
-            kv_channels=shape.head_dim,
-            ffn_hidden_size=shape.ffn_hidden_size,
-            padded_vocab_size=vocab_size,
-            seq_length=shape.max_position_embeddings,
-        )
-    else:
-        if generation not in PUBLISHED_HF_CONFIGS:
-            raise ConfigError(f"--generation {generation!r} has no transformers layout (use --layout thudm)")
-        cfg = dict(PUBLISHED_HF_CONFIGS[generation])
-        cfg.update(
-            hidden_size=shape.hidden_size,
-            num_hidden_layers=shape.num_layers,
-            num_attention_heads=shape.num_heads,
-            num_key_value_heads=shape.num_kv_heads,
-            head_dim=shape.head_dim,
-            intermediate_size=shape.ffn_hidden_size,
-            vocab_size=vocab_size,
-            max_position_embeddings=shape.max_position_embeddings,
-        )
+        sizes = dict(dataclasses.asdict(shape), vocab_size=vocab_size, hidden_size=shape.num_heads * shape.head_dim)
+        cfg.update({field: sizes[name] for name, field in SIZE_FIELDS[LAYOUT_THUDM_V1].items()})
+        cfg["eos_token_id"], cfg["pad_token_id"] = eos, pad
+        return cfg
+    published = PUBLISHED_CONFIGS if layout == "thudm" else PUBLISHED_HF_CONFIGS
+    if generation not in published:
+        other = "hf" if layout == "thudm" else "thudm"
+        kind = "THUDM" if layout == "thudm" else "transformers"
+        raise ConfigError(f"--generation {generation!r} has no {kind} layout (use --layout {other})")
+    cfg = dict(published[generation])
+    sizes = dict(dataclasses.asdict(shape), vocab_size=vocab_size)
+    cfg.update({field: sizes[name] for name, field in SIZE_FIELDS[layout].items()})
     cfg["eos_token_id"] = eos
     cfg["pad_token_id"] = pad
     return cfg
@@ -176,8 +156,6 @@ def write_tiny_checkpoint(
 
     ``config_overrides`` are applied to config.json last (e.g. ``{"rope_ratio": 16}`` for a ChatGLM2-32k shape).
     """
-    import dataclasses
-
     import torch
 
     from exporter.config import spec_from_checkpoint

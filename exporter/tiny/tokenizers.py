@@ -17,6 +17,7 @@ nothing outside ``out_dir``. Imports sentencepiece / tokenizers lazily; never to
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import itertools
 import json
@@ -392,9 +393,29 @@ def _glm4_eos(specials: Dict[str, int]) -> List[int]:
     return [specials["<|endoftext|>"], specials["<|user|>"], specials["<|observation|>"]]
 
 
-def _write_sentencepiece(out_dir: str, chat_format: str, lines: List[str]) -> TinyTokenizer:
+@functools.lru_cache(maxsize=None)
+def _sentencepiece_of_seed(seed: int) -> bytes:
+    """The sentencepiece model trained on ``_training_lines(seed)``: it depends on nothing else, so each seed is
+    trained once per process (tests write many tiny checkpoints with the same tokenizer)."""
+    return _train_sentencepiece(_training_lines(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_level_bpe_of_seed(seed: int) -> str:
+    """The serialized byte-level BPE trained on ``_training_lines(seed)``, trained once per process and seed;
+    callers rebuild a fresh (mutable) tokenizer from it."""
+    return _train_byte_level_bpe(_training_lines(seed)).to_str()
+
+
+def _fresh_byte_level_bpe(seed: int):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_byte_level_bpe_of_seed(seed))
+
+
+def _write_sentencepiece(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
     """tokenizer.model (sentencepiece) + tokenizer_config.json; specials appended after the pieces."""
-    model = _train_sentencepiece(lines)
+    model = _sentencepiece_of_seed(seed)
     with open(os.path.join(out_dir, "tokenizer.model"), "wb") as f:
         f.write(model)
     import sentencepiece as spm
@@ -414,9 +435,9 @@ def _write_sentencepiece(out_dir: str, chat_format: str, lines: List[str]) -> Ti
     )
 
 
-def _write_tiktoken(out_dir: str, chat_format: str, lines: List[str]) -> TinyTokenizer:
+def _write_tiktoken(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
     """tokenizer.model as ``base64(token) rank`` lines + glm-4-9b-chat-like tokenizer_config.json."""
-    ranks = _tiktoken_ranks(_train_byte_level_bpe(lines))
+    ranks = _tiktoken_ranks(_fresh_byte_level_bpe(seed))
     with open(os.path.join(out_dir, "tokenizer.model"), "w", encoding="ascii", newline="\n") as f:
         for rank, token in enumerate(ranks):
             f.write(base64.b64encode(token).decode("ascii") + " " + str(rank) + "\n")
@@ -434,14 +455,14 @@ def _write_tiktoken(out_dir: str, chat_format: str, lines: List[str]) -> TinyTok
     )
 
 
-def _write_tokenizer_json(out_dir: str, chat_format: str, lines: List[str]) -> TinyTokenizer:
+def _write_tokenizer_json(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
     """tokenizer.json (byte-level BPE, GLM-4 specials as added tokens) + GLM-4-0414-like tokenizer_config.json.
 
     chat_format "template" writes a chat_template; "glm4" leaves it out (as a config without one would).
     """
     from tokenizers import AddedToken, processors
 
-    tok = _train_byte_level_bpe(lines)
+    tok = _fresh_byte_level_bpe(seed)
     base = tok.get_vocab_size(with_added_tokens=True)
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in GLM4_SPECIALS])
     specials = _glm4_specials(base)
@@ -533,5 +554,5 @@ def write_tiny_tokenizer(out_dir: str, kind: str, chat_format: str, seed: int = 
         allowed = ", ".join(KIND_CHAT_FORMATS[kind])
         raise ValueError("a %s tokenizer is written for chat format %s, not %r" % (kind, allowed, chat_format))
     os.makedirs(out_dir, exist_ok=True)
-    return _WRITERS[kind](out_dir, chat_format, _training_lines(seed))
+    return _WRITERS[kind](out_dir, chat_format, int(seed))
 

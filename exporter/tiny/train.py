@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from exporter.tiny.checkpoint import TinyShape
+
 TRAINER_VERSION = 2  # bump when the corpus or the training loop changes: it is part of the cache key
 REPORT_FILE = "train_report.json"
 
@@ -133,17 +135,17 @@ def heldout_records(n: int, seed: int = 12345, exclude: Optional[List[Dict[str, 
 # ------------------------------------------------------------------------------------------------ settings
 
 
+# the sizes trainer version 2 hashed (the key names existing cache entries): hashed always, the other TinyShape
+# fields only where they differ from the tiny default, so the same settings keep the same key and trained weights
+_KEYED_SIZES = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """Everything that determines the trained weights; its hash names the cache entry."""
 
     generation: str = "chatglm3"
-    hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int = 32
-    ffn_hidden_size: int = 344
+    shape: TinyShape = TinyShape()  # the model's sizes (exporter.tiny.checkpoint's tiny default)
     train_records: int = 6000
     steps: int = 600
     batch: int = 32
@@ -153,8 +155,17 @@ class TrainSettings:
     max_len: int = 64
     seed: int = 0
 
+    def key_fields(self) -> Dict[str, Any]:
+        """The hashed values: every setting, with the shape's sizes flattened in (see ``_KEYED_SIZES``)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "shape"}
+        default = TinyShape()
+        for name, value in dataclasses.asdict(self.shape).items():
+            if name in _KEYED_SIZES or value != getattr(default, name):
+                fields[name] = value
+        return fields
+
     def key(self) -> str:
-        payload = json.dumps(dict(dataclasses.asdict(self), trainer_version=TRAINER_VERSION), sort_keys=True)
+        payload = json.dumps(dict(self.key_fields(), trainer_version=TRAINER_VERSION), sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -200,10 +211,10 @@ def _forward_logits(model, ids, positions):
     real tokens never attend to later pads)."""
     import torch
 
-    from exporter.model import empty_past
+    from exporter.model import torch_empty_past
 
     mask = torch.ones_like(ids)
-    return model(ids, mask, positions, *empty_past(model.spec, ids.shape[0]))[0]
+    return model(ids, mask, positions, *torch_empty_past(model.spec, ids.shape[0]))[0]
 
 
 def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0,
@@ -229,80 +240,113 @@ def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_fr
 
 
 def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, Any]:
-    """Train on the generated corpus and return the report; ``ckpt_dir`` already holds config and tokenizer."""
+    """Train on the generated corpus and return the report; ``ckpt_dir`` already holds config and tokenizer.
+
+    Steps: encode the corpus with the checkpoint's tokenizer; fit a freshly initialised GlmForExport (one thread,
+    seeded: the same settings give the same weights byte for byte); write its weights in the THUDM layout and
+    ``train_report.json``."""
     import torch
 
-    from calibration.data import Sample, sample_ids
-    from runtime.tokenizer import load_tokenizer
-
-    from runtime.positions import PositionRule
-
     from exporter.config import spec_from_checkpoint
-    from exporter.model import canonical_state, export_model_class
+    from runtime.positions import PositionRule
+    from runtime.tokenizer import load_tokenizer
 
     spec, info = spec_from_checkpoint(ckpt_dir)
     tok = load_tokenizer(ckpt_dir, spec)
     rule = PositionRule.from_spec(spec)
+    train_seqs, heldout_seqs = _encoded_corpus(tok, spec, settings, rule)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and polite on a shared machine
+    try:
+        model, losses, seconds = _fit(spec, train_seqs, settings, progress, rule)
+        score_from = len(tok.prefix_ids())
+        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from, rule)
+    finally:
+        torch.set_num_threads(threads)
+    _save_trained_weights(ckpt_dir, model, spec, info.layout)
+    report = _report(settings, spec, losses, seconds, heldout, heldout_seqs, score_from)
+    with open(os.path.join(ckpt_dir, REPORT_FILE), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+        f.write("\n")
+    return report
+
+
+def _encoded_corpus(tok, spec, settings: TrainSettings, rule=None):
+    """(training sequences, 256 held-out sequences): corpus records as the runtime encodes them (chat records in
+    the chat format), each cut to ``settings.max_len`` ids. ChatGLM-6B (2D positions) trains on text records only:
+    its chat prompt is bidirectional context, so a next-token loss over it would leak."""
+    from calibration.data import Sample, sample_ids
 
     def encode(records):
-        if rule.two_d:  # ChatGLM-6B: a chat prompt is bidirectional context, next-token loss over it would leak
+        if rule is not None and rule.two_d:
             records = [r for r in records if r.get("text") is not None]
         samples = [Sample(text=r.get("text"), messages=r.get("messages")) for r in records]
         return [sample_ids(s, tok, spec)[: settings.max_len] for s in samples]
 
     train_records = corpus_records(settings.train_records, settings.seed)
-    train_seqs = encode(train_records)
-    heldout_seqs = encode(heldout_records(256, exclude=train_records))
+    return encode(train_records), encode(heldout_records(256, exclude=train_records))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # deterministic, and polite on a shared machine
-    try:
-        torch.manual_seed(settings.seed)
-        model = export_model_class(spec)[0](spec)  # on the CPU, its inv_freq buffer computed (no meta device here)
-        _init_parameters(model, settings.seed)
-        model.train()
-        decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
-        other = [p for n, p in model.named_parameters() if not (n.endswith("weight_t") or n == "embed.weight")]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                 {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
-        rng = random.Random(settings.seed)
-        start = time.perf_counter()
-        losses = []
-        steps = range(settings.steps)
-        if progress is not None:
-            steps = progress.iterate(steps, total=settings.steps, desc="training the tiny ChatGLM")
-        for step in steps:
-            lr_scale = min(1.0, (step + 1) / settings.warmup)
-            lr_scale *= 0.5 * (1 + math.cos(math.pi * step / settings.steps))
-            for group in opt.param_groups:
-                group["lr"] = settings.lr * max(lr_scale, 0.02)
-            batch = [train_seqs[rng.randrange(len(train_seqs))] for _ in range(settings.batch)]
-            ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id, rule)
-            logits = _forward_logits(model, ids, pos)[:, :-1]
-            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-            loss = (nll * loss_mask).sum() / loss_mask.sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(float(loss.detach()))
-        seconds = time.perf_counter() - start
-        model.eval()
-        score_from = len(tok.prefix_ids())
-        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from, rule)
-    finally:
-        torch.set_num_threads(threads)
 
+def _fit(spec, train_seqs: List[List[int]], settings: TrainSettings, progress, rule=None):
+    """(the trained model in eval mode, per-step losses, seconds): AdamW with weight decay on the matrices, linear
+    warm-up then cosine decay (floored at 2% of ``settings.lr``), gradients clipped at 1."""
+    import torch
+
+    from exporter.model import export_model_class
+
+    torch.manual_seed(settings.seed)
+    model = export_model_class(spec)[0](spec)  # on the CPU, its inv_freq buffer computed (no meta device here)
+    _init_parameters(model, settings.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
+    other = [p for n, p in model.named_parameters() if not (n.endswith("weight_t") or n == "embed.weight")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
+                             {"params": other, "weight_decay": 0.0}], lr=settings.lr, betas=(0.9, 0.98))
+    rng = random.Random(settings.seed)
+    start = time.perf_counter()
+    losses = []
+    steps = range(settings.steps)
+    if progress is not None:
+        steps = progress.iterate(steps, total=settings.steps, desc="training the tiny ChatGLM")
+    for step in steps:
+        lr_scale = min(1.0, (step + 1) / settings.warmup)
+        lr_scale *= 0.5 * (1 + math.cos(math.pi * step / settings.steps))
+        for group in opt.param_groups:
+            group["lr"] = settings.lr * max(lr_scale, 0.02)
+        batch = [train_seqs[rng.randrange(len(train_seqs))] for _ in range(settings.batch)]
+        ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id, rule)
+        logits = _forward_logits(model, ids, pos)[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * loss_mask).sum() / loss_mask.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss.detach()))
+    seconds = time.perf_counter() - start
+    model.eval()
+    return model, losses, seconds
+
+
+def _save_trained_weights(ckpt_dir: str, model, spec, layout: str = "thudm") -> None:
+    """The model's parameters as ``model.safetensors`` under THUDM's names (``layout``: "thudm" or "thudm-v1")."""
+    from exporter.model import canonical_state
     from exporter.tiny.checkpoint import save_weights, to_layout
     from exporter.weights import canonical_shapes
 
     state = canonical_state(model)
     assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
-    save_weights(ckpt_dir, to_layout(spec, state, info.layout), "safetensors")
+    save_weights(ckpt_dir, to_layout(spec, state, layout), "safetensors")
+
+
+def _report(settings: TrainSettings, spec, losses: List[float], seconds: float, heldout: Dict[str, float],
+            heldout_seqs: List[List[int]], score_from: int) -> Dict[str, Any]:
+    """``train_report.json``: the settings and their key, the losses, held-out accuracy against chance and against
+    always predicting the most frequent token."""
     targets = [t for s in heldout_seqs for t in s[max(score_from, 1):]]
     majority = max(targets.count(t) for t in set(targets)) / len(targets)
-    report = {
-        "settings": dataclasses.asdict(settings),
+    return {
+        "settings": settings.key_fields(),
         "key": settings.key(),
         "trainer_version": TRAINER_VERSION,
         "train_seconds": round(seconds, 1),
@@ -315,21 +359,14 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
         "vocab_size": spec.vocab_size,
         "params": spec.num_params,
     }
-    with open(os.path.join(ckpt_dir, REPORT_FILE), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    return report
 
 
 def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettings(), progress=None) -> Dict[str, Any]:
     """A THUDM-layout checkpoint at ``out_dir`` (config, tokenizer, trained model.safetensors, train_report.json)."""
     from exporter.tiny.checkpoint import write_tiny_checkpoint
 
-    write_tiny_checkpoint(
-        out_dir, generation=settings.generation, layout="thudm", size="tiny", seed=settings.seed,
-        hidden_size=settings.hidden_size, num_layers=settings.num_layers, num_heads=settings.num_heads,
-        num_kv_heads=settings.num_kv_heads, head_dim=settings.head_dim, ffn_hidden_size=settings.ffn_hidden_size,
-    )
+    write_tiny_checkpoint(out_dir, generation=settings.generation, layout="thudm", seed=settings.seed,
+                          **dataclasses.asdict(settings.shape))
     if settings.generation == "chatglm1":
         _without_image_tokens(out_dir)
     return train(out_dir, settings, progress)
@@ -365,7 +402,3 @@ def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(
         write_trained_checkpoint(tmp, settings, progress)
     return path
 
-
-def read_report(ckpt_dir: str) -> Dict[str, Any]:
-    with open(os.path.join(ckpt_dir, REPORT_FILE), encoding="utf-8") as f:
-        return json.load(f)

@@ -7,14 +7,9 @@ TensorRT are interchangeable. A backend keeps the KV cache in whatever form is c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Protocol, Tuple
 
 import numpy as np
-
-try:  # Python 3.8 has typing.Protocol; keep the import explicit for readers
-    from typing import Protocol
-except ImportError:  # pragma: no cover - Python < 3.8 is not supported
-    Protocol = object  # type: ignore
 
 
 @dataclass

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from runtime.backend_options import check_backend_options
 from runtime.errors import BackendError, BundleError, first_line
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
+from runtime.steps import empty_past
 from runtime.tensorrt.ep_options import TrtProviderOptions
 from runtime.tensorrt.profiles import Profile, select_profile
 from runtime.graph_contract import ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, past_names, present_names
@@ -79,8 +81,7 @@ def provider_config(
     input); ``trt_options`` with another provider is refused rather than ignored.
     """
     name, device_id = parse_provider(provider)
-    if name != "tensorrt" and trt_options is not None:
-        raise BackendError(f"TensorRT provider options apply to provider 'tensorrt', not {name!r}")
+    check_backend_options("onnxruntime", {"trt_options": ["trt_options"]} if trt_options is not None else {}, name)
     wanted = PROVIDERS[name][0]
     options: List[Dict[str, str]] = []
     for p in wanted:
@@ -93,6 +94,28 @@ def provider_config(
         else:
             options.append({"device_id": str(device_id)})
     return list(wanted), options
+
+
+def new_session(model_path: str, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
+                provider_options: Optional[List[Dict[str, str]]] = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` over ``model_path``: the one place sessions are built (the backend, the
+    exporter's verification and the tests use it). Errors only in onnxruntime's log, sequential execution, one
+    inter-op thread, ``threads`` intra-op threads (onnxruntime's default when None). onnxruntime's own exceptions
+    propagate: the caller knows which typed error a failure is."""
+    ort = _import_ort()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only; the library logs, it does not print
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model_path, sess_options=opts, providers=list(providers),
+                                provider_options=provider_options)
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise BackendError(f"threads must be a positive integer, got {threads!r}")
 
 
 class OnnxRuntimeBackend:
@@ -113,48 +136,20 @@ class OnnxRuntimeBackend:
         name, device_id = parse_provider(provider)
         provider_names, provider_options = provider_config(provider, manifest, trt_options)  # option errors first
         ort = _import_ort()
-        wanted, device_type = PROVIDERS[name]
-        available = ort.get_available_providers()
-        if wanted[0] not in available:
-            raise BackendError(
-                f"provider {name!r} needs onnxruntime's {wanted[0]}, which this onnxruntime "
-                f"({ort.__version__}) does not have; available: {', '.join(available)}"
-                + ("; install onnxruntime-gpu" if name != "cpu" else "")
-            )
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise BackendError(f"threads must be a positive integer, got {threads!r}")
+        _check_provider_available(ort, name)
+        check_threads(threads)
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: model file missing from the bundle")
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only; the library logs, it does not print
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.inter_op_num_threads = 1
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(model_path, sess_options=opts, providers=provider_names,
-                                                provider_options=provider_options)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            msg = first_line(e)
-            if name == "cpu":
-                raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
-            raise BackendError(  # a bad file, or the provider failing (a TensorRT build, missing CUDA libraries)
-                f"{model_path}: onnxruntime cannot load it with provider {name!r} ({msg})"
-            ) from None
-        if wanted[0] not in self.session.get_providers():  # onnxruntime falls back silently, e.g. missing CUDA libs
-            raise BackendError(
-                f"onnxruntime could not start {wanted[0]} (CUDA/TensorRT libraries missing?); "
-                f"the session runs on: {', '.join(self.session.get_providers())}"
-            )
+        self.session = _open_session(model_path, name, threads, provider_names, provider_options)
 
         self.provider = name
         # the TensorRT provider's single profile: steps outside it are refused here, not deep inside onnxruntime
         self.profile: Optional[Profile] = None
         if name == "tensorrt" and manifest is not None:
             self.profile = (trt_options or TrtProviderOptions()).profile(manifest)
-        self.device_type = device_type
+        self.device_type = PROVIDERS[name][1]
         self.device_id = device_id
+        self.spec = spec
         self.num_layers = spec.num_layers
         self.kv_dtype: np.dtype = np.dtype(kv_dtype)
         self.io_binding = bool(io_binding)
@@ -162,6 +157,11 @@ class OnnxRuntimeBackend:
         self.output_names = tuple(o.name for o in self.session.get_outputs())
         self._past_names = past_names(self.num_layers)
         self._present_names = present_names(self.num_layers)
+        self._check_contract(model_path)
+        self._ort = ort
+
+    def _check_contract(self, model_path: str) -> None:
+        """Every input and output the manifest's contract names is in the graph, or a BundleError listing them."""
         wanted_in = [INPUT_IDS, ATTENTION_MASK, POSITION_IDS] + self._past_names
         missing_in = [n for n in wanted_in if n not in self.input_names]
         missing_out = [n for n in [LOGITS] + self._present_names if n not in self.output_names]
@@ -170,8 +170,6 @@ class OnnxRuntimeBackend:
                 f"{model_path}: graph does not follow the manifest's contract; missing "
                 + ", ".join(missing_in + missing_out)
             )
-        self._kv_heads, self._head_dim = spec.num_kv_heads, spec.head_dim
-        self._ort = ort
 
     # -------------------------------------------------------------------------------------------- Backend protocol
 
@@ -191,12 +189,10 @@ class OnnxRuntimeBackend:
     # -------------------------------------------------------------------------------------------- DecoderBackend
 
     def empty_cache(self, batch: int) -> KVCache:
-        z = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self.kv_dtype)
+        past = empty_past(self.spec, batch, self.kv_dtype)  # each [batch, kv_heads, 0, head_dim]
+        tensors = [past[n] for n in self._past_names]
         if self.io_binding:
-            tensors = [self._ort.OrtValue.ortvalue_from_numpy(z, self.device_type, self.device_id)
-                       for _ in self._past_names]
-        else:
-            tensors = [z] * len(self._past_names)
+            tensors = [self._ort.OrtValue.ortvalue_from_numpy(z, self.device_type, self.device_id) for z in tensors]
         return KVCache(tensors, batch, 0)
 
     def forward(
@@ -244,6 +240,39 @@ class OnnxRuntimeBackend:
 
     def cache_to_numpy(self, cache: KVCache) -> List[np.ndarray]:
         return [t.numpy() if hasattr(t, "numpy") else np.array(t, copy=True) for t in cache.tensors]
+
+
+def _check_provider_available(ort: Any, name: str) -> None:
+    """BackendError when this onnxruntime lacks the provider ``name`` needs first."""
+    wanted = PROVIDERS[name][0][0]
+    available = ort.get_available_providers()
+    if wanted not in available:
+        raise BackendError(
+            f"provider {name!r} needs onnxruntime's {wanted}, which this onnxruntime "
+            f"({ort.__version__}) does not have; available: {', '.join(available)}"
+            + ("; install onnxruntime-gpu" if name != "cpu" else "")
+        )
+
+
+def _open_session(model_path: str, name: str, threads: Optional[int], provider_names: List[str],
+                  provider_options: List[Dict[str, str]]) -> Any:
+    """The backend's session; a bad file is a BundleError, a provider failing a BackendError (one line each)."""
+    try:
+        session = new_session(model_path, threads, provider_names, provider_options)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        msg = first_line(e)
+        if name == "cpu":
+            raise BundleError(f"{model_path}: onnxruntime cannot load it ({msg})") from None
+        raise BackendError(  # a bad file, or the provider failing (a TensorRT build, missing CUDA libraries)
+            f"{model_path}: onnxruntime cannot load it with provider {name!r} ({msg})"
+        ) from None
+    wanted = provider_names[0]
+    if wanted not in session.get_providers():  # onnxruntime falls back silently, e.g. missing CUDA libs
+        raise BackendError(
+            f"onnxruntime could not start {wanted} (CUDA/TensorRT libraries missing?); "
+            f"the session runs on: {', '.join(session.get_providers())}"
+        )
+    return session
 
 
 def _reload_with(option: str) -> str:

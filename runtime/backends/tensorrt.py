@@ -11,14 +11,13 @@ is made; never imports torch.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from runtime.errors import BackendError
+from runtime.errors import BackendError, read_json_object
 from runtime.graph_contract import ATTENTION_MASK, BATCH, INPUT_IDS, LOGITS, POSITION_IDS, SEQ, TOTAL, TensorSpec
 from runtime.graph_contract import past_key_name, past_names, present_key_name, present_names
 from runtime.manifest import MANIFEST_NAME, sha256_of
@@ -74,18 +73,12 @@ def read_engine_record(engine_dir: str) -> Dict[str, Any]:
     if not os.path.isdir(engine_dir):
         raise BackendError(f"{engine_dir}: no such engine directory; {BUILD_HINT}")
     path = os.path.join(engine_dir, ENGINE_RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+    if not os.path.isfile(path):
         raise BackendError(
-            f"{path}: unreadable ({reason}); is {engine_dir} written by 'glm-export trt'? (trtexec writes no "
+            f"{path}: unreadable (no such file); is {engine_dir} written by 'glm-export trt'? (trtexec writes no "
             f"{ENGINE_RECORD}); {BUILD_HINT}"
-        ) from None
-    if not isinstance(record, dict):
-        raise BackendError(f"{path}: expected a JSON object; {BUILD_HINT}")
-    return record
+        )
+    return read_json_object(path, BackendError, "engine record", hint=BUILD_HINT)
 
 
 class TensorRTBackend:
@@ -143,8 +136,15 @@ class TensorRTBackend:
         io_names = self.input_names + self.output_names
         self._dtypes = {n: np.dtype(trt.nptype(engine.get_tensor_dtype(n))) for n in io_names}
         self.kv_dtype = self._dtypes[present_key_name(0)]
+        # Device memory layout. Each past/present buffer holds the largest cache any profile admits,
+        # [max_batch, kv_heads, max_total, head_dim]; a cache of `batch` rows and `length` positions occupies its
+        # start densely as [batch, kv_heads, length, head_dim] in C order (TensorRT writes a present exactly so),
+        # so row r begins r * kv_heads * length * head_dim * itemsize bytes in. Two such sets alternate: a step
+        # reads the pasts from one and writes the presents into the other.
         kv_bytes = self.max_batch * self.kv_heads * self.max_total * self.head_dim * self.kv_dtype.itemsize
         self._sets = [[self._alloc(kv_bytes) for _ in self._past_names] for _ in range(2)]
+        # token inputs [max_batch, max_seq] (mask: [max_batch, max_total]) and logits [max_batch, max_seq, vocab],
+        # each used densely at the step's own [batch, seq(, vocab)] shape
         rows, item = self.max_batch, self._dtypes[LOGITS].itemsize
         # position_ids get two rows per sequence: room for ChatGLM-6B's [batch, 2, seq]
         self._dev = {n: self._alloc(k * rows * self.max_seq * self._dtypes[n].itemsize)
@@ -203,8 +203,11 @@ class TensorRTBackend:
         seq = int(input_ids.shape[1])
         feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: attention_mask, POSITION_IDS: position_ids}
         write = self._execute(feeds, cache, seq)
-        logits = np.empty((cache.batch, self.vocab), dtype=self._dtypes[LOGITS])
-        row = self.vocab * logits.itemsize  # only position seq-1 of each row comes back: one strided 2-D copy
+        logits = np.empty((cache.batch, self.vocab), dtype=self._dtypes[LOGITS])  # host [batch, vocab]
+        # device logits are [batch, seq, vocab] in C order: one position is `row` bytes, one batch row seq * row.
+        # Only position seq-1 of each batch row comes back: a 2-D copy of `batch` rows of `row` bytes, starting at
+        # (seq - 1) * row with a source pitch of seq * row, into the host's dense [batch, vocab].
+        row = self.vocab * logits.itemsize
         d2h = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         last = self._dev[LOGITS] + (seq - 1) * row
         copy = self._cudart.cudaMemcpy2DAsync
@@ -217,6 +220,8 @@ class TensorRTBackend:
         picked = [int(r) for r in np.asarray(rows, dtype=np.int64).reshape(-1)]
         if any(r < 0 or r >= cache.batch for r in picked):
             raise ValueError(f"rows {picked} outside a cache of {cache.batch} rows")
+        # one batch row of a dense [batch, kv_heads, length, head_dim] cache: kv_heads * length * head_dim items;
+        # kept row r goes to row j of the other set, so the result is dense [len(rows), kv_heads, length, head_dim]
         row_bytes = self.kv_heads * cache.length * self.head_dim * self.kv_dtype.itemsize
         write = self._other_set(cache.tensors)
         d2d = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToDevice

@@ -1,19 +1,33 @@
-"""TensorRT optimization profiles as data, and the choice of profile for one generation step.
+"""TensorRT optimization profiles: the sizes a generation needs, the profiles made from them, and the choice of
+profile for one generation step. The one home of profiles for both TensorRT routes.
 
 A TensorRT engine built from a bundle carries one or more optimization profiles: for every symbolic dimension of the
 graph (``batch``, ``seq``, ``past``, ``past_plus_seq``) a min/opt/max range, and for every graph input the min/opt/max
-shapes that follow from them. ``runtime.tensorrt.ep_options`` makes them (prefill and decode), ``exporter.tensorrt.build`` builds
-them into the engine and records them in ``engine.json``; the TensorRT runtime backend reads them back from there
-and calls :func:`select_profile` before every step. :func:`shape_spec` writes a profile's shapes as trtexec and
-onnxruntime's TensorRT provider take them. Pure Python: no TensorRT, no numpy.
+shapes that follow from them. A :class:`ProfileRequest` holds the sizes the user asks for;
+:func:`profiles_for_generation` makes the native engines' two profiles (prefill and decode), which
+``exporter.tensorrt.build`` builds into the engine and records in ``engine.json`` (``trtexec`` gets them through
+``exporter.tensorrt.trtexec``); the TensorRT runtime backend reads them back from there and calls
+:func:`select_profile` before every step. onnxruntime's TensorRT execution provider gets :func:`envelope_profile`,
+one profile admitting both (``runtime.tensorrt.ep_options``). :func:`shape_spec` writes a profile's shapes as trtexec
+and the provider take them.
+
+With B = max batch, L = max input (prompt) length and S = max sequence length (prompt + generated)::
+
+    prefill  batch 1..B, seq 1..L, past 0..S-L, past_plus_seq 1..S    (prompt, from an empty or short cache)
+    decode   batch 1..B, seq 1,    past 1..S-1, past_plus_seq 2..S    (one token at a time)
+    envelope batch 1..B, seq 1..L, past 0..S-1, past_plus_seq 1..S    (the execution provider's single profile)
+
+Every graph input gets min/opt/max shapes from its symbolic dims, so each ``past_key_values.{i}.key|value`` is covered
+along with ``input_ids``, ``attention_mask`` and ``position_ids``. Pure Python (3.8): no TensorRT, no numpy.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from runtime.errors import BundleError, GenerationError
-from runtime.graph_contract import BATCH, PAST, SEQ, TOTAL
+from runtime.errors import BundleError, GenerationError, GlmExportError
+from runtime.graph_contract import BATCH, PAST, SEQ, TOTAL, TensorSpec
+from runtime.manifest import Manifest
 from runtime.tensorrt.engine_record import BUILD_COMMAND
 
 Range = Tuple[int, int, int]  # (min, opt, max)
@@ -195,3 +209,175 @@ def _refusal(
         f"no optimization profile admits a step of {seq} new tokens after {past} cached tokens (batch {batch}); "
         f"{owner} profiles are {ranges}"
     )
+
+
+# ------------------------------------------------------------------------------------------------ requests -> profiles
+
+
+class EngineOptionError(GlmExportError):
+    """A TensorRT engine option (--max-batch, --max-input-len, --max-seq-len, --opt-seq, --fp16, ...) is invalid."""
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """The sizes an engine must serve, as the user gives them on the command line.
+
+    ``opt_batch`` and ``opt_seq`` are the sizes TensorRT tunes kernels for: the usual batch and the usual prompt
+    length. ``opt_seq`` defaults to half of ``max_input_len``. Decode is tuned for ``opt_seq`` cached tokens.
+    """
+
+    max_batch: int
+    max_input_len: int
+    max_seq_len: int
+    opt_batch: int = 1
+    opt_seq: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        for option, value in (
+            ("--max-batch", self.max_batch),
+            ("--max-input-len", self.max_input_len),
+            ("--max-seq-len", self.max_seq_len),
+            ("--opt-batch", self.opt_batch),
+            ("--opt-seq", self.opt_seq),
+        ):
+            if value is None and option == "--opt-seq":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise EngineOptionError(f"{option} must be a whole number, got {value!r}")
+            if value < 1:
+                raise EngineOptionError(f"{option} must be at least 1, got {value}")
+        if self.max_seq_len < 2:
+            raise EngineOptionError(
+                f"--max-seq-len must be at least 2 (one prompt token and one generated token), got {self.max_seq_len}"
+            )
+        if self.max_input_len > self.max_seq_len:
+            raise EngineOptionError(
+                f"--max-input-len {self.max_input_len} is larger than --max-seq-len {self.max_seq_len}; the prompt "
+                f"is part of the sequence, so raise --max-seq-len or lower --max-input-len"
+            )
+        if self.opt_batch > self.max_batch:
+            raise EngineOptionError(f"--opt-batch {self.opt_batch} is larger than --max-batch {self.max_batch}")
+        if self.opt_seq is not None and self.opt_seq > self.max_input_len:
+            raise EngineOptionError(f"--opt-seq {self.opt_seq} is larger than --max-input-len {self.max_input_len}")
+
+    @property
+    def prompt_opt(self) -> int:
+        return self.opt_seq if self.opt_seq is not None else max(1, self.max_input_len // 2)
+
+
+DEFAULT_MAX_SEQ_LEN = 2048  # --max-seq-len when not given (or the model's context, when shorter)
+
+
+def request_with_defaults(
+    max_positions: int,
+    max_batch: Optional[int] = None,
+    max_input_len: Optional[int] = None,
+    max_seq_len: Optional[int] = None,
+    opt_batch: Optional[int] = None,
+    opt_seq: Optional[int] = None,
+) -> ProfileRequest:
+    """A :class:`ProfileRequest` from command-line values, None meaning "not given": max batch 1, max sequence
+    ``min(2048, max_positions)``, max input half the max sequence, opt batch 1, opt seq half the max input."""
+    seq = max_seq_len if max_seq_len is not None else min(DEFAULT_MAX_SEQ_LEN, max_positions)
+    return ProfileRequest(
+        max_batch=max_batch if max_batch is not None else 1,
+        max_input_len=max_input_len if max_input_len is not None else max(1, seq // 2),
+        max_seq_len=seq,
+        opt_batch=opt_batch if opt_batch is not None else 1,
+        opt_seq=opt_seq,
+    )
+
+
+def generation_dims(request: ProfileRequest) -> Dict[str, Dict[str, Range]]:
+    """The (min, opt, max) of every symbolic dim, for the prefill and the decode profile."""
+    b, big_l, s = request.max_batch, request.max_input_len, request.max_seq_len
+    ob, os_ = request.opt_batch, request.prompt_opt
+    decode_past_opt = min(max(os_, 1), s - 1)
+    return {
+        "prefill": {
+            BATCH: (1, ob, b),
+            SEQ: (1, os_, big_l),
+            PAST: (0, 0, s - big_l),
+            TOTAL: (1, os_, s),
+        },
+        "decode": {
+            BATCH: (1, ob, b),
+            SEQ: (1, 1, 1),
+            PAST: (1, decode_past_opt, s - 1),
+            TOTAL: (2, decode_past_opt + 1, s),
+        },
+    }
+
+
+def _check_context(request: ProfileRequest, max_positions: Optional[int]) -> None:
+    if max_positions is not None and request.max_seq_len > max_positions:
+        raise EngineOptionError(
+            f"--max-seq-len {request.max_seq_len} is longer than the model's context of {max_positions} positions; "
+            f"use --max-seq-len {max_positions} or less"
+        )
+
+
+def _shapes_for(inputs: Sequence[TensorSpec], dims: Dict[str, Range]) -> Dict[str, ShapeRange]:
+    if not inputs:
+        raise BundleError("the manifest lists no graph inputs; re-export the bundle")
+    return {tensor.name: _input_shape_range(tensor, dims) for tensor in inputs}
+
+
+def profiles_for_generation(
+    inputs: Sequence[TensorSpec], request: ProfileRequest, max_positions: Optional[int] = None
+) -> List[Profile]:
+    """The prefill and decode profiles for a graph with these inputs; every input is given shapes.
+
+    ``max_positions`` is the model's trained context (``spec.max_position_embeddings``); a longer ``max_seq_len``
+    is refused, since positions past it are outside what the model (and its rotary tables) cover.
+    """
+    _check_context(request, max_positions)
+    return [Profile(name=name, dims=dims, shapes=_shapes_for(inputs, dims))
+            for name, dims in generation_dims(request).items()]
+
+
+def profiles_for_manifest(manifest: Manifest, request: ProfileRequest) -> List[Profile]:
+    """:func:`profiles_for_generation` for a bundle's manifest, checked against the model's trained context."""
+    return profiles_for_generation(manifest.inputs, request, manifest.spec.max_position_embeddings)
+
+
+def envelope_profile(
+    inputs: Sequence[TensorSpec],
+    request: ProfileRequest,
+    max_positions: Optional[int] = None,
+    tune_for: str = "decode",
+) -> Profile:
+    """One profile admitting every step the prefill and decode profiles admit (each dim's widest range).
+
+    Its opt sizes are those of the ``tune_for`` profile: "decode" (the default; a generation runs one decode step
+    per new token and one prefill per prompt) or "prefill".
+    """
+    _check_context(request, max_positions)
+    per_profile = generation_dims(request)
+    if tune_for not in per_profile:
+        raise ValueError(f"tune_for must be one of {sorted(per_profile)}, got {tune_for!r}")
+    dims: Dict[str, Range] = {}
+    for dim, (_, opt, _) in per_profile[tune_for].items():
+        dims[dim] = (min(p[dim][0] for p in per_profile.values()), opt, max(p[dim][2] for p in per_profile.values()))
+    return Profile(name="generation", dims=dims, shapes=_shapes_for(inputs, dims))
+
+
+def _input_shape_range(tensor: TensorSpec, dims: Dict[str, Range]) -> ShapeRange:
+    lo: List[int] = []
+    opt: List[int] = []
+    hi: List[int] = []
+    for d in tensor.shape:
+        if isinstance(d, int):
+            r: Tuple[int, int, int] = (d, d, d)
+        elif d in dims:
+            r = dims[d]
+        else:
+            raise BundleError(
+                f"input {tensor.name!r} has dimension {d!r}, which is none of {sorted(dims)}; glm-export cannot size "
+                f"it for TensorRT; re-export the bundle with the current glm-export"
+            )
+        lo.append(r[0])
+        opt.append(r[1])
+        hi.append(r[2])
+    shapes: Tuple[Shape, Shape, Shape] = (tuple(lo), tuple(opt), tuple(hi))
+    return shapes

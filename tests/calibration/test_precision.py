@@ -12,7 +12,6 @@ from click.testing import CliRunner
 
 from calibration.accuracy import accuracy_bounds, check_bounds
 from runtime.manifest import read_manifest
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 BOUNDS = accuracy_bounds()  # runtime/tolerances.py ACCURACY_BOUNDS
 

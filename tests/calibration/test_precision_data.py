@@ -11,7 +11,6 @@ import pytest
 from calibration import data as cdata
 from calibration.errors import CalibrationDataError, QuantizationError
 from runtime.manifest import read_manifest
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 
 @pytest.fixture(scope="module")

@@ -185,7 +185,7 @@ def engine_dir(bundle, tmp_path):
     nothing here gets as far as TensorRT)."""
     from exporter.tensorrt.build import EngineOptions, engine_record, precision_plan
     from runtime.manifest import MANIFEST_NAME, read_manifest, sha256_of
-    from runtime.tensorrt.ep_options import ProfileRequest, profiles_for_manifest
+    from runtime.tensorrt.profiles import ProfileRequest, profiles_for_manifest
 
     manifest = read_manifest(bundle)
     request = ProfileRequest(max_batch=1, max_input_len=16, max_seq_len=64)
@@ -261,7 +261,8 @@ def test_provider_tensorrt_on_cpu_onnxruntime(bundle, tmp_path):
 
 
 def test_load_kwargs_from_the_command_line_options():
-    from exporter.cli.run import MODEL_OPTIONS, load_kwargs
+    from exporter.cli.options import MODEL_OPTIONS
+    from exporter.cli.run import load_kwargs
     from runtime.tensorrt.ep_options import TrtProviderOptions
 
     def opts(**given):

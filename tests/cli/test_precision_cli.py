@@ -10,7 +10,6 @@ from click.testing import CliRunner
 
 from exporter.cli import main
 from runtime.manifest import read_manifest
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 
 def _run(args):
@@ -106,6 +105,35 @@ def test_failure_after_staging_leaves_nothing(tmp_path, trained):
                    "--ranges", str(foreign), "--no-eval"], out)
     assert "calibrated for another graph" in text
     assert os.listdir(work) == []
+
+
+def test_quantize_refuses_a_bundle_that_breaks_an_accuracy_bound(tmp_path, trained, monkeypatch):
+    """A bound tightened in the tolerance table past what fp16 can reach: an error naming the figure and the bound,
+    nothing at --out and no staging leftovers; --accept-accuracy-loss writes the bundle and the manifest says so."""
+    from runtime import tolerances
+
+    monkeypatch.setitem(tolerances.ACCURACY_BOUNDS, "fp16", {"min_top1": 1.01})  # top-1 agreement cannot exceed 1
+    work = tmp_path / "work"
+    work.mkdir()
+    out = str(work / "fp16")
+    args = ["quantize", "--model", trained.bundle("fp32"), "--out", out, "--precision", "fp16",
+            "--eval-data", trained.eval_file, "--eval-samples", "8", "--quiet"]
+    text = _error(args, out)
+    assert "--precision fp16: measured accuracy breaks runtime/tolerances.py ACCURACY_BOUNDS" in text
+    assert "top-1 agreement" in text and "< 1.01" in text and "--accept-accuracy-loss" in text
+    assert os.listdir(work) == []
+
+    res = _run(args + ["--accept-accuracy-loss"])
+    assert res.exit_code == 0, res.output
+    bounds = read_manifest(out, verify_checksums=True).extra["accuracy"]["bounds"]
+    assert bounds["limits"] == {"min_top1": 1.01} and bounds["accepted"] == "--accept-accuracy-loss"
+    assert len(bounds["broken"]) == 1 and bounds["broken"][0].startswith("top-1 agreement ")
+    assert os.listdir(work) == ["fp16"]
+
+
+def test_quantize_within_bounds_records_them(trained):
+    bounds = read_manifest(trained.quantized("int4", precision="int4").bundle_dir).extra["accuracy"]["bounds"]
+    assert bounds == {"limits": {"max_ppl_ratio": 1.10}, "broken": []}
 
 
 def test_existing_out_needs_overwrite(tmp_path, trained):

@@ -25,8 +25,15 @@ from runtime.tensorrt.engine_record import (
     gpu_name_text,
     major_minor,
 )
-from runtime.tensorrt.ep_options import EngineOptionError, ProfileRequest, profiles_for_generation, profiles_for_manifest
-from runtime.tensorrt.profiles import Profile, select_profile, shape_spec
+from runtime.tensorrt.profiles import (
+    EngineOptionError,
+    Profile,
+    ProfileRequest,
+    profiles_for_generation,
+    profiles_for_manifest,
+    select_profile,
+    shape_spec,
+)
 
 KV_HEADS, HEAD_DIM, VOCAB, HIDDEN = 2, 4, 11, 8
 

@@ -1,5 +1,5 @@
 """The runtime stands alone: it imports and generates with torch and transformers unimportable, never imports
-exporter or calibration, keeps ``import runtime`` light, and stays within Python 3.8."""
+exporter or calibration (runtime/tensorrt/ included), keeps ``import runtime`` light, and stays within Python 3.8."""
 from __future__ import annotations
 
 import ast
@@ -118,6 +118,22 @@ def test_no_runtime_file_imports_forbidden_packages():
                               for line, pkg in _imported_packages(path) if pkg in FORBIDDEN]
     assert count >= 8
     assert offenders == []
+
+
+def test_runtime_tensorrt_imports_no_exporter_code():
+    """runtime/tensorrt/ (profiles, the engine record, the execution provider options) is runtime code: the
+    exporter's TensorRT builder imports it, never the other way round; statically and in a fresh interpreter with
+    the exporter (and torch, transformers, calibration) unimportable."""
+    folder = os.path.join(RUNTIME, "tensorrt")
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".py"))
+    assert {"profiles.py", "engine_record.py", "ep_options.py"} <= set(files)
+    offenders = [f"runtime/tensorrt/{name}:{line} imports {pkg}" for name in files
+                 for line, pkg in _imported_packages(os.path.join(folder, name)) if pkg in FORBIDDEN]
+    assert offenders == []
+    modules = [m for m in runtime_modules() if m.startswith("runtime.tensorrt")]
+    assert len(modules) >= 4  # the package and its three modules
+    report = _child(modules)
+    assert report["failed"] == {} and report["loaded"] == []
 
 
 def test_static_check_catches_an_offender(tmp_path):

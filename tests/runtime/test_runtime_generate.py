@@ -640,7 +640,8 @@ def test_tensorrt_provider_on_cpu_onnxruntime_is_a_one_line_backend_error(chatgl
     """A real session attempt: this onnxruntime has no TensorrtExecutionProvider, so asking for it must say so."""
     import onnxruntime
 
-    from runtime.tensorrt.ep_options import EngineOptionError, TrtProviderOptions
+    from runtime.tensorrt.ep_options import TrtProviderOptions
+    from runtime.tensorrt.profiles import EngineOptionError
 
     if "TensorrtExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this onnxruntime has the TensorRT execution provider")
@@ -655,7 +656,8 @@ def test_tensorrt_provider_on_cpu_onnxruntime_is_a_one_line_backend_error(chatgl
     # option mistakes are reported before the provider is looked for, so they show on any machine
     with pytest.raises(EngineOptionError, match="--max-seq-len 100000 is longer than the model's context"):
         GlmModel.load(chatglm3.bundle_dir, provider="tensorrt", trt_options=TrtProviderOptions(max_seq_len=100000))
-    with pytest.raises(BackendError, match="apply to provider 'tensorrt', not 'cpu'"):
+    with pytest.raises(BackendError, match="trt_options: options of onnxruntime's TensorRT execution provider; add "
+                                           "provider='tensorrt'"):
         GlmModel.load(chatglm3.bundle_dir, trt_options=trt)
 
 
@@ -693,9 +695,9 @@ def test_generation_inside_a_tensorrt_provider_profile(chatglm3):
 def test_load_refuses_backend_options_that_do_not_apply(chatglm3, tmp_path):
     with pytest.raises(BackendError, match="unknown backend 'trt'"):
         GlmModel.load(chatglm3.bundle_dir, backend="trt")
-    with pytest.raises(BackendError, match="backend 'tensorrt' needs engine_dir"):
+    with pytest.raises(BackendError, match="backend='tensorrt' needs engine_dir ENGINE_DIR"):
         GlmModel.load(chatglm3.bundle_dir, backend="tensorrt")
-    with pytest.raises(BackendError, match="threads is an onnxruntime option"):
+    with pytest.raises(BackendError, match="threads: onnxruntime options, not used by backend='tensorrt'"):
         GlmModel.load(chatglm3.bundle_dir, backend="tensorrt", engine_dir=str(tmp_path), threads=2)
     with pytest.raises(BackendError, match="engine_dir is for backend='tensorrt'"):
         GlmModel.load(chatglm3.bundle_dir, engine_dir=str(tmp_path))

@@ -18,7 +18,7 @@ from runtime.errors import BackendError, GenerationError
 from runtime.sampling import GenerationConfig
 from runtime.tolerances import allowed_diff
 from runtime.tensorrt.engine_record import ENGINE_PLAN, ENGINE_RECORD, engine_compatibility
-from runtime.tensorrt.ep_options import ProfileRequest
+from runtime.tensorrt.profiles import ProfileRequest
 
 CASE = "chatglm3-thudm-hd32"
 REQUEST = ProfileRequest(max_batch=2, max_input_len=16, max_seq_len=48, opt_batch=2, opt_seq=9)
@@ -44,8 +44,9 @@ def built(tiny_models, tmp_path_factory):
     _, bundle = tiny_models.case(CASE)
     out = str(tmp_path_factory.mktemp("trt") / "engine")
     # TF32 off: the comparison with onnxruntime's fp32 uses the fp32 row of the tolerance table
-    record = engine_from_bundle(bundle, out, EngineOptions(REQUEST, tf32=False))
-    return bundle, out, record
+    result = engine_from_bundle(bundle, out, EngineOptions(REQUEST, tf32=False))
+    assert result.engine_dir == out and result.to_dict()["profiles"] == ["prefill", "decode"]
+    return bundle, out, result.record
 
 
 def _close(got, want, what):

@@ -12,15 +12,16 @@ from runtime import graph_contract as gc
 from runtime.errors import GenerationError, GlmExportError
 from runtime.manifest import Manifest
 from runtime.spec import ModelSpec
-from runtime.tensorrt.ep_options import (
+from runtime.tensorrt.ep_options import tensorrt_ep_options
+from runtime.tensorrt.profiles import (
     EngineOptionError,
     ProfileRequest,
     envelope_profile,
     profiles_for_generation,
     request_with_defaults,
-    tensorrt_ep_options,
+    select_profile,
+    shape_spec,
 )
-from runtime.tensorrt.profiles import select_profile, shape_spec
 
 KV_HEADS, HEAD_DIM = 2, 4
 SHAPE_KEYS = ("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")
@@ -225,7 +226,8 @@ def test_provider_config_refusals():
 
     with pytest.raises(BackendError, match="needs the bundle's manifest"):
         provider_config("tensorrt")
-    with pytest.raises(BackendError, match="apply to provider 'tensorrt', not 'cuda'"):
+    with pytest.raises(BackendError, match="trt_options: options of onnxruntime's TensorRT execution provider; add "
+                                           "provider='tensorrt'"):
         provider_config("cuda", _manifest(), TrtProviderOptions(fp16=True))
     with pytest.raises(BackendError, match="unknown provider"):
         provider_config("tensorrtx", _manifest())
