@@ -44,14 +44,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-records", type=int, default=300)
     args = parser.parse_args()
-    from exporter.tiny.train import TrainSettings, corpus_records, heldout_records, read_report, trained_checkpoint
+    from exporter.tiny.train import REPORT_FILE, TrainSettings, corpus_records, heldout_records, trained_checkpoint
     from runtime.progress import TqdmProgress
 
     work = args.workdir or tempfile.mkdtemp(prefix="chatglm1-acc-")
     os.makedirs(work, exist_ok=True)
     settings = dataclasses.replace(TrainSettings(generation="chatglm1"), steps=args.steps)
     ckpt = trained_checkpoint(os.path.join(ROOT, ".cache"), settings, TqdmProgress())
-    report = read_report(ckpt)
+    with open(os.path.join(ckpt, REPORT_FILE), encoding="utf-8") as f:
+        report = json.load(f)
     seen = corpus_records(settings.train_records, settings.seed)
     calib = [r for r in heldout_records(1200, seed=777, exclude=seen) if "text" in r][:300]
     evals = [r for r in heldout_records(3 * args.eval_records, seed=999, exclude=seen + calib) if "text" in r]

@@ -26,7 +26,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List
 
-from runtime.ice_text import ICE_TEXT_FILE, ICE_TEXT_SPECIALS, IMAGE_TOKENS, MAX_BLANK, NEWLINE_PIECE, TAB_PIECE, blank_piece
+from runtime.ice_text import (ICE_TEXT_FILE, ICE_TEXT_SPECIALS, IMAGE_TOKENS, MAX_BLANK, NEWLINE_PIECE, TAB_PIECE,
+                              blank_piece)
 from runtime.spec import (
     CHAT_CHATGLM1,
     CHAT_CHATGLM2,
@@ -487,20 +488,26 @@ def _write_tokenizer_json(out_dir: str, chat_format: str, seed: int) -> TinyToke
     )
 
 
-def _write_ice_text(out_dir: str, chat_format: str, lines: List[str]) -> TinyTokenizer:
-    """ice_text.model like ChatGLM-6B's: ``<n>``, ``<|tab|>`` and ``<|blank_2..80|>`` as user-defined pieces (the
-    text rules of runtime.ice_text produce them), the v1 specials as control pieces (never produced from text),
-    ids offset by 20000 image tokens; tokenizer_config.json like THUDM/chatglm-6b's first release."""
-    whitespace = [NEWLINE_PIECE, TAB_PIECE] + [blank_piece(n) for n in range(2, MAX_BLANK + 1)]
-    # the training text goes through the same rules, so the pieces sit in context as they will when encoding
+@functools.lru_cache(maxsize=None)
+def _ice_text_of_seed(seed: int) -> bytes:
+    """The ice_text-like sentencepiece model of ``_training_lines(seed)``, trained once per process and seed. The
+    training text goes through the v1 text rules first, so the whitespace pieces sit in context as when encoding."""
     from runtime.ice_text import text_to_pieces
 
-    model = _train_sentencepiece(
-        [text_to_pieces(line) for line in lines],
+    whitespace = [NEWLINE_PIECE, TAB_PIECE] + [blank_piece(n) for n in range(2, MAX_BLANK + 1)]
+    return _train_sentencepiece(
+        [text_to_pieces(line) for line in _training_lines(seed)],
         vocab_size=SP_VOCAB_SIZE + len(whitespace) + len(ICE_TEXT_SPECIALS),
         user_defined_symbols=whitespace,
         control_symbols=list(ICE_TEXT_SPECIALS),
     )
+
+
+def _write_ice_text(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
+    """ice_text.model like ChatGLM-6B's: ``<n>``, ``<|tab|>`` and ``<|blank_2..80|>`` as user-defined pieces (the
+    text rules of runtime.ice_text produce them), the v1 specials as control pieces (never produced from text),
+    ids offset by 20000 image tokens; tokenizer_config.json like THUDM/chatglm-6b's first release."""
+    model = _ice_text_of_seed(seed)
     with open(os.path.join(out_dir, ICE_TEXT_FILE), "wb") as f:
         f.write(model)
     import sentencepiece as spm

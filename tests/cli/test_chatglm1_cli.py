@@ -48,12 +48,14 @@ def calib_file(tmp_path_factory):
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "int4"])
 def test_v1_bundles_through_quantize_with_the_accuracy_report(chatglm1_model, calib_file, tmp_path, precision):
-    """On random weights the perplexity itself means nothing (logits of ~100); top-1 agreement with the fp32 bundle,
-    finite logits and the recorded report are what is checked here."""
+    """On random weights the perplexity means nothing (logits reach ~100, perplexities ~1e37, their ratio swings by
+    tens of percent), so the perplexity bound is waived with --accept-accuracy-loss (and the manifest records that);
+    top-1 agreement with the fp32 bundle, finite logits and the recorded report are what is checked here. The
+    trained tiny v1's figures: bench/chatglm1_accuracy.py, docs/chatglm1.md."""
     out = str(tmp_path / precision)
     got = _last_json(_run(["quantize", "--model", chatglm1_model[1], "--out", out, "--precision", precision,
                            "--calib-data", calib_file, "--calib-samples", "32", "--eval-samples", "16",
-                           "--json", "--quiet"]))
+                           "--accept-accuracy-loss", "--json", "--quiet"]))
     acc = got["accuracy"]
     assert acc["nonfinite_logits"] == 0 and acc["tokens"] > 100
     assert acc["top1_agreement"] >= ACCURACY_BOUNDS.get(precision, {}).get("min_top1", 0.97)
