@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo demo-chatglm1 test bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): setup.py
 demo: setup
 	$(VENV)/bin/glm-export tiny --generation chatglm3 --out out/tiny-chatglm3 --overwrite
 	$(VENV)/bin/glm-export onnx --model out/tiny-chatglm3 --out out/tiny-chatglm3-onnx --overwrite
+
+# the same for the original ChatGLM-6B (v1: 2D positions, prefix-LM attention, ice_text tokenizer), then a chat prompt
+demo-chatglm1: setup
+	$(VENV)/bin/glm-export tiny --generation chatglm1 --out out/tiny-chatglm1 --overwrite
+	$(VENV)/bin/glm-export onnx --model out/tiny-chatglm1 --out out/tiny-chatglm1-onnx --overwrite
+	$(VENV)/bin/glm-export run --model out/tiny-chatglm1-onnx --chat --prompt "你好" --max-new-tokens 8
 
 test: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash .ci/check_py38.sh

@@ -22,7 +22,8 @@ import numpy as np
 
 from runtime import graph_contract as gc
 from runtime.progress import NullProgress
-from runtime.steps import empty_past, left_pad, token_feeds
+from runtime.positions import left_pad_positions
+from runtime.steps import empty_past, token_feeds
 
 # ------------------------------------------------------------------------------------------------ the math
 
@@ -110,7 +111,8 @@ class Accumulator:
 
 def prefill_logits(backend, spec, ids: Sequence[int]) -> np.ndarray:
     """Logits (T, V) float32 of one sequence, teacher-forced from an empty cache."""
-    feeds = token_feeds(*left_pad([ids], spec.pad_token_id), empty_past(spec, 1, backend.kv_dtype))  # (1, T)
+    feeds = token_feeds(*left_pad_positions(spec, [ids], spec.pad_token_id),
+                        empty_past(spec, 1, backend.kv_dtype))  # (1, T)
     return np.asarray(backend.run(feeds)[gc.LOGITS][0], dtype=np.float32)
 
 

@@ -147,7 +147,9 @@ def sample_ids(sample: Sample, tokenizer, spec: ModelSpec) -> List[int]:
     """The ids the runtime would feed for this sample: prefix + text, or the chat format of the messages
     (with the assistant's turn opened when the chat ends on a user message)."""
     if sample.text is not None:
-        return list(tokenizer.encode_prompt(sample.text))
+        # the text as model output: after the prefix ids, as ChatGLM2+ prompts run and as ChatGLM-6B generates
+        # (after [gMASK] <sop>); equal to encode_prompt for every format that puts the prefix first
+        return list(tokenizer.prefix_ids()) + list(tokenizer.encode(sample.text))
     from runtime.chat import build_chat_ids
 
     last_role = sample.messages[-1].get("role") if sample.messages else None

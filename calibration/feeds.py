@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterator, List, Mapping, Sequence
 
 import numpy as np
 
+from runtime.positions import PositionRule
 from runtime.spec import ModelSpec
 from runtime.steps import empty_past, left_pad, past_from_outputs, token_feeds
 
@@ -50,15 +51,18 @@ def run_batch(
 ) -> Iterator[tuple]:
     """Run one batch through ``run`` (a float model): a prefill, then up to ``decode_steps`` single-token steps fed
     the cache it returned. Yields (Step, outputs) for each call."""
-    ids, mask, positions = left_pad(batch, spec.pad_token_id)  # (B, T)
-    steps = decode_step_count(batch, decode_steps)
+    ids, mask, _ = left_pad(batch, spec.pad_token_id)  # (B, T)
+    rows = PositionRule.from_spec(spec).rows(batch)
+    positions = rows.prompt(ids.shape[1])  # (B, T) or ChatGLM-6B's (B, 2, T)
     t = ids.shape[1]
-    split = t - steps
-    feeds = token_feeds(ids[:, :split], mask[:, :split], positions[:, :split], empty_past(spec, len(batch), kv_dtype))
+    # ChatGLM-6B's context is bidirectional: it all goes in the prefill, only later columns become decode steps
+    split = max(t - decode_step_count(batch, decode_steps), rows.context_end(t))
+    feeds = token_feeds(ids[:, :split], mask[:, :split], positions[..., :split],
+                        empty_past(spec, len(batch), kv_dtype))
     outputs = run(feeds)
     yield Step(feeds, mask[:, :split] > 0, "prefill"), outputs
     for col in range(split, t):  # every row is real from here on (rows are right-aligned)
-        feeds = token_feeds(ids[:, col: col + 1], mask[:, : col + 1], positions[:, col: col + 1],
+        feeds = token_feeds(ids[:, col: col + 1], mask[:, : col + 1], positions[..., col: col + 1],
                             past_from_outputs(spec, outputs))
         outputs = run(feeds)
         yield Step(feeds, mask[:, col: col + 1] > 0, "decode"), outputs

@@ -1,8 +1,9 @@
 """Checkpoint config.json -> ModelSpec. The only module that knows checkpoint field names and generations.
 
-Supported: THUDM's remote-code layout (``model_type: chatglm``: ChatGLM2-6B, ChatGLM3-6B, their 32k variants,
-GLM-4-9B-chat), transformers' ``glm`` (glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused
-here, before any work, with a message naming the field.
+Supported: THUDM's remote-code layout (``model_type: chatglm``: ChatGLM-6B (v1, told apart by its own config
+fields, ``CHATGLM1_SIGNALS``), ChatGLM2-6B, ChatGLM3-6B, their 32k variants, GLM-4-9B-chat), transformers' ``glm``
+(glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused here, before any work, with a message
+naming the field.
 """
 from __future__ import annotations
 
@@ -14,18 +15,27 @@ from typing import Any, Dict, Optional, Tuple
 from exporter.config_fields import MAX_CONTEXT, bool_field, dict_field, float_field, int_field
 from runtime.errors import ConfigError, UnsupportedModelError, read_json_object
 from runtime.spec import (
+    ACT_GELU_TANH,
+    ATTENTION_PREFIX_LM,
+    CHAT_CHATGLM1,
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
     CHAT_GLM4,
+    NORM_LAYER,
+    POSITIONS_2D_BLOCK,
+    QKV_PER_HEAD,
+    RESIDUAL_NORMED_SCALED,
     ROPE_SCALING_BASE,
     ROPE_SCALING_INTERPOLATION,
     ROPE_SCALING_KINDS,
     ROPE_SCALING_NONE,
+    ROTARY_2D_HALF,
     TOKENIZER_TIKTOKEN,
     ModelSpec,
 )
 
 LAYOUT_THUDM = "thudm"
+LAYOUT_THUDM_V1 = "thudm-v1"  # ChatGLM-6B: transformer.layers.N.attention.*, transformer.word_embeddings
 LAYOUT_GLM = "glm"
 LAYOUT_GLM4 = "glm4"
 
@@ -46,6 +56,15 @@ SIZE_FIELDS: Dict[str, Dict[str, str]] = {
         "ffn_hidden_size": "ffn_hidden_size",
         "vocab_size": "padded_vocab_size",
         "max_position_embeddings": "seq_length",
+    },
+    # ChatGLM-6B (v1): no kv groups and no head size field (head_dim = hidden / heads)
+    LAYOUT_THUDM_V1: {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_layers",
+        "num_heads": "num_attention_heads",
+        "ffn_hidden_size": "inner_hidden_size",
+        "vocab_size": "vocab_size",
+        "max_position_embeddings": "max_sequence_length",
     },
     CONFIG_HF: {
         "hidden_size": "hidden_size",
@@ -80,6 +99,14 @@ THUDM_IGNORED = (
     "classifier_dropout",
     "prefix_projection",  # only meaningful with pre_seq_len, which is refused
 )
+
+# ChatGLM-6B (v1) is model_type "chatglm" too; these fields exist only in its config (ChatGLM2+ configs have none).
+CHATGLM1_SIGNALS = ("position_encoding_2d", "inner_hidden_size", "max_sequence_length", "gmask_token_id")
+# v1 special ids as config.json names them -> the token text (published: 130000, 130001, 130004, 130005)
+CHATGLM1_SPECIAL_FIELDS = {"mask_token_id": "[MASK]", "gmask_token_id": "[gMASK]", "bos_token_id": "<sop>",
+                           "eos_token_id": "<eop>"}
+CHATGLM1_SPECIAL_DEFAULTS = {"mask_token_id": 130000, "gmask_token_id": 130001, "bos_token_id": 130004,
+                             "eos_token_id": 130005}
 
 
 @dataclass(frozen=True)
@@ -174,6 +201,66 @@ def _thudm_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
     )
 
 
+def _chatglm1_fields(cfg: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """ChatGLM-6B (v1): THUDM's original block, every difference from ChatGLM2 resolved here into spec data."""
+    bits = cfg.get("quantization_bit") or 0
+    if bits:
+        raise UnsupportedModelError(
+            f"{where}: field 'quantization_bit' = {bits!r}: this is a pre-quantized ChatGLM-6B (int{bits}) checkpoint; "
+            "pre-quantized checkpoints are not supported yet (export THUDM/chatglm-6b, then 'glm-export quantize')"
+        )
+    if cfg.get("pre_seq_len"):
+        raise UnsupportedModelError(f"{where}: field 'pre_seq_len' = {cfg['pre_seq_len']!r} (P-tuning v2) is not "
+                                    "supported (glm-export needs None)")
+    if cfg.get("position_encoding_2d", True) is not True:
+        raise UnsupportedModelError(f"{where}: field 'position_encoding_2d' = {cfg['position_encoding_2d']!r} is not "
+                                    "supported (glm-export needs true, as ChatGLM-6B publishes it)")
+    f = SIZE_FIELDS[LAYOUT_THUDM_V1]
+    heads = _require(cfg, f["num_heads"], where)
+    hidden = _require(cfg, f["hidden_size"], where)
+    layers = _require(cfg, f["num_layers"], where)
+    if hidden % (2 * heads):
+        raise ConfigError(f"{where}: hidden_size {hidden} must split into {heads} heads of two rotary halves")
+    head_dim = hidden // heads
+    specials = {}
+    for key, name in CHATGLM1_SPECIAL_FIELDS.items():
+        value = cfg.get(key, CHATGLM1_SPECIAL_DEFAULTS[key])
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: field '{key}' must be an integer token id, got {value!r}")
+        specials[name] = value
+    return dict(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_heads=heads,
+        num_kv_heads=heads,  # no grouping in v1
+        head_dim=head_dim,
+        ffn_hidden_size=cfg.get(f["ffn_hidden_size"]) or 4 * hidden,  # THUDM's default: 4 x hidden
+        vocab_size=_require(cfg, f["vocab_size"], where),
+        norm_eps=float(cfg.get("layernorm_epsilon", 1e-5)),
+        rotary_dim=head_dim // 2,  # each half of a head rotates on its own (RotaryEmbedding(hidden // (heads * 2)))
+        rope_theta=10000.0,
+        rope_position_scale=1.0,
+        rope_scaling=ROPE_SCALING_NONE,
+        qkv_bias=True,
+        sandwich_norms=False,
+        # THUDM's code leaves tie_word_embeddings at transformers' default (true): lm_head is the embedding
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(cfg.get(f["max_position_embeddings"], 2048)),
+        special_tokens=specials,
+        norm_kind=NORM_LAYER,
+        activation=ACT_GELU_TANH,
+        linear_bias=True,
+        residual=RESIDUAL_NORMED_SCALED,
+        residual_alpha=(2.0 * layers) ** 0.5,
+        qkv_layout=QKV_PER_HEAD,
+        rotary_kind=ROTARY_2D_HALF,
+        rotary_freq_dtype="float16",  # THUDM: inv_freq.half(), kept fp16-rounded even when the model runs in fp32
+        position_kind=POSITIONS_2D_BLOCK,
+        attention_kind=ATTENTION_PREFIX_LM,
+        query_key_layer_scaling=True,
+    )
+
+
 def _hf_rope(cfg: Dict[str, Any], where: str) -> Tuple[float, float, float, str]:
     """(theta, partial_rotary_factor, position_scale, kind) from transformers 4.x top-level fields or 5.x
     ``rope_parameters``."""
@@ -246,8 +333,21 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
     if rope_scaling is not None and rope_scaling not in (ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE):
         raise ConfigError(f"--rope-scaling: expected 'interpolation' or 'base', got {rope_scaling!r}")
     layout = LAYOUT_OF_MODEL_TYPE[model_type]
+    if layout == LAYOUT_THUDM and any(k in cfg for k in CHATGLM1_SIGNALS):
+        layout = LAYOUT_THUDM_V1
 
-    if layout == LAYOUT_THUDM:
+    if layout == LAYOUT_THUDM_V1:
+        fields = _chatglm1_fields(cfg, where)
+        tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM1)
+        for name, wanted in fields["special_tokens"].items():
+            if tok.special_tokens.get(name, wanted) != wanted:
+                raise ConfigError(f"{where}: {name} is id {wanted} here but {tok.special_tokens[name]} in the "
+                                  "tokenizer; the tokenizer files belong to another model")
+        fields["special_tokens"] = {**tok.special_tokens, **fields["special_tokens"]}
+        generation, source, pad = "chatglm1", "no rope_ratio (ChatGLM-6B)", cfg.get("pad_token_id", 3)
+        if rope_scaling is not None:
+            raise ConfigError(f"--rope-scaling applies to ChatGLM2+ checkpoints with rope_ratio; {where} is ChatGLM-6B")
+    elif layout == LAYOUT_THUDM:
         fields = _thudm_fields(cfg, where)
         # the sentencepiece family is ChatGLM2/3 (detect_tokenizer says which: role tokens decide), tiktoken is GLM-4
         tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM3)
@@ -282,8 +382,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
         pad_token_id=int(pad if pad is not None else 0),
         tokenizer_kind=tok.kind,
         chat_format=tok.chat_format,
-        special_tokens=dict(tok.special_tokens),
-        **fields,
+        **{"special_tokens": dict(tok.special_tokens), **fields},
     )
     _check_consistency(spec, where)
     info = CheckpointInfo(

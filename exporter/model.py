@@ -166,8 +166,9 @@ def model_from_weights(spec: ModelSpec, named_tensors: Iterable[Tuple[str, torch
     Canonical names are the checkpoint's orientation ("qkv.weight": (out, in)); linear weights are transposed here,
     one tensor at a time, into ``weight_t``.
     """
+    model_class, freqs = export_model_class(spec)
     with torch.device("meta"):
-        model = GlmForExport(spec)
+        model = model_class(spec)
     linear_weights = {n[: -len(".weight_t")] for n, _ in model.named_parameters() if n.endswith(".weight_t")}
     state = {}
     for name, tensor in named_tensors:
@@ -178,8 +179,17 @@ def model_from_weights(spec: ModelSpec, named_tensors: Iterable[Tuple[str, torch
         else:
             state[name] = tensor
     model.load_state_dict(state, strict=True, assign=True)
-    model.inv_freq = inv_frequencies(spec)
+    model.inv_freq = freqs(spec)
     return model.eval().requires_grad_(False)
+
+
+def export_model_class(spec: ModelSpec):
+    """(model class, its inverse-frequency function) for the spec: ChatGLM-6B's v1 block lives in its own module."""
+    from exporter.model_v1 import GlmV1ForExport, uses_v1_block, v1_inv_frequencies
+
+    if uses_v1_block(spec):
+        return GlmV1ForExport, v1_inv_frequencies
+    return GlmForExport, inv_frequencies
 
 
 def canonical_state(model: GlmForExport) -> Dict[str, torch.Tensor]:

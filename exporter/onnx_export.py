@@ -93,6 +93,8 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None
     ids = torch.zeros((b, s), dtype=torch.int64)
     mask = torch.ones((b, p + s), dtype=torch.int64)
     pos = torch.arange(p, p + s, dtype=torch.int64).expand(b, s).contiguous()
+    if len(gc.position_ids_shape(spec)) == 3:  # ChatGLM-6B: (position, block position) rows
+        pos = torch.stack((pos, pos - p + 1), dim=1).contiguous()  # (B, 2, S)
     past = [torch.zeros((b, spec.num_kv_heads, p, spec.head_dim), dtype=dtype) for _ in range(2 * spec.num_layers)]
     inputs = [t.name for t in gc.graph_inputs(spec)]
     outputs = [t.name for t in gc.graph_outputs(spec)]

@@ -13,12 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 from runtime.errors import TokenizerError, read_json_object
+from runtime.ice_text import ICE_TEXT_FILE, ICE_TEXT_SPECIALS, image_offset
 from runtime.spec import (
+    CHAT_CHATGLM1,
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
     CHAT_GLM4,
     CHAT_NONE,
     CHAT_TEMPLATE,
+    TOKENIZER_ICE_TEXT,
     TOKENIZER_JSON,
     TOKENIZER_NONE,
     TOKENIZER_SENTENCEPIECE,
@@ -41,6 +44,7 @@ REMOTE_TOKENIZER_CODE = "tokenization_chatglm.py"  # THUDM's remote code: read a
 
 # Copied into a bundle when present, in this order.
 BUNDLE_TOKENIZER_FILES = (
+    ICE_TEXT_FILE,
     TOKENIZER_MODEL_FILE,
     TOKENIZER_JSON_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -125,15 +129,41 @@ def _sentencepiece_chat_format(ckpt_dir: str, config: Mapping[str, Any], templat
     return hint if hint in (CHAT_CHATGLM2, CHAT_CHATGLM3) else CHAT_CHATGLM2
 
 
+def _ice_text_facts(ckpt_dir: str, files: List[str]) -> TokenizerFacts:
+    """ChatGLM-6B's ice_text.model: special ids are its pieces' ids + 20000 (read when sentencepiece is installed;
+    the config's own ids are used otherwise)."""
+    specials: Dict[str, int] = {}
+    try:
+        import sentencepiece as spm
+    except ImportError:
+        spm = None
+    if spm is not None:
+        path = os.path.join(ckpt_dir, ICE_TEXT_FILE)
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.Load(path)
+        except (RuntimeError, OSError, ValueError):
+            raise TokenizerError(f"{path}: not a sentencepiece model") from None
+        offset = image_offset(read_tokenizer_config(ckpt_dir), path)
+        for name in ICE_TEXT_SPECIALS:
+            if sp.id_to_piece(sp.piece_to_id(name)) == name:
+                specials[name] = sp.piece_to_id(name) + offset
+    keep = [f for f in files if f != TOKENIZER_MODEL_FILE]
+    return TokenizerFacts(TOKENIZER_ICE_TEXT, CHAT_CHATGLM1, specials, keep)
+
+
 def detect_tokenizer(ckpt_dir: str, chat_format_hint: str) -> TokenizerFacts:
     """The tokenizer a checkpoint directory ships: kind, chat format, special ids and the files to copy.
 
+    ice_text.model -> "ice_text" (ChatGLM-6B, chat format chatglm1);
     tokenizer.json -> "tokenizer.json" (chat format "template" when tokenizer_config.json has a chat_template, else
     the hint); else a sentencepiece tokenizer.model -> "sentencepiece" (chatglm2 or chatglm3); else a tokenizer.model
     of base64-rank lines -> "tiktoken" (chat format glm4); no tokenizer file -> kind and chat format "none".
     ``chat_format_hint`` ("chatglm2", "chatglm3" or "glm4") is what the config reader inferred from config.json.
     """
     files = _present(ckpt_dir)
+    if ICE_TEXT_FILE in files:
+        return _ice_text_facts(ckpt_dir, files)
     config = read_tokenizer_config(ckpt_dir)
     template = read_chat_template(ckpt_dir, config)
     json_path = os.path.join(ckpt_dir, TOKENIZER_JSON_FILE)

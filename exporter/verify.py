@@ -6,11 +6,12 @@ onnxruntime loads the graph: a large export never holds the weights three times.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from runtime import graph_contract as gc
+from runtime.positions import BatchPositions, PositionRule
 from runtime.spec import ModelSpec
 from runtime.steps import decode_feeds, empty_past, past_from_outputs, positions_from_mask, token_feeds
 
@@ -22,25 +23,36 @@ class VerifyPlan:
     input_ids: np.ndarray  # (B, S) int64
     attention_mask: np.ndarray  # (B, S) int64
     decode_tokens: np.ndarray  # (steps, B) int64
+    positions: Optional[BatchPositions] = None  # the spec's numbering (None: sequential)
 
 
 def make_plan(spec: ModelSpec, batch: int = 2, prompt_len: int = 7, pad: int = 3, steps: int = 3, seed: int = 0):
+    """Random prompts; with 2D positions (ChatGLM-6B) each ends with [gMASK] <sop>, as real prompts do."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, spec.vocab_size, size=(batch, prompt_len), dtype=np.int64)
     mask = np.ones((batch, prompt_len), dtype=np.int64)
+    rule = PositionRule.from_spec(spec)
+    if rule.two_d:
+        ids[:, -2:] = (rule.mask_ids[-1], rule.sop_id)
     for row in range(1, batch):  # rows after the first are left-padded
         mask[row, : min(pad, prompt_len - 1)] = 0
         ids[row, : min(pad, prompt_len - 1)] = spec.pad_token_id
     decode = rng.integers(0, spec.vocab_size, size=(steps, batch), dtype=np.int64)
-    return VerifyPlan(ids, mask, decode)
+    rows = rule.rows([list(r[m > 0]) for r, m in zip(ids, mask)])
+    return VerifyPlan(ids, mask, decode, rows)
 
 
 def step_feeds(plan: VerifyPlan) -> List[Dict[str, np.ndarray]]:
     """The non-cache inputs of each step: the prefill, then one token per row."""
     mask = plan.attention_mask
-    feeds = [token_feeds(plan.input_ids, mask, positions_from_mask(mask))]
-    for tok in plan.decode_tokens:
-        feeds.append(decode_feeds(tok, feeds[-1][gc.ATTENTION_MASK]))
+    rows = plan.positions
+    prompt_pos = rows.prompt(mask.shape[1]) if rows is not None else positions_from_mask(mask)
+    feeds = [token_feeds(plan.input_ids, mask, prompt_pos)]
+    for k, tok in enumerate(plan.decode_tokens):
+        step = decode_feeds(tok, feeds[-1][gc.ATTENTION_MASK])
+        if rows is not None:
+            step[gc.POSITION_IDS] = rows.step(rows.prompt_length + k)[..., None]
+        feeds.append(step)
     return feeds
 
 

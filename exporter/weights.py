@@ -15,7 +15,9 @@ from runtime.errors import ConfigError, WeightsError, first_line, read_json_obje
 from runtime.progress import NullProgress
 from runtime.spec import ModelSpec
 
-from exporter.config import LAYOUT_GLM, LAYOUT_GLM4, LAYOUT_THUDM
+from runtime.spec import ACT_SWIGLU, NORM_LAYER
+
+from exporter.config import LAYOUT_GLM, LAYOUT_GLM4, LAYOUT_THUDM, LAYOUT_THUDM_V1
 
 # canonical name -> checkpoint key templates (concatenated along dim 0 when several)
 _THUDM_LAYER = {
@@ -34,6 +36,30 @@ _THUDM_GLOBAL = {
 }
 # checkpoint keys that carry no information we need (recomputed buffers)
 _THUDM_SKIPPED = ("transformer.rotary_pos_emb.inv_freq",)
+
+# ChatGLM-6B (v1): every linear has a bias, the norms are LayerNorms (weight + bias), dense_h_to_4h is one GELU
+# projection ("up"), query_key_value stays in its per-head [q_h | k_h | v_h] row order (exporter/model_v1.py splits
+# it per head), and lm_head is the embedding (tied) unless the config unties it.
+_V1_LAYER = {
+    f"{ours}.{part}": [f"transformer.layers.{{i}}.{theirs}.{part}"]
+    for ours, theirs in (
+        ("input_norm", "input_layernorm"),
+        ("qkv", "attention.query_key_value"),
+        ("attn_out", "attention.dense"),
+        ("post_attn_norm", "post_attention_layernorm"),
+        ("up", "mlp.dense_h_to_4h"),
+        ("down", "mlp.dense_4h_to_h"),
+    )
+    for part in ("weight", "bias")
+}
+_V1_GLOBAL = {
+    "embed.weight": ["transformer.word_embeddings.weight"],
+    "final_norm.weight": ["transformer.final_layernorm.weight"],
+    "final_norm.bias": ["transformer.final_layernorm.bias"],
+    "lm_head.weight": ["lm_head.weight"],
+}
+# THUDM's v1 saves each layer's rotary inv_freq buffer (recomputed here); a tied checkpoint may still carry lm_head
+_V1_SKIPPED_LAYER = ("transformer.layers.{i}.attention.rotary_emb.inv_freq",)
 
 _HF_LAYER = {
     "input_norm.weight": ["model.layers.{i}.input_layernorm.weight"],
@@ -68,20 +94,27 @@ def canonical_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
     """Every parameter of GlmForExport with its shape."""
     h, d = spec.hidden_size, spec.head_dim
     qkv = (spec.num_heads + 2 * spec.num_kv_heads) * d
+    up = ("gate_up", 2 * spec.ffn_hidden_size) if spec.activation == ACT_SWIGLU else ("up", spec.ffn_hidden_size)
     layer = {
         "input_norm.weight": (h,),
         "qkv.weight": (qkv, h),
         "attn_out.weight": (h, spec.num_heads * d),
         "post_attn_norm.weight": (h,),
-        "gate_up.weight": (2 * spec.ffn_hidden_size, h),
+        f"{up[0]}.weight": (up[1], h),
         "down.weight": (h, spec.ffn_hidden_size),
     }
     if spec.qkv_bias:
         layer["qkv.bias"] = (qkv,)
+    if spec.linear_bias:
+        layer.update({"attn_out.bias": (h,), f"{up[0]}.bias": (up[1],), "down.bias": (h,)})
+    if spec.norm_kind == NORM_LAYER:
+        layer.update({"input_norm.bias": (h,), "post_attn_norm.bias": (h,)})
     if spec.sandwich_norms:
         layer["post_self_attn_norm.weight"] = (h,)
         layer["post_mlp_norm.weight"] = (h,)
     shapes = {"embed.weight": (spec.vocab_size, h), "final_norm.weight": (h,)}
+    if spec.norm_kind == NORM_LAYER:
+        shapes["final_norm.bias"] = (h,)
     if not spec.tie_word_embeddings:
         shapes["lm_head.weight"] = (spec.vocab_size, h)
     for i in range(spec.num_layers):
@@ -94,6 +127,8 @@ def name_table(spec: ModelSpec, layout: str) -> Dict[str, List[str]]:
     """canonical name -> checkpoint keys, for this spec and layout."""
     if layout == LAYOUT_THUDM:
         per_layer, glob = dict(_THUDM_LAYER), _THUDM_GLOBAL
+    elif layout == LAYOUT_THUDM_V1:
+        per_layer, glob = dict(_V1_LAYER), _V1_GLOBAL
     elif layout in (LAYOUT_GLM, LAYOUT_GLM4):
         per_layer, glob = dict(_HF_LAYER), _HF_GLOBAL
         if layout == LAYOUT_GLM4:
@@ -120,7 +155,12 @@ def part_shapes(spec: ModelSpec, shape: Tuple[int, ...], n_parts: int) -> List[T
     return [(rows,) + tuple(shape[1:]) for rows in (q, kv, kv)]
 
 
-def skipped_keys(layout: str) -> Tuple[str, ...]:
+def skipped_keys(layout: str, spec: "ModelSpec | None" = None) -> Tuple[str, ...]:
+    """Checkpoint keys that may be present and are not read (recomputed buffers; a tied model's lm_head)."""
+    if layout == LAYOUT_THUDM_V1:
+        layers = spec.num_layers if spec is not None else 0
+        tied = ("lm_head.weight",) if spec is not None and spec.tie_word_embeddings else ()
+        return tuple(t.format(i=i) for t in _V1_SKIPPED_LAYER for i in range(layers)) + tied
     return _THUDM_SKIPPED if layout == LAYOUT_THUDM else _HF_SKIPPED
 
 
@@ -266,7 +306,7 @@ def load_canonical_weights(
             if key not in available:
                 raise WeightsError(f"{ckpt_dir}: weight '{key}' is missing (needed for {name})")
     expected_keys = {k for keys in table.values() for k in keys}
-    extra = sorted(available - expected_keys - set(skipped_keys(layout)))
+    extra = sorted(available - expected_keys - set(skipped_keys(layout, spec)))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise WeightsError(f"{ckpt_dir}: unexpected weight '{extra[0]}'{more} does not belong to this model")

@@ -31,6 +31,7 @@ from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
 from runtime.graph_check import check_session_matches_spec
 from runtime.graph_contract import SEQ, TOTAL
 from runtime.manifest import Manifest, read_manifest
+from runtime.positions import PositionRule
 from runtime.sampling import GenerationConfig
 from runtime.user_input import check_text, check_threads
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
@@ -263,6 +264,7 @@ class GlmModel:
             pad_token_id=self.spec.pad_token_id,
             decoder_factory=self._decoder_factory(),
             prefill_chunk=self.prefill_chunk,
+            position_rule=PositionRule.from_spec(self.spec),
         )
 
     def generate(

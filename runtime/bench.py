@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from runtime.errors import GenerationError
+from runtime.positions import PositionRule
 from runtime.sampling import GenerationConfig
 
 
@@ -42,7 +43,11 @@ def bench_model(model, prompt_len: int, batch: int, new_tokens: int, runs: int, 
     rng = np.random.default_rng(seed)
     forbidden = set(spec.eos_token_ids) | set(spec.special_tokens.values())
     pool = np.array([i for i in range(spec.vocab_size) if i not in forbidden], dtype=np.int64)
-    prompts = [rng.choice(pool, size=prompt_len).tolist() for _ in range(batch)]
+    suffix = PositionRule.from_spec(spec).prompt_suffix()  # ChatGLM-6B prompts end with [gMASK] <sop>
+    if prompt_len <= len(suffix):
+        raise GenerationError(f"--prompt-len {prompt_len}: a {spec.generation} prompt needs more than "
+                              f"{len(suffix)} tokens")
+    prompts = [rng.choice(pool, size=prompt_len - len(suffix)).tolist() + suffix for _ in range(batch)]
     config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())  # greedy, never stops early
     prefill, speed, steps = [], [], []
     for i in range(warmup + runs):

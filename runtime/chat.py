@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Sequence, Set
 
 from runtime.chat_template import encode_rendered, render, wrap_messages
 from runtime.errors import GenerationError, TokenizerError
-from runtime.spec import CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, ModelSpec
+from runtime.spec import CHAT_CHATGLM1, CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, ModelSpec
 from runtime.tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer
 from runtime.user_input import check_text
 
@@ -34,6 +34,34 @@ def _role_of(message: Any, index: int) -> str:
         raise GenerationError(f"chat message {index} has role {message.get('role')!r}; expected one of {CHAT_ROLES}")
     check_text(message.get("content", ""), f"chat message {index} content", max_chars=None)
     return role
+
+
+def _chatglm1_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
+    """ChatGLM-6B (v1), as its published ``chat`` builds the prompt: a question without history is sent as it is;
+    with history, "[Round i]\n问：{q}\n答：{a}\n" for each earlier round (counted from 0), then
+    "[Round n]\n问：{q}\n答："; the ids end with [gMASK] <sop> (``encode_prompt``).
+
+    Messages alternate user/assistant starting with user; there is no system role.
+    """
+    rounds = []  # (question, answer or None)
+    for i, m in enumerate(messages):
+        role, content = _role_of(m, i), m.get("content", "")
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise GenerationError(f"chatglm1 chat: message {i} is {role!r}; messages alternate user, assistant "
+                                  "(no system or observation role in this format)")
+        if role == "user":
+            rounds.append((content, None))
+        else:
+            rounds[-1] = (rounds[-1][0], content)
+    open_question = rounds[-1][1] is None
+    if open_question and len(rounds) == 1:
+        text = rounds[0][0]
+    else:
+        text = "".join("[Round %d]\n问：%s\n答：%s\n" % (i, q, a) for i, (q, a) in enumerate(rounds) if a is not None)
+        if open_question:
+            text += "[Round %d]\n问：%s\n答：" % (len(rounds) - 1, rounds[-1][0])
+    return tok.encode_prompt(text)
 
 
 def _chatglm2_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
@@ -102,6 +130,7 @@ def _template_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_gen
 
 
 _CHAT_BUILDERS = {
+    CHAT_CHATGLM1: _chatglm1_ids,
     CHAT_CHATGLM2: _chatglm2_ids,
     CHAT_CHATGLM3: _chatglm3_ids,
     CHAT_GLM4: _glm4_ids,

@@ -32,6 +32,7 @@ import numpy as np
 
 from runtime.backends.base import DecoderBackend, KVCache
 from runtime.errors import GenerationError
+from runtime.positions import PositionRule, chunk_bounds
 from runtime.sampling import GenerationConfig, next_tokens
 from runtime.steps import left_pad
 
@@ -130,17 +131,18 @@ def prefill(
     attention_mask: np.ndarray,
     position_ids: np.ndarray,
     chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK,
+    first_chunk_end: int = 0,
 ) -> Tuple[np.ndarray, KVCache]:
     """Run the (left-padded) prompts [batch, n] through the model from an empty cache, ``chunk_size`` columns per
-    forward (None or 0: all at once). Returns the last position's logits [batch, vocab] and the cache."""
+    forward (None or 0: all at once), the first forward reaching at least column ``first_chunk_end`` (ChatGLM-6B's
+    bidirectional context, ``BatchPositions.context_end``). position_ids: [batch, n] or [batch, 2, n].
+    Returns the last position's logits [batch, vocab] and the cache."""
     batch, n = input_ids.shape
     cache = backend.empty_cache(batch)
-    step = n if not chunk_size or chunk_size >= n else int(chunk_size)
     logits = None
-    for start in range(0, n, step):
-        end = min(start + step, n)
+    for start, end in chunk_bounds(n, chunk_size, first_chunk_end):
         logits, cache = backend.forward(
-            input_ids[:, start:end], attention_mask[:, :end], position_ids[:, start:end], cache
+            input_ids[:, start:end], attention_mask[:, :end], position_ids[..., start:end], cache
         )
     return logits, cache
 
@@ -148,8 +150,9 @@ def prefill(
 def decode_step(
     backend: DecoderBackend, tokens: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray, cache: KVCache
 ) -> Tuple[np.ndarray, KVCache]:
-    """Feed one token per row: tokens, positions [batch]; attention_mask [batch, cache.length + 1]."""
-    return backend.forward(tokens[:, None], attention_mask, positions[:, None], cache)
+    """Feed one token per row: tokens [batch], positions [batch] (2D: [batch, 2]); attention_mask
+    [batch, cache.length + 1]."""
+    return backend.forward(tokens[:, None], attention_mask, positions[..., None], cache)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -221,12 +224,15 @@ class Generation:
         pad_token_id: int = 0,
         decoder_factory: Optional[Callable[[], TextDecoder]] = None,
         prefill_chunk: Optional[int] = DEFAULT_PREFILL_CHUNK,
+        position_rule: Optional[PositionRule] = None,
     ):
         _check_config(config)
         if config.max_length is not None:
             context_length = min(context_length, config.max_length)
         checked = checked_prompts(prompts, vocab_size, context_length)
         _check_decoding(config, decoder_factory, prefill_chunk)
+        self.position_rule = position_rule or PositionRule()
+        self._positions = self.position_rule.rows(checked)  # refuses a ChatGLM-6B prompt without [gMASK] <sop>
 
         self.backend = backend
         self.config = config
@@ -262,8 +268,10 @@ class Generation:
 
     def _run(self) -> Iterator[TokenEvent]:
         cfg, seqs = self.config, self.sequences
-        ids, mask, positions = left_pad([s.prompt_ids for s in seqs], self.pad_token_id)  # each [batch, n_max]
+        ids, mask, _ = left_pad([s.prompt_ids for s in seqs], self.pad_token_id)  # each [batch, n_max]
         n_max = ids.shape[1]
+        rows = self._positions
+        positions = rows.prompt(n_max)
         # the mask for the longest possible run, one column per step; every new column is a real token
         steps_max = min(cfg.max_new_tokens, self.context_length)
         full_mask = np.ones((len(seqs), n_max + steps_max), dtype=np.int64)  # [batch, n_max + steps_max]
@@ -275,7 +283,8 @@ class Generation:
         seen = [set(s.prompt_ids) for s in seqs] if cfg.repetition_penalty != 1.0 else None
 
         t0 = time.perf_counter()
-        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk)  # [live_rows, vocab] f32
+        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk,
+                                rows.context_end(n_max))  # [live_rows, vocab] f32
         tokens = self._choose(logits, live, rng, seen)  # [live_rows] int64: the token each row feeds next
         self.prefill_ms = (time.perf_counter() - t0) * 1000.0
 
@@ -294,11 +303,12 @@ class Generation:
                 keep = np.flatnonzero(~done)
                 cache = self.backend.select_rows(cache, keep)
                 live, tokens, next_pos, full_mask = live[keep], tokens[keep], next_pos[keep], full_mask[keep]
+                rows = rows.select(keep)
             step += 1
             t0 = time.perf_counter()
             # the step's mask [live_rows, n_max + step] covers the cache (n_max + step - 1 columns) and this token
             logits, cache = decode_step(
-                self.backend, tokens, np.ascontiguousarray(full_mask[:, : n_max + step]), next_pos, cache
+                self.backend, tokens, np.ascontiguousarray(full_mask[:, : n_max + step]), rows.step(next_pos), cache
             )  # logits [live_rows, vocab]
             tokens = self._choose(logits, live, rng, seen)
             self.step_ms.append((time.perf_counter() - t0) * 1000.0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Tuple, Union
 
-from runtime.spec import ModelSpec
+from runtime.spec import POSITIONS_2D_BLOCK, ModelSpec
 
 Dim = Union[int, str]
 
@@ -61,12 +61,17 @@ class TensorSpec:
         return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
 
 
+def position_ids_shape(spec: ModelSpec) -> Tuple[Dim, ...]:
+    """[batch, seq]; ChatGLM-6B's 2D positions: [batch, 2, seq] (row 0 the position, row 1 the block position)."""
+    return (BATCH, 2, SEQ) if spec.position_kind == POSITIONS_2D_BLOCK else (BATCH, SEQ)
+
+
 def graph_inputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec]:
     kv_shape = (BATCH, spec.num_kv_heads, PAST, spec.head_dim)
     tensors = [
         TensorSpec(INPUT_IDS, "int64", (BATCH, SEQ)),
         TensorSpec(ATTENTION_MASK, "int64", (BATCH, TOTAL)),
-        TensorSpec(POSITION_IDS, "int64", (BATCH, SEQ)),
+        TensorSpec(POSITION_IDS, "int64", position_ids_shape(spec)),
     ]
     for i in range(spec.num_layers):
         tensors.append(TensorSpec(past_key_name(i), kv_dtype, kv_shape))

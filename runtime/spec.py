@@ -18,24 +18,51 @@ ROPE_SCALING_BASE = "base"
 ROPE_SCALING_KINDS = (ROPE_SCALING_NONE, ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE)
 
 TOKENIZER_SENTENCEPIECE = "sentencepiece"  # tokenizer.model (sentencepiece) + ChatGLM specials after its vocab
+TOKENIZER_ICE_TEXT = "ice_text"  # ChatGLM-6B's ice_text.model: sentencepiece ids offset by 20000 image tokens, text rules
 TOKENIZER_TIKTOKEN = "tiktoken"  # tokenizer.model in tiktoken's base64-rank format + GLM-4 specials after it
 TOKENIZER_JSON = "tokenizer.json"  # the `tokenizers` library's file (-hf repos, GLM-4-0414)
 TOKENIZER_NONE = "none"
-TOKENIZER_KINDS = (TOKENIZER_SENTENCEPIECE, TOKENIZER_TIKTOKEN, TOKENIZER_JSON, TOKENIZER_NONE)
+TOKENIZER_KINDS = (TOKENIZER_SENTENCEPIECE, TOKENIZER_ICE_TEXT, TOKENIZER_TIKTOKEN, TOKENIZER_JSON, TOKENIZER_NONE)
 
+CHAT_CHATGLM1 = "chatglm1"  # ChatGLM-6B: "[Round n]\n问：...\n答：" from round 0, [gMASK] <sop> at the end
 CHAT_CHATGLM2 = "chatglm2"  # "[Round n]\n\n问：...\n\n答：" plain text
 CHAT_CHATGLM3 = "chatglm3"  # role tokens inserted by id
 CHAT_GLM4 = "glm4"  # [gMASK]<sop><|role|>\n...
 CHAT_TEMPLATE = "template"  # the checkpoint's own jinja chat_template
 CHAT_NONE = "none"
-CHAT_FORMATS = (CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, CHAT_NONE)
+CHAT_FORMATS = (CHAT_CHATGLM1, CHAT_CHATGLM2, CHAT_CHATGLM3, CHAT_GLM4, CHAT_TEMPLATE, CHAT_NONE)
+
+# The block's variants. Defaults are the ChatGLM2/3 / GLM-4 block; ChatGLM-6B (v1, generation "chatglm1") differs in
+# every one of them (THUDM's modeling_chatglm.py for chatglm-6b; see exporter/model_v1.py).
+NORM_RMS = "rmsnorm"
+NORM_LAYER = "layernorm"  # LayerNorm with weight and bias
+NORM_KINDS = (NORM_RMS, NORM_LAYER)
+ACT_SWIGLU = "swiglu"  # dense_h_to_4h gives [gate | up]; silu(gate) * up
+ACT_GELU_TANH = "gelu_tanh"  # dense_h_to_4h gives ffn values; GELU in its tanh form
+ACTIVATIONS = (ACT_SWIGLU, ACT_GELU_TANH)
+RESIDUAL_INPUT = "input"  # x + f(norm(x))
+RESIDUAL_NORMED_SCALED = "normed_scaled"  # norm(x) * residual_alpha + f(norm(x)) (v1: alpha = sqrt(2 layers))
+RESIDUAL_KINDS = (RESIDUAL_INPUT, RESIDUAL_NORMED_SCALED)
+QKV_GROUPED = "grouped"  # query_key_value rows: [all Q heads | K groups | V groups]
+QKV_PER_HEAD = "per_head"  # rows per head h: [q_h | k_h | v_h]
+QKV_LAYOUTS = (QKV_GROUPED, QKV_PER_HEAD)
+ROTARY_INTERLEAVED = "interleaved"  # first rotary_dim dims of a head rotate, pairs (0,1), (2,3), ...
+ROTARY_2D_HALF = "2d_rotate_half"  # each head half (rotary_dim dims) rotates, rotate-half pairs (i, i + R/2):
+#                                    the first half by the position id, the second by the block position id
+ROTARY_KINDS = (ROTARY_INTERLEAVED, ROTARY_2D_HALF)
+POSITIONS_SEQUENTIAL = "sequential"  # position_ids [batch, seq]: 0, 1, 2, ... from each row's first real token
+POSITIONS_2D_BLOCK = "2d_block"  # position_ids [batch, 2, seq]: (position, block position); runtime/positions.py
+POSITION_KINDS = (POSITIONS_SEQUENTIAL, POSITIONS_2D_BLOCK)
+ATTENTION_CAUSAL = "causal"
+ATTENTION_PREFIX_LM = "prefix_lm"  # context tokens (block position 0) attend to each other both ways
+ATTENTION_KINDS = (ATTENTION_CAUSAL, ATTENTION_PREFIX_LM)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A ChatGLM2/3, GLM-4-9B or GLM-4-0414 decoder, fully resolved."""
+    """A ChatGLM-6B, ChatGLM2/3, GLM-4-9B or GLM-4-0414 decoder, fully resolved."""
 
-    generation: str  # display name of the family: "chatglm2", "chatglm3", "glm4", "glm4-0414"
+    generation: str  # display name of the family: "chatglm1", "chatglm2", "chatglm3", "glm4", "glm4-0414"
     num_layers: int
     hidden_size: int
     num_heads: int
@@ -44,7 +71,8 @@ class ModelSpec:
     ffn_hidden_size: int
     vocab_size: int  # rows of the embedding and the LM head (THUDM's padded_vocab_size)
     norm_eps: float
-    rotary_dim: int  # leading dims of each head that rotate (pairs interleaved); the rest pass through
+    rotary_dim: int  # leading dims of each head that rotate (pairs interleaved); the rest pass through. v1
+    #                  (ROTARY_2D_HALF): the dims of each head half, head_dim / 2, each half rotating on its own
     rope_theta: float  # the rotary base actually used (already multiplied for base scaling)
     rope_position_scale: float  # positions are divided by this (interpolation); 1.0 otherwise
     rope_scaling: str  # one of ROPE_SCALING_KINDS, recorded for the user
@@ -57,22 +85,38 @@ class ModelSpec:
     tokenizer_kind: str = TOKENIZER_NONE
     chat_format: str = CHAT_NONE
     special_tokens: Dict[str, int] = field(default_factory=dict)  # "[gMASK]" -> id, "<|user|>" -> id, ...
+    # the block's variants (see the constants above); the defaults are the ChatGLM2+ block
+    norm_kind: str = NORM_RMS
+    activation: str = ACT_SWIGLU
+    linear_bias: bool = False  # biases on the attention output and both MLP linears
+    residual: str = RESIDUAL_INPUT
+    residual_alpha: float = 1.0
+    qkv_layout: str = QKV_GROUPED
+    rotary_kind: str = ROTARY_INTERLEAVED
+    rotary_freq_dtype: str = "float32"  # inverse frequencies rounded through this dtype (v1: "float16", as THUDM)
+    position_kind: str = POSITIONS_SEQUENTIAL
+    attention_kind: str = ATTENTION_CAUSAL
+    query_key_layer_scaling: bool = False  # v1: q / (sqrt(d) * (layer + 1)), scores * (layer + 1) in fp32
 
     @property
     def num_params(self) -> int:
         """Parameter count of the checkpoint this spec describes."""
         h, d = self.hidden_size, self.head_dim
         qkv_out = (self.num_heads + 2 * self.num_kv_heads) * d
+        up_out = 2 * self.ffn_hidden_size if self.activation == ACT_SWIGLU else self.ffn_hidden_size
+        norm = 2 * h if self.norm_kind == NORM_LAYER else h
+        linear_bias = h + up_out + h if self.linear_bias else 0
         per_layer = (
             h * qkv_out
             + (qkv_out if self.qkv_bias else 0)
             + self.num_heads * d * h
-            + h * 2 * self.ffn_hidden_size
+            + h * up_out
             + self.ffn_hidden_size * h
-            + h * (4 if self.sandwich_norms else 2)
+            + linear_bias
+            + norm * (4 if self.sandwich_norms else 2)
         )
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * per_layer + h + head
+        return self.vocab_size * h + self.num_layers * per_layer + norm + head
 
     def kv_bytes_per_token(self, bytes_per_element: int = 4) -> int:
         """Bytes of KV cache one token occupies across all layers."""

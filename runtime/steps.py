@@ -8,6 +8,7 @@ from ``runtime.graph_contract`` (which stays numpy-free); the layout is::
     input_ids       [batch, seq]         pads first, then the sequence (left padding)
     attention_mask  [batch, past + seq]  0 on pads, 1 on every real token
     position_ids    [batch, seq]         cumsum(mask) - 1, clipped at 0: each row counts from its first real token
+                                         (ChatGLM-6B's [batch, 2, seq]: runtime.positions, which all callers use)
     past_key_values.{i}.key|value        [batch, kv_heads, past, head_dim]; empty (past 0) for a prefill
 """
 from __future__ import annotations

@@ -5,8 +5,9 @@ Where this stands in the flow: the exporter copies a checkpoint's tokenizer file
 turns chat messages into prompt ids with ``runtime.chat.build_chat_ids``, stops generation on
 ``runtime.chat.chat_stop_ids`` and turns the generated ids back into text with ``StreamDecoder``.
 
-Three tokenizer files exist in the family, one class each:
+Four tokenizer files exist in the family, one class each:
 
+* ``ice_text.model`` (sentencepiece, ids offset by 20000, text rules) - ChatGLM-6B (v1), in ``runtime.ice_text``.
 * ``tokenizer.model`` (sentencepiece) - ChatGLM2/3; ChatGLM's special tokens are appended after the pieces.
 * ``tokenizer.model`` (tiktoken's base64-rank lines) - GLM-4-9B; GLM-4's special tokens follow the ranks.
 * ``tokenizer.json`` (the ``tokenizers`` library) - ``-hf`` repos and GLM-4-0414; specials are its added tokens.
@@ -25,6 +26,7 @@ from runtime.errors import TokenizerError, first_line, read_json_object
 from runtime.user_input import check_text
 from runtime.spec import (
     CHAT_CHATGLM3,
+    TOKENIZER_ICE_TEXT,
     TOKENIZER_JSON,
     TOKENIZER_NONE,
     TOKENIZER_SENTENCEPIECE,
@@ -343,8 +345,15 @@ def _load_tokenizer_json(bundle_dir: str, spec: ModelSpec, config: Mapping[str, 
     return JsonTokenizer(tok, eos if isinstance(eos, str) else None, extra_eos=spec.eos_token_ids)
 
 
+def _load_ice_text(bundle_dir: str, spec: ModelSpec, config: Mapping[str, Any]) -> Tokenizer:
+    from runtime.ice_text import load_ice_text  # its own module: ChatGLM-6B's text rules
+
+    return load_ice_text(bundle_dir, spec, config)
+
+
 _LOADERS = {
     TOKENIZER_SENTENCEPIECE: _load_sentencepiece,
+    TOKENIZER_ICE_TEXT: _load_ice_text,
     TOKENIZER_TIKTOKEN: _load_tiktoken,
     TOKENIZER_JSON: _load_tokenizer_json,
 }  # type: Dict[str, Callable[[str, ModelSpec, Mapping[str, Any]], Tokenizer]]
@@ -352,7 +361,8 @@ _LOADERS = {
 
 def _check_against_spec(tok: Tokenizer, spec: ModelSpec, bundle_dir: str) -> None:
     """The tokenizer must fit the model's embedding and agree with the special ids the manifest recorded."""
-    files = os.path.join(bundle_dir, TOKENIZER_JSON_FILE if tok.kind == TOKENIZER_JSON else TOKENIZER_MODEL_FILE)
+    files = os.path.join(bundle_dir, {TOKENIZER_JSON: TOKENIZER_JSON_FILE, TOKENIZER_ICE_TEXT: "ice_text.model"}
+                         .get(tok.kind, TOKENIZER_MODEL_FILE))
     if tok.vocab_size > spec.vocab_size:
         raise TokenizerError(
             f"{files}: tokenizer has {tok.vocab_size} ids but the model's vocab_size is {spec.vocab_size}; "

@@ -67,3 +67,23 @@ def _frozen(mapping):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     return _Cache(str(tmp_path_factory.mktemp("tiny-models")))
+
+
+# ChatGLM-6B (v1): 3 layers (layer-scaling coefficients 1..3, alpha sqrt(6)), 4 heads of 32, ice_text tokenizer
+V1_SHAPE = dict(num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def chatglm1_model(tiny_models):
+    """(checkpoint dir, fp32 bundle dir) of the tiny ChatGLM-6B as published (lm_head tied to the embedding)."""
+    ckpt = tiny_models.checkpoint("chatglm1", "chatglm1", "thudm", **V1_SHAPE)
+    return ckpt, tiny_models.bundle("chatglm1", ckpt)
+
+
+@pytest.fixture(scope="session")
+def chatglm1_untied(tiny_models):
+    """The same with its own random lm_head (tie_word_embeddings: false, which THUDM's code honours): with random
+    weights a tied head mostly predicts the input token again, so greedy runs need this one to mean something."""
+    ckpt = tiny_models.checkpoint("chatglm1-untied", "chatglm1", "thudm",
+                                  config_overrides={"tie_word_embeddings": False}, **V1_SHAPE)
+    return ckpt, tiny_models.bundle("chatglm1-untied", ckpt)

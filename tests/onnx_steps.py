@@ -7,6 +7,7 @@ import torch
 
 from runtime import graph_contract as gc
 from runtime.manifest import read_manifest
+from runtime.positions import PositionRule
 from runtime.steps import decode_feeds, empty_past, left_pad, past_from_outputs, positions_from_mask, token_feeds
 
 
@@ -22,13 +23,19 @@ class OnnxStepper:
         self.names = [o.name for o in self.session.get_outputs()]
 
     def start(self, ids: np.ndarray, mask: np.ndarray):
-        """ids, mask: (B, S) left-padded. Returns prefill logits (B, S, V)."""
+        """ids, mask: (B, S) left-padded. Returns prefill logits (B, S, V). Positions by the spec's rule
+        (runtime.positions: sequential, or ChatGLM-6B's 2D)."""
         self.past = empty_past(self.spec, ids.shape[0], self.manifest.kv_dtype)
-        return self._run(token_feeds(ids, mask, positions_from_mask(mask)))
+        self.rows = PositionRule.from_spec(self.spec).rows([r[m > 0].tolist() for r, m in zip(ids, mask)])
+        self.next_index = self.rows.prompt_length.copy()
+        return self._run(token_feeds(ids, mask, self.rows.prompt(ids.shape[1])))
 
     def step(self, tokens: np.ndarray):
         """tokens: (B,) -> logits (B, V) of the new position."""
-        return self._run(decode_feeds(tokens, self.mask))[:, -1]
+        feeds = decode_feeds(tokens, self.mask)
+        feeds[gc.POSITION_IDS] = self.rows.step(self.next_index)[..., None]
+        self.next_index = self.next_index + 1
+        return self._run(feeds)[:, -1]
 
     def _run(self, feeds):
         self.mask = feeds[gc.ATTENTION_MASK]

@@ -11,7 +11,8 @@ from exporter.cli.options import json_option, overwrite_option, quiet_option
 @click.command()
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Checkpoint directory to write.")
 @click.option("--generation", default="chatglm3", show_default=True,
-              type=click.Choice(["chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414"]))
+              type=click.Choice(["chatglm1", "chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414"]),
+              help="chatglm1 is ChatGLM-6B (v1: 2D positions, prefix-LM attention, ice_text tokenizer).")
 @click.option("--layout", default="thudm", show_default=True, type=click.Choice(["thudm", "hf"]),
               help="thudm: transformer.encoder.layers.N names; hf: transformers' glm / glm4 names.")
 @click.option("--size", default="tiny", show_default=True, type=click.Choice(["tiny", "small", "mid"]))

@@ -14,11 +14,11 @@ from typing import Any, Dict, List, Optional
 
 from runtime.errors import ConfigError
 
-GENERATIONS = ("chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414")
+GENERATIONS = ("chatglm1", "chatglm2", "chatglm3", "chatglm3-32k", "glm4", "glm4-0414")
 LAYOUTS = ("thudm", "hf")
 WEIGHT_FORMATS = ("safetensors", "sharded", "bin")
 
-from exporter.tiny.published import PUBLISHED_CONFIGS, PUBLISHED_HF_CONFIGS
+from exporter.tiny.published import PUBLISHED_CONFIGS, PUBLISHED_HF_CONFIGS, PUBLISHED_V1_CONFIGS
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ SHAPES = {
 
 # tokenizer kind and chat format per generation and layout
 _TOKENIZER_OF = {
+    ("chatglm1", "thudm"): ("ice_text", "chatglm1"),
     ("chatglm2", "thudm"): ("sentencepiece", "chatglm2"),
     ("chatglm3", "thudm"): ("sentencepiece", "chatglm3"),
     ("chatglm3-32k", "thudm"): ("sentencepiece", "chatglm3"),
@@ -57,8 +58,14 @@ _TOKENIZER_OF = {
 def tiny_config(generation: str, layout: str, shape: TinyShape, vocab_size: int, eos, pad: int) -> Dict[str, Any]:
     """The published config of ``generation`` in ``layout`` with the sizes of ``shape`` (written under the field
     names the config reader reads: ``exporter.config.SIZE_FIELDS``)."""
-    from exporter.config import SIZE_FIELDS
+    from exporter.config import LAYOUT_THUDM_V1, SIZE_FIELDS
 
+    if generation in PUBLISHED_V1_CONFIGS:  # ChatGLM-6B: its own field names; head_dim is hidden / heads
+        cfg = dict(PUBLISHED_V1_CONFIGS[generation])
+        sizes = dict(dataclasses.asdict(shape), vocab_size=vocab_size, hidden_size=shape.num_heads * shape.head_dim)
+        cfg.update({field: sizes[name] for name, field in SIZE_FIELDS[LAYOUT_THUDM_V1].items()})
+        cfg["eos_token_id"], cfg["pad_token_id"] = eos, pad
+        return cfg
     published = PUBLISHED_CONFIGS if layout == "thudm" else PUBLISHED_HF_CONFIGS
     if generation not in published:
         other = "hf" if layout == "thudm" else "thudm"
@@ -152,6 +159,7 @@ def write_tiny_checkpoint(
     import torch
 
     from exporter.config import spec_from_checkpoint
+    from exporter.weights import skipped_keys
 
     if generation not in GENERATIONS:
         raise ConfigError(f"--generation: expected one of {', '.join(GENERATIONS)}, got {generation!r}")
@@ -175,18 +183,27 @@ def write_tiny_checkpoint(
     vocab = shape.vocab_size or total + 7
     if vocab < total:
         raise ConfigError(f"vocab_size {vocab} is smaller than the tokenizer's {total} tokens")
-    if kind == "sentencepiece":
+    v1_ids = {}
+    if kind == "ice_text":  # ChatGLM-6B: the special ids live in config.json; pad 3 as published
+        specials = tok.special_tokens if tokenizer else {"[MASK]": 250, "[gMASK]": 251, "<sop>": 252, "<eop>": 253}
+        eos, pad = specials["<eop>"], 3
+        v1_ids = {"mask_token_id": specials["[MASK]"], "gmask_token_id": specials["[gMASK]"],
+                  "bos_token_id": specials["<sop>"]}
+    elif kind == "sentencepiece":
         eos, pad = 2, 0  # an integer, as the published ChatGLM2/3 configs write it
     else:
         eos = tokenizer_eos or [vocab - 1]  # GLM-4: <|endoftext|>, <|user|>, <|observation|>
         pad = eos[0]
     cfg = tiny_config(generation, layout, shape, vocab, eos, pad)
+    cfg.update(v1_ids)
     cfg.update(config_overrides or {})
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
     spec, info = spec_from_checkpoint(out_dir)
     canonical = random_canonical_weights(spec, seed)
     tensors = to_layout(spec, canonical, info.layout)
+    if spec.tie_word_embeddings and "lm_head.weight" in skipped_keys(info.layout, spec):
+        tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"].clone()  # as a tied save holds it
     torch_dtype = getattr(torch, dtype)
     tensors = {k: v.to(torch_dtype) for k, v in tensors.items()}
     save_weights(out_dir, tensors, weight_format)

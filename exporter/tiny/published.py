@@ -99,3 +99,33 @@ PUBLISHED_HF_CONFIGS: Dict[str, Dict[str, Any]] = {
         transformers_version="4.51.3",
     ),
 }
+
+# THUDM/chatglm-6b (v1) as published (minus auto_map): its own field names (inner_hidden_size,
+# max_sequence_length, position_encoding_2d) and special ids in config.json. Its int4/int8 siblings
+# (chatglm-6b-int4, -int8) differ by quantization_bit, which the config reader refuses by name.
+PUBLISHED_V1_CONFIGS: Dict[str, Dict[str, Any]] = {
+    "chatglm1": {
+        "_name_or_path": "THUDM/chatglm-6b",
+        "architectures": ["ChatGLMModel"],
+        "bos_token_id": 130004,
+        "eos_token_id": 130005,
+        "mask_token_id": 130000,
+        "gmask_token_id": 130001,
+        "pad_token_id": 3,
+        "hidden_size": 4096,
+        "inner_hidden_size": 16384,
+        "layernorm_epsilon": 1e-05,
+        "max_sequence_length": 2048,
+        "model_type": "chatglm",
+        "num_attention_heads": 32,
+        "num_layers": 28,
+        "position_encoding_2d": True,
+        "quantization_bit": 0,
+        "pre_seq_len": None,
+        "prefix_projection": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.27.1",
+        "use_cache": True,
+        "vocab_size": 130528,
+    },
+}

@@ -26,11 +26,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List
 
+from runtime.ice_text import (ICE_TEXT_FILE, ICE_TEXT_SPECIALS, IMAGE_TOKENS, MAX_BLANK, NEWLINE_PIECE, TAB_PIECE,
+                              blank_piece)
 from runtime.spec import (
+    CHAT_CHATGLM1,
     CHAT_CHATGLM2,
     CHAT_CHATGLM3,
     CHAT_GLM4,
     CHAT_TEMPLATE,
+    TOKENIZER_ICE_TEXT,
     TOKENIZER_JSON,
     TOKENIZER_SENTENCEPIECE,
     TOKENIZER_TIKTOKEN,
@@ -42,6 +46,7 @@ BPE_VOCAB_SIZE = 768  # byte-level BPE tokens (256 single bytes + merges), speci
 
 # Which chat formats each tiny tokenizer kind can be written for.
 KIND_CHAT_FORMATS = {
+    TOKENIZER_ICE_TEXT: (CHAT_CHATGLM1,),
     TOKENIZER_SENTENCEPIECE: (CHAT_CHATGLM2, CHAT_CHATGLM3),
     TOKENIZER_TIKTOKEN: (CHAT_GLM4,),
     TOKENIZER_JSON: (CHAT_TEMPLATE, CHAT_GLM4),
@@ -168,7 +173,7 @@ def _training_lines(seed: int) -> List[str]:
     return lines
 
 
-def _train_sentencepiece(lines: List[str]) -> bytes:
+def _train_sentencepiece(lines: List[str], vocab_size: int = SP_VOCAB_SIZE, **extra) -> bytes:
     """A serialized sentencepiece BPE model with ChatGLM's options: identity normalisation, spaces kept, byte fallback.
 
     ids 0/1/2 are <unk>/<s>/</s> as in ChatGLM's model, so eos is 2.
@@ -180,7 +185,7 @@ def _train_sentencepiece(lines: List[str]) -> bytes:
         sentence_iterator=iter(lines),
         model_writer=model,
         model_type="bpe",
-        vocab_size=SP_VOCAB_SIZE,
+        vocab_size=vocab_size,
         byte_fallback=True,
         character_coverage=0.99,  # the rarest characters (Korean, emoji, ...) go through byte fallback
         normalization_rule_name="identity",
@@ -195,6 +200,7 @@ def _train_sentencepiece(lines: List[str]) -> bytes:
         num_threads=1,
         shuffle_input_sentence=False,
         minloglevel=2,
+        **extra,
     )
     return model.getvalue()
 
@@ -482,7 +488,61 @@ def _write_tokenizer_json(out_dir: str, chat_format: str, seed: int) -> TinyToke
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _ice_text_of_seed(seed: int) -> bytes:
+    """The ice_text-like sentencepiece model of ``_training_lines(seed)``, trained once per process and seed. The
+    training text goes through the v1 text rules first, so the whitespace pieces sit in context as when encoding."""
+    from runtime.ice_text import text_to_pieces
+
+    whitespace = [NEWLINE_PIECE, TAB_PIECE] + [blank_piece(n) for n in range(2, MAX_BLANK + 1)]
+    return _train_sentencepiece(
+        [text_to_pieces(line) for line in _training_lines(seed)],
+        vocab_size=SP_VOCAB_SIZE + len(whitespace) + len(ICE_TEXT_SPECIALS),
+        user_defined_symbols=whitespace,
+        control_symbols=list(ICE_TEXT_SPECIALS),
+    )
+
+
+def _write_ice_text(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
+    """ice_text.model like ChatGLM-6B's: ``<n>``, ``<|tab|>`` and ``<|blank_2..80|>`` as user-defined pieces (the
+    text rules of runtime.ice_text produce them), the v1 specials as control pieces (never produced from text),
+    ids offset by 20000 image tokens; tokenizer_config.json like THUDM/chatglm-6b's first release."""
+    model = _ice_text_of_seed(seed)
+    with open(os.path.join(out_dir, ICE_TEXT_FILE), "wb") as f:
+        f.write(model)
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    specials = {name: sp.piece_to_id(name) + IMAGE_TOKENS for name in ICE_TEXT_SPECIALS}
+    config = {
+        "name_or_path": "THUDM/chatglm-6b",
+        "bos_token": "<sop>",
+        "eop_token": "<eop>",
+        "eos_token": "</s>",
+        "gmask_token": "[gMASK]",
+        "mask_token": "[MASK]",
+        "pad_token": "<pad>",
+        "unk_token": "<unk>",
+        "remove_space": False,
+        "do_lower_case": False,
+        "tokenizer_class": "ChatGLMTokenizer",
+        "num_image_tokens": IMAGE_TOKENS,
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
+    }
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
+    return TinyTokenizer(
+        total_vocab=IMAGE_TOKENS + sp.get_piece_size(),
+        special_tokens=specials,
+        files=[ICE_TEXT_FILE, "tokenizer_config.json"],
+        kind=TOKENIZER_ICE_TEXT,
+        chat_format=chat_format,
+        base_vocab=IMAGE_TOKENS + sp.get_piece_size(),
+        eos_token_ids=[specials["<eop>"]],
+    )
+
+
 _WRITERS = {
+    TOKENIZER_ICE_TEXT: _write_ice_text,
     TOKENIZER_SENTENCEPIECE: _write_sentencepiece,
     TOKENIZER_TIKTOKEN: _write_tiktoken,
     TOKENIZER_JSON: _write_tokenizer_json,

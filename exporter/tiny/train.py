@@ -187,8 +187,10 @@ def _init_parameters(model, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def _batch_tensors(seqs: List[List[int]], pad_id: int):
-    """Right-padded ids (B, T), a loss mask (B, T-1) over real next tokens, positions (B, T)."""
+def _batch_tensors(seqs: List[List[int]], pad_id: int, rule=None):
+    """Right-padded ids (B, T), a loss mask (B, T-1) over real next tokens, positions (B, T) (ChatGLM-6B: (B, 2, T),
+    numbered by ``rule``, a runtime.positions.PositionRule; right pads then sit after the context, unseen)."""
+    import numpy as np
     import torch
 
     t = max(len(s) for s in seqs)
@@ -198,6 +200,9 @@ def _batch_tensors(seqs: List[List[int]], pad_id: int):
         ids[i, : len(s)] = torch.tensor(s)
         loss_mask[i, : len(s) - 1] = True
     positions = torch.arange(t).expand(len(seqs), t)
+    if rule is not None and rule.two_d:
+        index = np.broadcast_to(np.arange(t, dtype=np.int64), (len(seqs), t))
+        positions = torch.from_numpy(np.ascontiguousarray(rule.rows(seqs).at(index)))
     return ids, loss_mask, positions
 
 
@@ -212,7 +217,8 @@ def _forward_logits(model, ids, positions):
     return model(ids, mask, positions, *torch_empty_past(model.spec, ids.shape[0]))[0]
 
 
-def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0) -> Dict[str, float]:
+def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_from: int = 0,
+                        rule=None) -> Dict[str, float]:
     """Greedy next-token accuracy and mean loss over ``sequences``; targets before index ``score_from`` (the
     prompt prefix) are not scored."""
     import torch
@@ -222,7 +228,7 @@ def next_token_accuracy(model, sequences: List[List[int]], pad_id: int, score_fr
     with torch.no_grad():
         for i in range(0, len(sequences), 64):
             chunk = sequences[i : i + 64]
-            ids, loss_mask, pos = _batch_tensors(chunk, pad_id)
+            ids, loss_mask, pos = _batch_tensors(chunk, pad_id, rule)
             logits = _forward_logits(model, ids, pos)[:, :-1]  # (B, T-1, V)
             loss_mask[:, : max(score_from - 1, 0)] = False
             targets = ids[:, 1:]
@@ -242,20 +248,22 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     import torch
 
     from exporter.config import spec_from_checkpoint
+    from runtime.positions import PositionRule
     from runtime.tokenizer import load_tokenizer
 
-    spec, _ = spec_from_checkpoint(ckpt_dir)
+    spec, info = spec_from_checkpoint(ckpt_dir)
     tok = load_tokenizer(ckpt_dir, spec)
-    train_seqs, heldout_seqs = _encoded_corpus(tok, spec, settings)
+    rule = PositionRule.from_spec(spec)
+    train_seqs, heldout_seqs = _encoded_corpus(tok, spec, settings, rule)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and polite on a shared machine
     try:
-        model, losses, seconds = _fit(spec, train_seqs, settings, progress)
+        model, losses, seconds = _fit(spec, train_seqs, settings, progress, rule)
         score_from = len(tok.prefix_ids())
-        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from)
+        heldout = next_token_accuracy(model, heldout_seqs, spec.pad_token_id, score_from, rule)
     finally:
         torch.set_num_threads(threads)
-    _save_trained_weights(ckpt_dir, model, spec)
+    _save_trained_weights(ckpt_dir, model, spec, info.layout)
     report = _report(settings, spec, losses, seconds, heldout, heldout_seqs, score_from)
     with open(os.path.join(ckpt_dir, REPORT_FILE), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2)
@@ -263,12 +271,15 @@ def train(ckpt_dir: str, settings: TrainSettings, progress=None) -> Dict[str, An
     return report
 
 
-def _encoded_corpus(tok, spec, settings: TrainSettings):
+def _encoded_corpus(tok, spec, settings: TrainSettings, rule=None):
     """(training sequences, 256 held-out sequences): corpus records as the runtime encodes them (chat records in
-    the chat format), each cut to ``settings.max_len`` ids."""
+    the chat format), each cut to ``settings.max_len`` ids. ChatGLM-6B (2D positions) trains on text records only:
+    its chat prompt is bidirectional context, so a next-token loss over it would leak."""
     from calibration.data import Sample, sample_ids
 
     def encode(records):
+        if rule is not None and rule.two_d:
+            records = [r for r in records if r.get("text") is not None]
         samples = [Sample(text=r.get("text"), messages=r.get("messages")) for r in records]
         return [sample_ids(s, tok, spec)[: settings.max_len] for s in samples]
 
@@ -276,15 +287,15 @@ def _encoded_corpus(tok, spec, settings: TrainSettings):
     return encode(train_records), encode(heldout_records(256, exclude=train_records))
 
 
-def _fit(spec, train_seqs: List[List[int]], settings: TrainSettings, progress):
+def _fit(spec, train_seqs: List[List[int]], settings: TrainSettings, progress, rule=None):
     """(the trained model in eval mode, per-step losses, seconds): AdamW with weight decay on the matrices, linear
     warm-up then cosine decay (floored at 2% of ``settings.lr``), gradients clipped at 1."""
     import torch
 
-    from exporter.model import GlmForExport
+    from exporter.model import export_model_class
 
     torch.manual_seed(settings.seed)
-    model = GlmForExport(spec)  # on the CPU, its inv_freq buffer already computed (no meta device here)
+    model = export_model_class(spec)[0](spec)  # on the CPU, its inv_freq buffer computed (no meta device here)
     _init_parameters(model, settings.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if n.endswith("weight_t") or n == "embed.weight"]
@@ -303,7 +314,7 @@ def _fit(spec, train_seqs: List[List[int]], settings: TrainSettings, progress):
         for group in opt.param_groups:
             group["lr"] = settings.lr * max(lr_scale, 0.02)
         batch = [train_seqs[rng.randrange(len(train_seqs))] for _ in range(settings.batch)]
-        ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id)
+        ids, loss_mask, pos = _batch_tensors(batch, spec.pad_token_id, rule)
         logits = _forward_logits(model, ids, pos)[:, :-1]
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * loss_mask).sum() / loss_mask.sum()
@@ -317,15 +328,15 @@ def _fit(spec, train_seqs: List[List[int]], settings: TrainSettings, progress):
     return model, losses, seconds
 
 
-def _save_trained_weights(ckpt_dir: str, model, spec) -> None:
-    """The model's parameters as ``model.safetensors`` under THUDM's names."""
+def _save_trained_weights(ckpt_dir: str, model, spec, layout: str = "thudm") -> None:
+    """The model's parameters as ``model.safetensors`` under THUDM's names (``layout``: "thudm" or "thudm-v1")."""
     from exporter.model import canonical_state
     from exporter.tiny.checkpoint import save_weights, to_layout
     from exporter.weights import canonical_shapes
 
     state = canonical_state(model)
     assert set(state) == set(canonical_shapes(spec)), "trained parameters do not match the checkpoint layout"
-    save_weights(ckpt_dir, to_layout(spec, state, "thudm"), "safetensors")
+    save_weights(ckpt_dir, to_layout(spec, state, layout), "safetensors")
 
 
 def _report(settings: TrainSettings, spec, losses: List[float], seconds: float, heldout: Dict[str, float],
@@ -356,7 +367,28 @@ def write_trained_checkpoint(out_dir: str, settings: TrainSettings = TrainSettin
 
     write_tiny_checkpoint(out_dir, generation=settings.generation, layout="thudm", seed=settings.seed,
                           **dataclasses.asdict(settings.shape))
+    if settings.generation == "chatglm1":
+        _without_image_tokens(out_dir)
     return train(out_dir, settings, progress)
+
+
+def _without_image_tokens(ckpt_dir: str) -> None:
+    """ChatGLM-6B as THUDM's later files describe it: num_image_tokens 0, ids without the 20000 offset (vocabulary
+    130528 at full size). Here it keeps the trained model's vocabulary (and its training time) small."""
+    from runtime.ice_text import IMAGE_TOKENS
+
+    cfg_path, tok_path = os.path.join(ckpt_dir, "config.json"), os.path.join(ckpt_dir, "tokenizer_config.json")
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    for key in ("vocab_size", "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id"):
+        cfg[key] -= IMAGE_TOKENS
+    with open(cfg_path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2, ensure_ascii=False)
+    with open(tok_path, encoding="utf-8") as f:
+        tok = json.load(f)
+    tok["num_image_tokens"] = 0
+    with open(tok_path, "w", encoding="utf-8") as f:
+        json.dump(tok, f, indent=2, ensure_ascii=False)
 
 
 def trained_checkpoint(cache_root: str, settings: TrainSettings = TrainSettings(), progress=None) -> str:

@@ -79,7 +79,7 @@ def check_feed_shapes(input_ids: np.ndarray, attention_mask: np.ndarray, positio
                       cache: KVCache) -> None:
     """Shape agreement of one forward call; a mismatch here is a bug in the caller, not a user error."""
     b, s = input_ids.shape
-    if position_ids.shape != (b, s):
+    if position_ids.shape not in ((b, s), (b, 2, s)):  # [batch, seq]; ChatGLM-6B's 2D: [batch, 2, seq]
         raise ValueError(f"position_ids {position_ids.shape} != input_ids {input_ids.shape}")
     if attention_mask.shape != (b, cache.length + s):
         raise ValueError(f"attention_mask {attention_mask.shape} != ({b}, {cache.length} + {s})")

@@ -146,7 +146,9 @@ class TensorRTBackend:
         # token inputs [max_batch, max_seq] (mask: [max_batch, max_total]) and logits [max_batch, max_seq, vocab],
         # each used densely at the step's own [batch, seq(, vocab)] shape
         rows, item = self.max_batch, self._dtypes[LOGITS].itemsize
-        self._dev = {n: self._alloc(rows * self.max_seq * self._dtypes[n].itemsize) for n in (INPUT_IDS, POSITION_IDS)}
+        # position_ids get two rows per sequence: room for ChatGLM-6B's [batch, 2, seq]
+        self._dev = {n: self._alloc(k * rows * self.max_seq * self._dtypes[n].itemsize)
+                     for n, k in ((INPUT_IDS, 1), (POSITION_IDS, 2))}
         self._dev[ATTENTION_MASK] = self._alloc(rows * self.max_total * self._dtypes[ATTENTION_MASK].itemsize)
         self._dev[LOGITS] = self._alloc(rows * self.max_seq * self.vocab * item)
         self._profile = -1
