@@ -24,12 +24,22 @@ from runtime.spec import (
     ModelSpec,
 )
 
-LAYOUT_THUDM = "thudm"
-LAYOUT_GLM = "glm"
-LAYOUT_GLM4 = "glm4"
+from exporter.detect import (  # noqa: E402  (layout names live with the detection that decides them)
+    FAMILY_CHATGLM2,
+    FAMILY_CHATGLM3,
+    FAMILY_GLM4,
+    LAYOUT_GLM,
+    LAYOUT_GLM4,
+    LAYOUT_THUDM,
+    Detection,
+    detect_checkpoint,
+)
+from exporter.tokenizer_files import tokenizer_facts
 
-# model_type -> weight-name layout
-LAYOUT_OF_MODEL_TYPE = {"chatglm": LAYOUT_THUDM, "glm": LAYOUT_GLM, "glm4": LAYOUT_GLM4}
+# THUDM's quantized checkpoints (chatglm2-6b-int4, ...): weight bits their quantization.py packs
+QUANTIZATION_BITS = (4, 8)
+# the chat format each THUDM family speaks (the tokenizer files may refine it: a tokenizer.json uses its template)
+CHAT_OF_FAMILY = {FAMILY_CHATGLM2: CHAT_CHATGLM2, FAMILY_CHATGLM3: CHAT_CHATGLM3, FAMILY_GLM4: CHAT_GLM4}
 
 # THUDM fields whose value must be exactly this for our block to be the right one. Anything else is refused.
 THUDM_REQUIRED_VALUES = {
@@ -38,8 +48,6 @@ THUDM_REQUIRED_VALUES = {
     "post_layer_norm": True,
     "apply_residual_connection_post_layernorm": False,
     "original_rope": True,
-    "quantization_bit": 0,
-    "pre_seq_len": None,
 }
 # THUDM fields with no effect on fp32 inference (training-time or fusion switches), accepted as they come.
 THUDM_IGNORED = (
@@ -50,7 +58,7 @@ THUDM_IGNORED = (
     "attention_dropout",
     "hidden_dropout",
     "classifier_dropout",
-    "prefix_projection",  # only meaningful with pre_seq_len, which is refused
+    "prefix_projection",  # read with pre_seq_len (P-tuning v2) by exporter.prefix
 )
 
 
@@ -63,6 +71,9 @@ class CheckpointInfo:
     model_type: str
     rope_scaling_source: str  # how the rope_ratio meaning was decided
     tokenizer_files: Tuple[str, ...]
+    detection: Optional[Detection] = None  # every signal and which one decided layout and family
+    quantization_bit: int = 0  # THUDM quantized checkpoint: 4 or 8 (weights packed by their quantization.py)
+    prefix_projection: bool = False  # P-tuning v2: the prefix encoder has the two-layer MLP
 
 
 def read_config_json(ckpt_dir: str) -> Dict[str, Any]:
@@ -193,44 +204,62 @@ def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
     )
 
 
-def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> Tuple[ModelSpec, CheckpointInfo]:
-    """Read ``ckpt_dir/config.json`` (and, as text only, its tokenizer files) into one ModelSpec.
+def _quantization_bit(cfg: Dict[str, Any], where: str) -> int:
+    bits = cfg.get("quantization_bit") or 0
+    if bits not in (0,) + QUANTIZATION_BITS:
+        raise UnsupportedModelError(f"{where}: field 'quantization_bit' = {bits!r} is not supported "
+                                    "(0, or THUDM's 4 or 8)")
+    return int(bits)
 
-    ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied: "interpolation" or "base".
+
+def _prefix_len(cfg: Dict[str, Any], where: str) -> int:
+    """P-tuning v2: pre_seq_len (None or 0 for the released models)."""
+    value = cfg.get("pre_seq_len")
+    if value in (None, 0):
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: field 'pre_seq_len' must be a positive integer or null, got {value!r}")
+    return value
+
+
+def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None, generation: Optional[str] = None,
+                         prefix_config: Optional[Dict[str, Any]] = None) -> Tuple[ModelSpec, CheckpointInfo]:
+    """Read ``ckpt_dir/config.json`` (and, as text only, its tokenizer files and remote code) into one ModelSpec.
+
+    One pass: ``exporter.detect`` gathers every signal and decides layout and family once; this builds the spec.
+    ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied ("interpolation" or "base"); ``generation``
+    overrides the detected family; ``prefix_config`` is a P-tuning output directory's config (its ``pre_seq_len``
+    and ``prefix_projection`` replace the base checkpoint's).
     """
-    from exporter.tokenizer_files import detect_tokenizer
-
     cfg = read_config_json(ckpt_dir)
     where = os.path.join(ckpt_dir, "config.json")
-    model_type = cfg.get("model_type")
-    if model_type not in LAYOUT_OF_MODEL_TYPE:
-        known = ", ".join(sorted(LAYOUT_OF_MODEL_TYPE))
-        raise UnsupportedModelError(f"{where}: field 'model_type' = {model_type!r} is not supported (known: {known})")
     if rope_scaling is not None and rope_scaling not in (ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE):
         raise ConfigError(f"--rope-scaling: expected 'interpolation' or 'base', got {rope_scaling!r}")
-    layout = LAYOUT_OF_MODEL_TYPE[model_type]
+    detection = detect_checkpoint(ckpt_dir, cfg, where, generation)
+    layout, family = detection.layout, detection.family
+    if prefix_config is not None:
+        cfg = dict(cfg, pre_seq_len=prefix_config.get("pre_seq_len"),
+                   prefix_projection=prefix_config.get("prefix_projection", False))
+    prefix_len, bits = 0, 0
 
     if layout == LAYOUT_THUDM:
         fields = _thudm_fields(cfg, where)
-        # the sentencepiece family is ChatGLM2/3 (detect_tokenizer says which: role tokens decide), tiktoken is GLM-4
-        tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM3)
-        chat_family = CHAT_GLM4 if tok.kind == TOKENIZER_TIKTOKEN else tok.chat_format
-        generation = {CHAT_CHATGLM2: "chatglm2", CHAT_CHATGLM3: "chatglm3", CHAT_GLM4: "glm4"}.get(chat_family, "chatglm3")
+        prefix_len, bits = _prefix_len(cfg, where), _quantization_bit(cfg, where)
+        tok = tokenizer_facts(detection.tokenizer, CHAT_OF_FAMILY[family])
         ratio = fields.pop("rope_ratio")
         if rope_scaling is not None:
             kind, source = rope_scaling, "set by the user"
         elif ratio == 1.0:
             kind, source = ROPE_SCALING_NONE, "no rope_ratio"
         else:
-            kind, source = _rope_ratio_meaning(ckpt_dir, cfg, chat_family)
+            kind, source = _rope_ratio_meaning(ckpt_dir, cfg, tok.chat_format)
         fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
         fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
         fields["rope_scaling"] = kind
         pad = cfg.get("pad_token_id", 0)
     else:
         fields = _hf_fields(cfg, where, layout)
-        tok = detect_tokenizer(ckpt_dir, CHAT_GLM4)
-        generation = "glm4-0414" if layout == LAYOUT_GLM4 else "glm4"
+        tok = tokenizer_facts(detection.tokenizer, CHAT_GLM4)
         source = "transformers config"
         if rope_scaling is not None:
             raise ConfigError(
@@ -240,21 +269,25 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
         pad = cfg.get("pad_token_id", 151329)
 
     spec = ModelSpec(
-        generation=generation,
+        generation=family,
         eos_token_ids=_eos_ids(cfg.get("eos_token_id"), where),
         pad_token_id=int(pad if pad is not None else 0),
         tokenizer_kind=tok.kind,
         chat_format=tok.chat_format,
         special_tokens=dict(tok.special_tokens),
+        prefix_len=prefix_len,
         **fields,
     )
     _check_consistency(spec, where)
     info = CheckpointInfo(
         path=os.path.abspath(ckpt_dir),
         layout=layout,
-        model_type=model_type,
+        model_type=str(cfg.get("model_type") or "(none: " + detection.layout_decided_by + ")"),
         rope_scaling_source=source,
         tokenizer_files=tuple(tok.files),
+        detection=detection,
+        quantization_bit=bits,
+        prefix_projection=bool(cfg.get("prefix_projection", False)) if prefix_len else False,
     )
     return spec, info
 

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
@@ -32,9 +32,9 @@ from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
-from exporter.config import spec_from_checkpoint
+from exporter.checkpoint_forms import prepare_forms
 from exporter.model import GlmForExport, model_from_weights
-from exporter.weights import find_weight_files, load_canonical_weights
+from exporter.weights import find_weight_files
 
 log = logging.getLogger("glm_export")
 
@@ -73,13 +73,14 @@ def dynamic_axes(spec) -> Dict[str, Dict[int, str]]:
     return axes
 
 
-def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None:
+def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite=None) -> None:
     """Trace ``model`` into ``out_dir/model.onnx`` with its weights in ``out_dir/model.onnx.data``.
 
     The TorchScript exporter (deterministic, dynamic axes, standard operators only) traces the graph without
     parameters; the weights are then streamed tensor by tensor into one external data file. Serialising a whole
     ModelProto instead would hold the weights two more times (peak about 4.3x the fp32 weight bytes, measured on
-    the 288M model) and cannot exceed protobuf's 2 GB limit.
+    the 288M model) and cannot exceed protobuf's 2 GB limit. ``rewrite(proto, tensors)``, when given, may replace
+    weight inputs and their tensors before they are written (``exporter.thudm_quant`` keeps a checkpoint's integers).
     """
     import warnings
 
@@ -114,6 +115,8 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None
     proto = onnx.load(graph_path)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
+    if rewrite is not None:
+        rewrite(proto, tensors)
     attach_external_weights(proto, tensors, out_dir, set(inputs))
     onnx.save_model(proto, graph_path)
 
@@ -182,11 +185,19 @@ def export_bundle(
     opset: int = OPSET,
     progress=None,
     precision: str = "fp32",
+    generation: Optional[str] = None,
+    prefix_dir: Optional[str] = None,
+    lora: Sequence[str] = (),
+    lora_scale: float = 1.0,
+    keep_checkpoint_quantization: bool = False,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
     ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
-    softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
+    softmax, rotary tables and the logits stay fp32 (see exporter/model.py). ``generation`` overrides the detected
+    family; ``prefix_dir`` is a P-tuning v2 output directory (prefix encoder only); ``lora`` are PEFT adapter
+    directories merged with ``lora_scale``; ``keep_checkpoint_quantization`` writes a THUDM int4/int8 checkpoint's
+    own integers and scales into the graph (see exporter/thudm_quant.py).
     """
     import numpy as np
     import torch
@@ -201,16 +212,19 @@ def export_bundle(
 
     progress = progress or NullProgress()
     start = time.perf_counter()
-    spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
+    forms = prepare_forms(ckpt_dir, rope_scaling, generation, prefix_dir, lora, lora_scale,
+                          keep_checkpoint_quantization, precision)
+    spec, info = forms.spec, forms.info
     weight_files = find_weight_files(ckpt_dir)
     with staged_directory(out_dir, overwrite) as tmp:
         progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
-        model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, torch_dtype, progress))
+        model = model_from_weights(spec, forms.weights(torch_dtype, progress))
+        forms.finish_model(model)
         plan = make_plan(spec)
         reference = run_torch(model, spec, plan) if verify else None
 
         progress.stage("tracing to ONNX")
-        trace_to_onnx(model, tmp, opset)
+        trace_to_onnx(model, tmp, opset, rewrite=forms.rewrite)
         del model
         _gc.collect()
         progress.stage("writing the bundle")
@@ -225,7 +239,7 @@ def export_bundle(
             del session
             diffs = max_diffs(plan, got, reference)
             scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
-            tol = allowed_diff("onnx_vs_torch", precision, scale)
+            tol = allowed_diff("onnx_vs_torch", forms.verify_precision, scale)
             if not all(v <= tol for v in diffs.values()):
                 listing = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
                 raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
@@ -233,7 +247,7 @@ def export_bundle(
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
         manifest = Manifest(
             spec=spec,
-            precision=precision,
+            precision=forms.bundle_precision,
             inputs=gc.graph_inputs(spec, kv_dtype),
             outputs=gc.graph_outputs(spec, kv_dtype),
             model_file=MODEL_FILE,
@@ -245,12 +259,13 @@ def export_bundle(
                 "model_type": info.model_type,
                 "weight_files": [os.path.basename(f) for f in weight_files.files],
                 "rope_scaling_decided_by": info.rope_scaling_source,
+                **forms.source_records(),
             },
             files=record_files(tmp, graph_files + copied),
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification={
                 "against": "pytorch",
-                "tolerance": tolerance("onnx_vs_torch", precision),
+                "tolerance": tolerance("onnx_vs_torch", forms.verify_precision),
                 "allowed_max_abs_diff": tol,
                 "max_abs_diff": diffs,
                 "steps": "prefill + 3 decode, batch 2, left padding",

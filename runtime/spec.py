@@ -57,6 +57,9 @@ class ModelSpec:
     tokenizer_kind: str = TOKENIZER_NONE
     chat_format: str = CHAT_NONE
     special_tokens: Dict[str, int] = field(default_factory=dict)  # "[gMASK]" -> id, "<|user|>" -> id, ...
+    # P-tuning v2: a fixed KV prefix of this many positions inside the graph, attended by every token of every
+    # sequence (pasts and presents exclude it; position ids do not count it, as in THUDM's ChatGLM2/3 code)
+    prefix_len: int = 0
 
     @property
     def num_params(self) -> int:
