@@ -26,6 +26,7 @@ TEST = [
     "pytest>=8",
     "transformers==5.24.0",  # the independent reference (GlmForCausalLM, Glm4ForCausalLM); never a runtime dep
     "vermin==1.9.2",
+    "peft==0.21.2",  # LoRA tests: merged export == transformers + peft merge_and_unload (works with transformers 5.24)
 ]
 
 setup(

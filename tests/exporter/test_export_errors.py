@@ -146,10 +146,10 @@ def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, mo
 
     real = oe.trace_to_onnx
 
-    def corrupt(model, out_dir, opset=17):
+    def corrupt(model, out_dir, opset=17, **kwargs):
         with __import__("torch").no_grad():
             model.final_norm.weight.mul_(1.5)  # the traced graph now differs from the reference run
-        real(model, out_dir, opset)
+        real(model, out_dir, opset, **kwargs)
 
     monkeypatch.setattr(oe, "trace_to_onnx", corrupt)
     result, out = _export(tmp_path, ckpt)
