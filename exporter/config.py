@@ -7,7 +7,6 @@ here, before any work, with a message naming the field.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -105,21 +104,14 @@ def _eos_ids(value: Any, where: str) -> Tuple[int, ...]:
     raise ConfigError(f"{where}: field 'eos_token_id' must be an integer or a list of integers, got {value!r}")
 
 
-def _rope_ratio_meaning(ckpt_dir: str, cfg: Dict[str, Any], chat_family: str) -> Tuple[str, str]:
+def _rope_ratio_meaning(detection: Detection, cfg: Dict[str, Any], chat_family: str) -> Tuple[str, str]:
     """Decide what THUDM's ``rope_ratio`` means for this checkpoint: (kind, how it was decided).
 
-    THUDM's remote code is the ground truth: ChatGLM2-6B-32k's divides positions (``seq_idx / self.rope_ratio``),
-    ChatGLM3-6B-32k's and GLM-4's multiply the base (``base * self.rope_ratio``). We read (never run) that file when
-    present; else the tokenizer family decides (ChatGLM2 interpolates, ChatGLM3 and GLM-4 scale the base).
+    The shipped modeling_chatglm.py, as ``exporter.detect`` read it, decides when it is there; else the name or the
+    tokenizer family (ChatGLM2 interpolates, ChatGLM3 and GLM-4 scale the base).
     """
-    modeling = os.path.join(ckpt_dir, "modeling_chatglm.py")
-    if os.path.isfile(modeling):
-        with open(modeling, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio|base\s*\*\s*self\.rope_ratio", text):
-            return ROPE_SCALING_BASE, "modeling_chatglm.py multiplies the base by rope_ratio"
-        if re.search(r"/\s*self\.rope_ratio", text):
-            return ROPE_SCALING_INTERPOLATION, "modeling_chatglm.py divides positions by rope_ratio"
+    if detection.rope_meaning is not None:
+        return detection.rope_meaning
     name = str(cfg.get("_name_or_path", "")).lower()
     if "chatglm2" in name:
         return ROPE_SCALING_INTERPOLATION, f"_name_or_path {cfg.get('_name_or_path')!r} is a ChatGLM2 model"
@@ -252,7 +244,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None, gene
         elif ratio == 1.0:
             kind, source = ROPE_SCALING_NONE, "no rope_ratio"
         else:
-            kind, source = _rope_ratio_meaning(ckpt_dir, cfg, tok.chat_format)
+            kind, source = _rope_ratio_meaning(detection, cfg, tok.chat_format)
         fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
         fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
         fields["rope_scaling"] = kind

@@ -4,7 +4,8 @@ Where this stands in the flow: ``exporter.config.spec_from_checkpoint`` calls :f
 It gathers the signals (config.json's ``model_type``, ``architectures``, ``auto_map``, ``padded_vocab_size``,
 ``position_encoding_2d``, ``eos_token_id``, ``_name_or_path``; the tokenizer files; the shipped
 ``tokenization_chatglm.py`` read as text, never run), decides the weight layout and the model family in one step,
-and returns the decision with the signal that decided it (recorded in the manifest). Nothing after it guesses again.
+and returns the decision with the signal that decided it (recorded in the manifest), plus what the shipped
+``modeling_chatglm.py`` (read as text) does with ``rope_ratio``. Nothing after it reads those files again.
 
 Each signal votes for a set of layouts and/or families; the decision is the intersection. An empty intersection is
 a conflict: the error names the disagreeing signals and the override (``--generation``). Where signals leave a
@@ -15,15 +16,24 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Tuple
 
 from runtime.errors import ConfigError, UnsupportedModelError
-from runtime.spec import TOKENIZER_JSON, TOKENIZER_SENTENCEPIECE, TOKENIZER_TIKTOKEN
+from runtime.spec import (
+    ROPE_SCALING_BASE,
+    ROPE_SCALING_INTERPOLATION,
+    TOKENIZER_JSON,
+    TOKENIZER_SENTENCEPIECE,
+    TOKENIZER_TIKTOKEN,
+)
 
 from exporter.tokenizer_files import REMOTE_TOKENIZER_CODE, TokenizerScan, scan_tokenizer
 
 log = logging.getLogger("glm_export")
+
+REMOTE_MODELING_CODE = "modeling_chatglm.py"  # THUDM's remote code: read as text, never imported
 
 LAYOUT_THUDM = "thudm"  # transformer.encoder.layers.N, fused query_key_value (remote-code checkpoints)
 LAYOUT_GLM = "glm"  # transformers' glm: model.layers.N, split q/k/v (glm-4-9b-chat-hf)
@@ -79,7 +89,8 @@ GLM4_EOS_IDS = (151329, 151336, 151338)
 REMOTE_CODE_MARKERS = (
     ("ChatGLM4Tokenizer", frozenset({FAMILY_GLM4})),
     ("import tiktoken", frozenset({FAMILY_GLM4})),
-    ("num_image_tokens", frozenset({FAMILY_CHATGLM1})),  # v1's SPTokenizer reserves image tokens
+    ("num_image_tokens", frozenset({FAMILY_CHATGLM1})),  # v1's SPTokenizer (early: image tokens)
+    ("max_blank_length", frozenset({FAMILY_CHATGLM1})),  # v1's SPTokenizer (its blank-run text rules)
     ("<|observation|>", frozenset({FAMILY_CHATGLM3})),
     ("class ChatGLMTokenizer", frozenset({FAMILY_CHATGLM2})),  # ChatGLM2's: no role tokens, no image tokens
 )
@@ -123,6 +134,8 @@ class Detection:
     signals: Tuple[Signal, ...]
     tokenizer: TokenizerScan = field(compare=False)
     overridden: bool = False
+    # what the shipped modeling_chatglm.py (read as text) does with rope_ratio: (kind, how it was read), or None
+    rope_meaning: Optional[Tuple[str, str]] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -204,6 +217,19 @@ def _tokenizer_signals(ckpt_dir: str, scan: TokenizerScan) -> List[Signal]:
                 out.append(Signal(REMOTE_TOKENIZER_CODE, f"contains {marker!r}", frozenset({LAYOUT_THUDM}), families))
                 break
     return out
+
+
+def rope_meaning_from_remote_code(ckpt_dir: str) -> Optional[Tuple[str, str]]:
+    """THUDM's remote code is the ground truth for ``rope_ratio``: ChatGLM2-6B-32k's divides positions
+    (``seq_idx / self.rope_ratio``), ChatGLM3-6B-32k's and GLM-4's multiply the base (``base * self.rope_ratio``)."""
+    text = _read_text(os.path.join(ckpt_dir, REMOTE_MODELING_CODE))
+    if text is None:
+        return None
+    if re.search(r"base\s*\*\s*self\.rope_ratio", text):
+        return ROPE_SCALING_BASE, f"{REMOTE_MODELING_CODE} multiplies the base by rope_ratio"
+    if re.search(r"/\s*self\.rope_ratio", text):
+        return ROPE_SCALING_INTERPOLATION, f"{REMOTE_MODELING_CODE} divides positions by rope_ratio"
+    return None
 
 
 def gather_signals(ckpt_dir: str, cfg: Mapping[str, Any], where: str) -> Tuple[List[Signal], TokenizerScan]:
@@ -292,4 +318,5 @@ def detect_checkpoint(ckpt_dir: str, cfg: Mapping[str, Any], where: str,
         if disagree:
             log.warning("--generation %s overrides: %s", generation, "; ".join(disagree))
     log.info("%s: %s layout (%s), %s (%s)", ckpt_dir, layout, layout_by, family, family_by)
-    return Detection(layout, family, layout_by, family_by, tuple(signals), scan, generation is not None)
+    return Detection(layout, family, layout_by, family_by, tuple(signals), scan, generation is not None,
+                     rope_meaning_from_remote_code(ckpt_dir) if layout == LAYOUT_THUDM else None)
