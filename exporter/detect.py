@@ -253,10 +253,11 @@ def _conflict(where: str, what: str, signals: List[Signal], pick) -> ConfigError
                        f"is wrong or pass --generation {'|'.join(SUPPORTED_FAMILIES)}")
 
 
-def _narrow(candidates: FrozenSet[str], signals: List[Signal], pick, where: str, what: str):
-    """Intersect the signals' votes; the first signal that alone pins the result is the one that decided it."""
-    voters = [s for s in signals if pick(s) != (ALL_LAYOUTS if what == "layout" else ALL_FAMILIES)]
-    result = candidates
+def _narrow(universe: FrozenSet[str], signals: List[Signal], pick, where: str, what: str):
+    """Intersect the votes of the signals that restrict ``universe``; (result, those signals). A vote that leaves
+    nothing is a conflict naming the signals it clashes with."""
+    voters = [s for s in signals if pick(s) != universe]
+    result = universe
     for s in voters:
         narrowed = result & pick(s)
         if not narrowed:

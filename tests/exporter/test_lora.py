@@ -144,3 +144,15 @@ def test_adapter_with_foreign_modules_is_refused(adapter, tiny_models, tmp_path)
               str(bad / "adapter_model.safetensors"))
     result, out = _export(tmp_path, hf, "--lora", str(bad))
     _assert_refused(result, out, "c_attn", "not a LoRA A/B weight of a ChatGLM layer")
+
+
+def test_several_adapters_add_up(adapter, tmp_path):
+    """--lora A --lora A --lora-scale 0.5 merges 0.5 * delta twice: the same model as peft's merge of A once."""
+    hf, path, merged = adapter
+    result, out = _export(tmp_path, hf, "--lora", path, "--lora", path, "--lora-scale", "0.5")
+    assert result.exit_code == 0, result.output
+    ids, mask = left_padded_batch(1009, (6, 3), seed=8)
+    got = OnnxStepper(str(out)).start(ids, mask)
+    want = reference_logits(merged, ids, mask)
+    assert np.abs(got - want)[mask > 0].max() <= allowed_diff("onnx_vs_transformers", "fp32")
+    assert len(json.loads((out / "manifest.json").read_text())["source"]["lora"]) == 2
