@@ -96,9 +96,8 @@ REMOTE_CODE_MARKERS = (
 )
 # name fragments in _name_or_path / name_or_path, most specific first
 NAME_MARKERS = (
-    ("glm-4-9b-0414", frozenset({FAMILY_GLM4_0414})),
-    ("glm-4-0414", frozenset({FAMILY_GLM4_0414})),
-    ("glm-4", frozenset({FAMILY_GLM4})),
+    ("0414", frozenset({FAMILY_GLM4_0414})),  # GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1-*-0414
+    ("glm-4", frozenset({FAMILY_GLM4, FAMILY_GLM4_0414})),
     ("glm4", frozenset({FAMILY_GLM4, FAMILY_GLM4_0414})),
     ("chatglm3", frozenset({FAMILY_CHATGLM3})),
     ("chatglm2", frozenset({FAMILY_CHATGLM2})),

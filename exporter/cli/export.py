@@ -47,7 +47,7 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
 @click.option("--lora-scale", default=1.0, show_default=True, type=float,
               help="Multiplies every adapter's lora_alpha / r.")
 @click.option("--keep-checkpoint-quantization", is_flag=True,
-              help="THUDM int4/int8 checkpoints: keep their integers and scales (MatMulNBits / DequantizeLinear) "
+              help="THUDM int4/int8 checkpoints: keep their integers and scales (as MatMulNBits) "
                    "instead of dequantizing to float.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress output.")

@@ -31,10 +31,11 @@ def adapter(tiny_models, tmp_path_factory):
     torch.manual_seed(0)
     model = get_peft_model(transformers_model(hf), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
                                                               init_lora_weights=False))
-    with torch.no_grad():  # PEFT's random init gives small deltas; make them clearly visible in the logits
+    with torch.no_grad():  # PEFT's random init, doubled: logits move by ~20 (x8 and more made attention so peaked
+        # that fp32 noise alone exceeded the export tolerance)
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.mul_(20.0)
+                p.mul_(2.0)
     path = str(tmp_path_factory.mktemp("lora") / "adapter")
     model.save_pretrained(path)
     return hf, path, model.merge_and_unload().eval()
@@ -146,13 +147,29 @@ def test_adapter_with_foreign_modules_is_refused(adapter, tiny_models, tmp_path)
     _assert_refused(result, out, "c_attn", "not a LoRA A/B weight of a ChatGLM layer")
 
 
-def test_several_adapters_add_up(adapter, tmp_path):
-    """--lora A --lora A --lora-scale 0.5 merges 0.5 * delta twice: the same model as peft's merge of A once."""
-    hf, path, merged = adapter
-    result, out = _export(tmp_path, hf, "--lora", path, "--lora", path, "--lora-scale", "0.5")
+
+def test_several_adapters_merge_in_order_like_peft(adapter, tmp_path):
+    """--lora A --lora B equals peft merging both adapters (A then B) into the base."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    hf, path_a, _ = adapter
+    torch.manual_seed(1)
+    second = get_peft_model(transformers_model(hf), LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "down_proj"],
+                                                               init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in second.named_parameters():
+            if "lora_B" in name:
+                p.mul_(2.0)
+    path_b = str(tmp_path / "adapter-b")
+    second.save_pretrained(path_b)
+    both = PeftModel.from_pretrained(transformers_model(hf), path_a)
+    both.load_adapter(path_b, adapter_name="b")
+    merged = both.merge_and_unload(adapter_names=["default", "b"]).eval()
+    result, out = _export(tmp_path, hf, "--lora", path_a, "--lora", path_b)
     assert result.exit_code == 0, result.output
     ids, mask = left_padded_batch(1009, (6, 3), seed=8)
     got = OnnxStepper(str(out)).start(ids, mask)
     want = reference_logits(merged, ids, mask)
     assert np.abs(got - want)[mask > 0].max() <= allowed_diff("onnx_vs_transformers", "fp32")
-    assert len(json.loads((out / "manifest.json").read_text())["source"]["lora"]) == 2
+    record = json.loads((out / "manifest.json").read_text())["source"]["lora"]
+    assert [r["r"] for r in record] == [4, 2] and record[1]["modules_merged"] == 2 * 2
