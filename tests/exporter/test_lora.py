@@ -31,8 +31,8 @@ def adapter(tiny_models, tmp_path_factory):
     torch.manual_seed(0)
     model = get_peft_model(transformers_model(hf), LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS,
                                                               init_lora_weights=False))
-    with torch.no_grad():  # PEFT's random init, doubled: logits move by ~20 (x8 and more made attention so peaked
-        # that fp32 noise alone exceeded the export tolerance)
+    with torch.no_grad():  # PEFT's random init, B doubled: logits move by ~20. (With B x8 the export's own fp32
+        # check of ONNX vs PyTorch on these same merged weights failed, 4.3e-4 > 2.9e-4: unrealistically large deltas.)
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.mul_(2.0)
