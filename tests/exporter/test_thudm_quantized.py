@@ -161,3 +161,20 @@ def test_keep_quantization_needs_a_quantized_checkpoint(float_ckpt, tmp_path):
                                        "--keep-checkpoint-quantization"])
     assert result.exit_code == 2 and "not a quantized checkpoint" in result.output
     assert not os.path.exists(out)
+
+
+def test_pytorch_model_bin_form_dequantizes_the_same(float_ckpt, tmp_path):
+    """THUDM ships its int4 checkpoints as pytorch_model.bin: the same tensors read from a .bin dequantize alike."""
+    from safetensors.torch import load_file
+
+    from exporter.checkpoint_forms import prepare_forms
+
+    st, _ = _quantized_copy(float_ckpt, tmp_path / "st", 4)
+    binary = tmp_path / "bin"
+    shutil.copytree(st, binary)
+    torch.save(load_file(str(binary / "model.safetensors")), str(binary / "pytorch_model.bin"))
+    os.remove(binary / "model.safetensors")
+    a = dict(prepare_forms(str(st)).weights(torch.float32, None))
+    b = dict(prepare_forms(str(binary)).weights(torch.float32, None))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["layers.0.qkv.weight"].dtype == torch.float32
