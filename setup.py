@@ -27,6 +27,7 @@ TEST = [
     "transformers==5.24.0",  # the independent reference (GlmForCausalLM, Glm4ForCausalLM); never a runtime dep
     "vermin==1.9.2",
     "hypothesis==6.170.17",  # property-based tests over manifests, configs and tokenizer inputs
+    "peft==0.21.2",  # LoRA tests: merged export == transformers + peft merge_and_unload (works with transformers 5.24)
 ]
 
 setup(

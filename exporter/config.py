@@ -1,14 +1,13 @@
 """Checkpoint config.json -> ModelSpec. The only module that knows checkpoint field names and generations.
 
 Supported: THUDM's remote-code layout (``model_type: chatglm``: ChatGLM-6B (v1, told apart by its own config
-fields, ``CHATGLM1_SIGNALS``), ChatGLM2-6B, ChatGLM3-6B, their 32k variants, GLM-4-9B-chat), transformers' ``glm``
+fields: ``exporter.detect.CHATGLM1_CONFIG_FIELDS``), ChatGLM2-6B, ChatGLM3-6B, their 32k variants, GLM-4-9B-chat), transformers' ``glm``
 (glm-4-9b-chat-hf) and ``glm4`` (GLM-4-0414). Unsupported settings are refused here, before any work, with a message
 naming the field.
 """
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
@@ -30,17 +29,30 @@ from runtime.spec import (
     ROPE_SCALING_KINDS,
     ROPE_SCALING_NONE,
     ROTARY_2D_HALF,
-    TOKENIZER_TIKTOKEN,
     ModelSpec,
 )
 
-LAYOUT_THUDM = "thudm"
-LAYOUT_THUDM_V1 = "thudm-v1"  # ChatGLM-6B: transformer.layers.N.attention.*, transformer.word_embeddings
-LAYOUT_GLM = "glm"
-LAYOUT_GLM4 = "glm4"
+from exporter.detect import (  # noqa: E402  (layout names live with the detection that decides them)
+    FAMILY_CHATGLM1,
+    FAMILY_CHATGLM2,
+    FAMILY_CHATGLM3,
+    FAMILY_GLM4,
+    LAYOUT_GLM,  # noqa: F401 (re-exported: exporter.weights reads the layout names from here)
+    LAYOUT_GLM4,
+    LAYOUT_THUDM,
+    Detection,
+    detect_checkpoint,
+)
+from exporter.tokenizer_files import tokenizer_facts
 
-# model_type -> weight-name layout
-LAYOUT_OF_MODEL_TYPE = {"chatglm": LAYOUT_THUDM, "glm": LAYOUT_GLM, "glm4": LAYOUT_GLM4}
+# ChatGLM-6B: THUDM's layout with v1 names (transformer.layers.N.attention.*, transformer.word_embeddings); chosen
+# when exporter.detect decides the family chatglm1
+LAYOUT_THUDM_V1 = "thudm-v1"
+
+# THUDM's quantized checkpoints (chatglm2-6b-int4, ...): weight bits their quantization.py packs
+QUANTIZATION_BITS = (4, 8)
+# the chat format each THUDM family speaks (the tokenizer files may refine it: a tokenizer.json uses its template)
+CHAT_OF_FAMILY = {FAMILY_CHATGLM2: CHAT_CHATGLM2, FAMILY_CHATGLM3: CHAT_CHATGLM3, FAMILY_GLM4: CHAT_GLM4}
 
 # The config.json field holding each size of the spec, per config family: THUDM's remote-code config (layout
 # "thudm") and transformers' (glm and glm4 share the "hf" names). The reader below reads these names; the tiny
@@ -85,8 +97,6 @@ THUDM_REQUIRED_VALUES = {
     "post_layer_norm": True,
     "apply_residual_connection_post_layernorm": False,
     "original_rope": True,
-    "quantization_bit": 0,
-    "pre_seq_len": None,
 }
 # THUDM fields with no effect on fp32 inference (training-time or fusion switches), accepted as they come.
 THUDM_IGNORED = (
@@ -97,11 +107,9 @@ THUDM_IGNORED = (
     "attention_dropout",
     "hidden_dropout",
     "classifier_dropout",
-    "prefix_projection",  # only meaningful with pre_seq_len, which is refused
+    "prefix_projection",  # read with pre_seq_len (P-tuning v2) by exporter.prefix
 )
 
-# ChatGLM-6B (v1) is model_type "chatglm" too; these fields exist only in its config (ChatGLM2+ configs have none).
-CHATGLM1_SIGNALS = ("position_encoding_2d", "inner_hidden_size", "max_sequence_length", "gmask_token_id")
 # v1 special ids as config.json names them -> the token text (published: 130000, 130001, 130004, 130005)
 CHATGLM1_SPECIAL_FIELDS = {"mask_token_id": "[MASK]", "gmask_token_id": "[gMASK]", "bos_token_id": "<sop>",
                            "eos_token_id": "<eop>"}
@@ -118,6 +126,9 @@ class CheckpointInfo:
     model_type: str
     rope_scaling_source: str  # how the rope_ratio meaning was decided
     tokenizer_files: Tuple[str, ...]
+    detection: Optional[Detection] = None  # every signal and which one decided layout and family
+    quantization_bit: int = 0  # THUDM quantized checkpoint: 4 or 8 (weights packed by their quantization.py)
+    prefix_projection: bool = False  # P-tuning v2: the prefix encoder has the two-layer MLP
 
 
 def read_config_json(ckpt_dir: str) -> Dict[str, Any]:
@@ -144,22 +155,15 @@ def _eos_ids(value: Any, where: str) -> Tuple[int, ...]:
     raise ConfigError(f"{where}: field 'eos_token_id' must be an integer or a list of integers, got {value!r}")
 
 
-def _rope_ratio_meaning(ckpt_dir: str, cfg: Dict[str, Any], chat_family: str) -> Tuple[str, str]:
+def _rope_ratio_meaning(detection: Detection, cfg: Dict[str, Any], chat_family: str) -> Tuple[str, str]:
     """Decide what THUDM's ``rope_ratio`` means for this checkpoint: (kind, how it was decided).
 
-    THUDM's remote code is the ground truth: ChatGLM2-6B-32k's divides positions (``seq_idx / self.rope_ratio``),
-    ChatGLM3-6B-32k's and GLM-4's multiply the base (``base * self.rope_ratio``). We read (never run) that file when
-    present; else the tokenizer family decides (ChatGLM2 interpolates, ChatGLM3 and GLM-4 scale the base).
+    The shipped modeling_chatglm.py, as ``exporter.detect`` read it, decides when it is there; else the name or the
+    tokenizer family (ChatGLM2 interpolates, ChatGLM3 and GLM-4 scale the base).
     """
-    modeling = os.path.join(ckpt_dir, "modeling_chatglm.py")
-    if os.path.isfile(modeling):
-        with open(modeling, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        if re.search(r"base\s*=\s*base\s*\*\s*self\.rope_ratio|base\s*\*\s*self\.rope_ratio", text):
-            return ROPE_SCALING_BASE, "modeling_chatglm.py multiplies the base by rope_ratio"
-        if re.search(r"/\s*self\.rope_ratio", text):
-            return ROPE_SCALING_INTERPOLATION, "modeling_chatglm.py divides positions by rope_ratio"
-    name = str(cfg.get("_name_or_path") or "").lower()
+    if detection.rope_meaning is not None:
+        return detection.rope_meaning
+    name = str(cfg.get("_name_or_path", "")).lower()
     if "chatglm2" in name:
         return ROPE_SCALING_INTERPOLATION, f"_name_or_path {cfg.get('_name_or_path')!r} is a ChatGLM2 model"
     if chat_family == CHAT_CHATGLM2:
@@ -317,57 +321,75 @@ def _hf_fields(cfg: Dict[str, Any], where: str, layout: str) -> Dict[str, Any]:
     )
 
 
-def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> Tuple[ModelSpec, CheckpointInfo]:
-    """Read ``ckpt_dir/config.json`` (and, as text only, its tokenizer files) into one ModelSpec.
+def _quantization_bit(cfg: Dict[str, Any], where: str) -> int:
+    bits = cfg.get("quantization_bit") or 0
+    if bits not in (0,) + QUANTIZATION_BITS:
+        raise UnsupportedModelError(f"{where}: field 'quantization_bit' = {bits!r} is not supported "
+                                    "(0, or THUDM's 4 or 8)")
+    return int(bits)
 
-    ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied: "interpolation" or "base".
+
+def _prefix_len(cfg: Dict[str, Any], where: str) -> int:
+    """P-tuning v2: pre_seq_len (None or 0 for the released models)."""
+    value = cfg.get("pre_seq_len")
+    if value in (None, 0):
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: field 'pre_seq_len' must be a positive integer or null, got {value!r}")
+    return value
+
+
+def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None, generation: Optional[str] = None,
+                         prefix_config: Optional[Dict[str, Any]] = None) -> Tuple[ModelSpec, CheckpointInfo]:
+    """Read ``ckpt_dir/config.json`` (and, as text only, its tokenizer files and remote code) into one ModelSpec.
+
+    One pass: ``exporter.detect`` gathers every signal and decides layout and family once; this builds the spec.
+    ``rope_scaling`` overrides how THUDM's ``rope_ratio`` is applied ("interpolation" or "base"); ``generation``
+    overrides the detected family; ``prefix_config`` is a P-tuning output directory's config (its ``pre_seq_len``
+    and ``prefix_projection`` replace the base checkpoint's).
     """
-    from exporter.tokenizer_files import detect_tokenizer
-
     cfg = read_config_json(ckpt_dir)
     where = os.path.join(ckpt_dir, "config.json")
-    model_type = cfg.get("model_type")
-    if model_type not in LAYOUT_OF_MODEL_TYPE:
-        known = ", ".join(sorted(LAYOUT_OF_MODEL_TYPE))
-        raise UnsupportedModelError(f"{where}: field 'model_type' = {model_type!r} is not supported (known: {known})")
     if rope_scaling is not None and rope_scaling not in (ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE):
         raise ConfigError(f"--rope-scaling: expected 'interpolation' or 'base', got {rope_scaling!r}")
-    layout = LAYOUT_OF_MODEL_TYPE[model_type]
-    if layout == LAYOUT_THUDM and any(k in cfg for k in CHATGLM1_SIGNALS):
+    detection = detect_checkpoint(ckpt_dir, cfg, where, generation)
+    layout, family = detection.layout, detection.family
+    if family == FAMILY_CHATGLM1:
         layout = LAYOUT_THUDM_V1
+    if prefix_config is not None:
+        cfg = dict(cfg, pre_seq_len=prefix_config.get("pre_seq_len"),
+                   prefix_projection=prefix_config.get("prefix_projection", False))
+    prefix_len, bits = 0, 0
 
     if layout == LAYOUT_THUDM_V1:
         fields = _chatglm1_fields(cfg, where)
-        tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM1)
+        tok = tokenizer_facts(detection.tokenizer, CHAT_CHATGLM1)
         for name, wanted in fields["special_tokens"].items():
             if tok.special_tokens.get(name, wanted) != wanted:
                 raise ConfigError(f"{where}: {name} is id {wanted} here but {tok.special_tokens[name]} in the "
                                   "tokenizer; the tokenizer files belong to another model")
         fields["special_tokens"] = {**tok.special_tokens, **fields["special_tokens"]}
-        generation, source, pad = "chatglm1", "no rope_ratio (ChatGLM-6B)", cfg.get("pad_token_id", 3)
+        source, pad = "no rope_ratio (ChatGLM-6B)", int_field(cfg, "pad_token_id", where, 3, minimum=0)
         if rope_scaling is not None:
             raise ConfigError(f"--rope-scaling applies to ChatGLM2+ checkpoints with rope_ratio; {where} is ChatGLM-6B")
     elif layout == LAYOUT_THUDM:
         fields = _thudm_fields(cfg, where)
-        # the sentencepiece family is ChatGLM2/3 (detect_tokenizer says which: role tokens decide), tiktoken is GLM-4
-        tok = detect_tokenizer(ckpt_dir, CHAT_CHATGLM3)
-        chat_family = CHAT_GLM4 if tok.kind == TOKENIZER_TIKTOKEN else tok.chat_format
-        generation = {CHAT_CHATGLM2: "chatglm2", CHAT_CHATGLM3: "chatglm3", CHAT_GLM4: "glm4"}.get(chat_family, "chatglm3")
+        prefix_len, bits = _prefix_len(cfg, where), _quantization_bit(cfg, where)
+        tok = tokenizer_facts(detection.tokenizer, CHAT_OF_FAMILY[family])
         ratio = fields.pop("rope_ratio")
         if rope_scaling is not None:
             kind, source = rope_scaling, "set by the user"
         elif ratio == 1.0:
             kind, source = ROPE_SCALING_NONE, "no rope_ratio"
         else:
-            kind, source = _rope_ratio_meaning(ckpt_dir, cfg, chat_family)
+            kind, source = _rope_ratio_meaning(detection, cfg, tok.chat_format)
         fields["rope_theta"] = 10000.0 * ratio if kind == ROPE_SCALING_BASE else 10000.0
         fields["rope_position_scale"] = ratio if kind == ROPE_SCALING_INTERPOLATION else 1.0
         fields["rope_scaling"] = kind
         pad = int_field(cfg, "pad_token_id", where, 0, minimum=0)
     else:
         fields = _hf_fields(cfg, where, layout)
-        tok = detect_tokenizer(ckpt_dir, CHAT_GLM4)
-        generation = "glm4-0414" if layout == LAYOUT_GLM4 else "glm4"
+        tok = tokenizer_facts(detection.tokenizer, CHAT_GLM4)
         source = "transformers config"
         if rope_scaling is not None:
             raise ConfigError(
@@ -377,20 +399,24 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
         pad = int_field(cfg, "pad_token_id", where, 151329, minimum=0)
 
     spec = ModelSpec(
-        generation=generation,
+        generation=family,
         eos_token_ids=_eos_ids(cfg.get("eos_token_id"), where),
         pad_token_id=int(pad if pad is not None else 0),
         tokenizer_kind=tok.kind,
         chat_format=tok.chat_format,
         **{"special_tokens": dict(tok.special_tokens), **fields},
+        prefix_len=prefix_len,
     )
     _check_consistency(spec, where)
     info = CheckpointInfo(
         path=os.path.abspath(ckpt_dir),
         layout=layout,
-        model_type=model_type,
+        model_type=str(cfg.get("model_type") or "(none: " + detection.layout_decided_by + ")"),
         rope_scaling_source=source,
         tokenizer_files=tuple(tok.files),
+        detection=detection,
+        quantization_bit=bits,
+        prefix_projection=bool(cfg.get("prefix_projection", False)) if prefix_len else False,
     )
     return spec, info
 

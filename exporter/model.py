@@ -73,6 +73,10 @@ class Block(nn.Module):
         if spec.sandwich_norms:
             self.post_self_attn_norm = RMSNorm(h, spec.norm_eps)
             self.post_mlp_norm = RMSNorm(h, spec.norm_eps)
+        if spec.prefix_len:  # P-tuning v2 prefix, set by set_prefix_kv: (1, KV, prefix_len, D), never rotated
+            prefix_shape = (1, spec.num_kv_heads, spec.prefix_len, d)
+            self.register_buffer("prefix_key", torch.zeros(prefix_shape), persistent=False)
+            self.register_buffer("prefix_value", torch.zeros(prefix_shape), persistent=False)
 
     def attention(self, x, cos, sin, mask_bias, past_k, past_v):
         """x: (B, S, hidden); mask_bias: (B, 1, 1, S, T) additive fp32; past: (B, KV, P, D)."""
@@ -88,13 +92,18 @@ class Block(nn.Module):
         k = apply_rotary(k, cos, sin, s.rotary_dim)
         k_all = torch.cat((past_k, k), dim=2)  # (B, nkv, T, D), T = P + S
         v_all = torch.cat((past_v, v), dim=2)
+        if s.prefix_len:  # the fixed P-tuning prefix goes first; the presents returned below exclude it
+            k_att = torch.cat((self.prefix_key.expand(b, -1, -1, -1).to(k_all.dtype), k_all), dim=2)
+            v_att = torch.cat((self.prefix_value.expand(b, -1, -1, -1).to(v_all.dtype), v_all), dim=2)
+        else:
+            k_att, v_att = k_all, v_all
         # grouped-query attention without repeating K/V: head h uses group h // rep
         q = q * (1.0 / d**0.5)  # scale before QK^T: keeps fp16 scores in range
         qg = q.reshape(b, nkv, rep * q_len, d)  # (B, nkv, rep*S, D)
-        scores = torch.matmul(qg, k_all.transpose(-1, -2)).float()  # (B, nkv, rep*S, T)
-        scores = scores.reshape(b, nkv, rep, q_len, -1) + mask_bias  # (B, nkv, rep, S, T)
-        probs = torch.softmax(scores, dim=-1).to(v_all.dtype)
-        out = torch.matmul(probs.reshape(b, nkv, rep * q_len, -1), v_all)  # (B, nkv, rep*S, D)
+        scores = torch.matmul(qg, k_att.transpose(-1, -2)).float()  # (B, nkv, rep*S, prefix + T)
+        scores = scores.reshape(b, nkv, rep, q_len, -1) + mask_bias  # (B, nkv, rep, S, prefix + T)
+        probs = torch.softmax(scores, dim=-1).to(v_att.dtype)
+        out = torch.matmul(probs.reshape(b, nkv, rep * q_len, -1), v_att)  # (B, nkv, rep*S, D)
         out = out.reshape(b, nh, q_len, d).transpose(1, 2).reshape(b, q_len, nh * d)  # (B, S, nh*D)
         return self.attn_out(out), k_all, v_all
 
@@ -128,6 +137,9 @@ class GlmForExport(nn.Module):
         past: 2 * layers tensors (B, kv_heads, P, D). Returns logits (B, S, vocab) fp32 and 2 * layers presents."""
         s = self.spec
         x = self.embed(input_ids)  # (B, S, hidden)
+        if s.prefix_len:  # the P-tuning prefix is always attended: (B, T) -> (B, prefix + T)
+            prefix_mask = torch.ones_like(attention_mask[:, :1]).repeat(1, s.prefix_len)
+            attention_mask = torch.cat((prefix_mask, attention_mask), dim=1)
         q_len, total = input_ids.shape[1], attention_mask.shape[1]
         # rotary tables in fp32, cast to the model dtype like the reference implementation
         pos = position_ids.float() / s.rope_position_scale  # (B, S)
@@ -190,6 +202,16 @@ def export_model_class(spec: ModelSpec):
     if uses_v1_block(spec):
         return GlmV1ForExport, v1_inv_frequencies
     return GlmForExport, inv_frequencies
+def set_prefix_kv(model: GlmForExport, prefix_kv: torch.Tensor) -> None:
+    """Adopt the P-tuning v2 prefix, (layers, 2, kv_heads, prefix_len, head_dim): [:, 0] keys, [:, 1] values."""
+    s = model.spec
+    want = (s.num_layers, 2, s.num_kv_heads, s.prefix_len, s.head_dim)
+    if tuple(prefix_kv.shape) != want:
+        raise ValueError(f"prefix KV has shape {tuple(prefix_kv.shape)}, expected {want}")
+    dtype = next(model.parameters()).dtype
+    for i, layer in enumerate(model.layers):
+        layer.prefix_key = prefix_kv[i, 0].unsqueeze(0).to(dtype).contiguous()  # (1, KV, prefix_len, D)
+        layer.prefix_value = prefix_kv[i, 1].unsqueeze(0).to(dtype).contiguous()
 
 
 def canonical_state(model: GlmForExport) -> Dict[str, torch.Tensor]:

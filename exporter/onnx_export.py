@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
 from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
@@ -32,10 +32,10 @@ from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
-from exporter.config import spec_from_checkpoint
+from exporter.checkpoint_forms import prepare_forms
 from exporter.model import GlmForExport, model_from_weights
 from exporter.resources import check_checkpoint_fits
-from exporter.weights import find_weight_files, load_canonical_weights
+from exporter.weights import find_weight_files
 
 log = logging.getLogger("glm_export")
 
@@ -74,13 +74,14 @@ def dynamic_axes(spec) -> Dict[str, Dict[int, str]]:
     return axes
 
 
-def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None:
+def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite=None) -> None:
     """Trace ``model`` into ``out_dir/model.onnx`` with its weights in ``out_dir/model.onnx.data``.
 
     The TorchScript exporter (deterministic, dynamic axes, standard operators only) traces the graph without
     parameters; the weights are then streamed tensor by tensor into one external data file. Serialising a whole
     ModelProto instead would hold the weights two more times (peak about 4.3x the fp32 weight bytes, measured on
-    the 288M model) and cannot exceed protobuf's 2 GB limit.
+    the 288M model) and cannot exceed protobuf's 2 GB limit. ``rewrite(proto, tensors)``, when given, may replace
+    weight inputs and their tensors before they are written (``exporter.thudm_quant`` keeps a checkpoint's integers).
     """
     import warnings
 
@@ -117,6 +118,8 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None
     proto = onnx.load(graph_path)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
+    if rewrite is not None:
+        rewrite(proto, tensors)
     attach_external_weights(proto, tensors, out_dir, set(inputs))
     onnx.save_model(proto, graph_path)
 
@@ -175,20 +178,31 @@ def export_bundle(
     opset: int = OPSET,
     progress=None,
     precision: str = "fp32",
+    generation: Optional[str] = None,
+    prefix_dir: Optional[str] = None,
+    lora: Sequence[str] = (),
+    lora_scale: float = 1.0,
+    keep_checkpoint_quantization: bool = False,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
     ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
-    softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
+    softmax, rotary tables and the logits stay fp32 (see exporter/model.py). ``generation`` overrides the detected
+    family; ``prefix_dir`` is a P-tuning v2 output directory (prefix encoder only); ``lora`` are PEFT adapter
+    directories merged with ``lora_scale``; ``keep_checkpoint_quantization`` writes a THUDM int4/int8 checkpoint's
+    own integers and scales into the graph (see exporter/thudm_quant.py).
     """
     kv_dtype = _kv_dtype_of(precision)
     progress = progress or NullProgress()
     start = time.perf_counter()
-    spec, info = spec_from_checkpoint(ckpt_dir, rope_scaling=rope_scaling)
+    forms = prepare_forms(ckpt_dir, rope_scaling, generation, prefix_dir, lora, lora_scale,
+                          keep_checkpoint_quantization, precision)
+    spec, info = forms.spec, forms.info
     weight_files = find_weight_files(ckpt_dir)
     check_checkpoint_fits(ckpt_dir, spec, weight_files, info.layout, 2 if kv_dtype == "float16" else 4)
-    with staged_directory(out_dir, overwrite, inputs=(("--model", ckpt_dir),)) as tmp:
-        reference, plan = _trace_model(ckpt_dir, tmp, spec, info, kv_dtype, opset, verify, progress)
+    inputs = (("--model", ckpt_dir), ("--prefix", prefix_dir)) + tuple(("--lora", a) for a in lora)
+    with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
+        reference, plan = _trace_model(forms, tmp, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
         inline_if_small(tmp)
         copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
@@ -196,17 +210,17 @@ def export_bundle(
         diffs: Dict[str, float] = {}
         if verify:
             progress.stage("verifying with onnxruntime: prefill + 3 cached decode steps, batch 2, left padding")
-            diffs, verification = _verify_graph(tmp, spec, plan, reference, precision, kv_dtype)
+            diffs, verification = _verify_graph(tmp, spec, plan, reference, forms.verify_precision, kv_dtype)
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
         manifest = Manifest(
             spec=spec,
-            precision=precision,
+            precision=forms.bundle_precision,
             inputs=gc.graph_inputs(spec, kv_dtype),
             outputs=gc.graph_outputs(spec, kv_dtype),
             model_file=MODEL_FILE,
             opset=opset,
             tool_version=__version__,
-            source=_source_record(info, weight_files),
+            source=_source_record(info, weight_files, forms),
             files=record_files(tmp, graph_files + copied),
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification=verification,
@@ -231,21 +245,23 @@ def _kv_dtype_of(precision: str) -> str:
     return KV_DTYPE_OF_PRECISION[precision]
 
 
-def _trace_model(ckpt_dir: str, tmp: str, spec, info, kv_dtype: str, opset: int, verify: bool, progress):
-    """Load the weights into GlmForExport, run the reference steps (when verifying), trace ``tmp/model.onnx``
-    and free the model. Returns (reference outputs or None, the verification plan or None)."""
+def _trace_model(forms, tmp: str, kv_dtype: str, opset: int, verify: bool, progress):
+    """Load the checkpoint's weights (in its form: dequantized, adapters merged, prefix set) into the export model,
+    run the reference steps (when verifying), trace ``tmp/model.onnx`` and free the model. Returns (reference
+    outputs or None, the verification plan or None)."""
     import torch
 
     from exporter.verify import make_plan, run_torch
 
-    progress.stage(f"loading {info.layout} checkpoint {ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
+    spec, info = forms.spec, forms.info
+    progress.stage(f"loading {info.layout} checkpoint {forms.ckpt_dir} ({spec.num_params / 1e6:.1f}M params)")
     # the loaded dict is not kept: the model owns the tensors, so the weights are held once
-    model = model_from_weights(spec, load_canonical_weights(ckpt_dir, spec, info.layout, getattr(torch, kv_dtype),
-                                                            progress))
+    model = model_from_weights(spec, forms.weights(getattr(torch, kv_dtype), progress))
+    forms.finish_model(model)
     plan = make_plan(spec) if verify else None
     reference = run_torch(model, spec, plan) if verify else None
     progress.stage("tracing to ONNX")
-    trace_to_onnx(model, tmp, opset)
+    trace_to_onnx(model, tmp, opset, rewrite=forms.rewrite)
     del model
     _gc.collect()
     return reference, plan
@@ -277,12 +293,14 @@ def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str
     }
 
 
-def _source_record(info, weight_files) -> Dict:
-    """The manifest's ``source``: where the bundle came from and how its rope scaling was decided."""
+def _source_record(info, weight_files, forms) -> Dict:
+    """The manifest's ``source``: where the bundle came from, how its model and rope scaling were decided, and its
+    form (P-tuning prefix, LoRA adapters, kept checkpoint quantization)."""
     return {
         "checkpoint": info.path,
         "layout": info.layout,
         "model_type": info.model_type,
         "weight_files": [os.path.basename(f) for f in weight_files.files],
         "rope_scaling_decided_by": info.rope_scaling_source,
+        **forms.source_records(),
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from runtime.errors import ConfigError, WeightsError, first_line, read_json_object
 from runtime.progress import NullProgress
@@ -287,12 +287,15 @@ class TensorSource:
 
 
 def load_canonical_weights(
-    ckpt_dir: str, spec: ModelSpec, layout: str, dtype=None, progress=None
+    ckpt_dir: str, spec: ModelSpec, layout: str, dtype=None, progress=None,
+    reader: Optional[Callable[[TensorSource, str], "object"]] = None, claimed: Iterable[str] = (),
 ) -> Iterator[Tuple[str, "object"]]:
     """Yield (canonical name, tensor) for every parameter, checking names and shapes as it goes.
 
     Tensors are read lazily from memory-mapped files and converted to ``dtype`` one at a time, so the caller can
-    place each into the model without the checkpoint ever being held twice.
+    place each into the model without the checkpoint ever being held twice. ``reader(source, key)`` replaces the
+    plain read of a key (THUDM's quantized checkpoints dequantize there); ``claimed`` are checkpoint keys another
+    stage reads (the P-tuning prefix encoder, quantization scales), so they are not "unexpected".
     """
     import torch
 
@@ -306,7 +309,7 @@ def load_canonical_weights(
             if key not in available:
                 raise WeightsError(f"{ckpt_dir}: weight '{key}' is missing (needed for {name})")
     expected_keys = {k for keys in table.values() for k in keys}
-    extra = sorted(available - expected_keys - set(skipped_keys(layout, spec)))
+    extra = sorted(available - expected_keys - set(skipped_keys(layout, spec)) - set(claimed))
     if extra:
         more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
         raise WeightsError(f"{ckpt_dir}: unexpected weight '{extra[0]}'{more} does not belong to this model")
@@ -315,7 +318,7 @@ def load_canonical_weights(
         for name in progress.iterate(list(table), total=len(table), desc="loading weights"):
             parts = []
             for key, want in zip(table[name], part_shapes(spec, shapes[name], len(table[name]))):
-                t = source.get(key)
+                t = reader(source, key) if reader is not None else source.get(key)
                 if tuple(t.shape) != want:
                     raise WeightsError(f"{ckpt_dir}: weight '{key}' has shape {tuple(t.shape)}, expected {want}")
                 parts.append(t)

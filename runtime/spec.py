@@ -97,6 +97,9 @@ class ModelSpec:
     position_kind: str = POSITIONS_SEQUENTIAL
     attention_kind: str = ATTENTION_CAUSAL
     query_key_layer_scaling: bool = False  # v1: q / (sqrt(d) * (layer + 1)), scores * (layer + 1) in fp32
+    # P-tuning v2: a fixed KV prefix of this many positions inside the graph, attended by every token of every
+    # sequence (pasts and presents exclude it; position ids do not count it, as in THUDM's ChatGLM2/3 code)
+    prefix_len: int = 0
 
     @property
     def num_params(self) -> int:

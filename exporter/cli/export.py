@@ -41,16 +41,30 @@ def tiny(out_dir, generation, layout, size, weights_format, seed, overwrite):
               help="How THUDM's rope_ratio applies (default: detected; ChatGLM2-32k interpolates, ChatGLM3-32k/GLM-4 scale the base).")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(17, 21))
 @click.option("--fp16", is_flag=True, help="FP16 weights and KV cache; norms, softmax, rotary and logits stay fp32.")
+@click.option("--generation", type=click.Choice(["chatglm1", "chatglm2", "chatglm3", "glm4", "glm4-0414"]),
+              default=None, help="Override the detected model family (when the checkpoint's signals disagree).")
+@click.option("--prefix", "prefix_dir", type=click.Path(), default=None,
+              help="P-tuning v2 output directory (prefix encoder + config.json with pre_seq_len) for this base.")
+@click.option("--lora", "lora", multiple=True, type=click.Path(),
+              help="PEFT LoRA adapter directory to merge (repeatable; applied in order).")
+@click.option("--lora-scale", default=1.0, show_default=True, type=float,
+              help="Multiplies every adapter's lora_alpha / r.")
+@click.option("--keep-checkpoint-quantization", is_flag=True,
+              help="THUDM int4/int8 checkpoints: keep their integers and scales (as MatMulNBits) "
+                   "instead of dequantizing to float.")
 @json_option()
 @quiet_option
-def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, fp16, as_json, quiet):
+def onnx(model_dir, out_dir, verify, overwrite, rope_scaling, opset, fp16, generation, prefix_dir, lora, lora_scale,
+         keep_checkpoint_quantization, as_json, quiet):
     """Export a ChatGLM checkpoint to a verified ONNX bundle with a KV cache."""
     from exporter.onnx_export import export_bundle
     from runtime.progress import TqdmProgress
 
     result = export_bundle(model_dir, out_dir, verify=verify, overwrite=overwrite, rope_scaling=rope_scaling,
                            opset=opset, progress=TqdmProgress(enabled=not quiet and not as_json),
-                           precision="fp16" if fp16 else "fp32")
+                           precision="fp16" if fp16 else "fp32", generation=generation, prefix_dir=prefix_dir,
+                           lora=lora, lora_scale=lora_scale,
+                           keep_checkpoint_quantization=keep_checkpoint_quantization)
     if as_json:
         click.echo(json.dumps({
             "bundle": result.bundle_dir,

@@ -159,7 +159,9 @@ def test_checkpoint_without_ice_text_exports_and_runs_on_ids(tmp_path):
     ckpt = write_tiny_checkpoint(str(tmp_path / "ck"), generation="chatglm1", tokenizer=False, num_layers=1)
     assert not os.path.exists(os.path.join(ckpt, "ice_text.model"))
     spec, _ = spec_from_checkpoint(ckpt)
-    assert (spec.tokenizer_kind, spec.chat_format) == ("none", "none")
+    # no tokenizer: prompts are ids; the decided family keeps its chat format (as a GLM-4 directory without
+    # tokenizer files keeps GLM-4's), for a tokenizer added to the bundle later
+    assert (spec.tokenizer_kind, spec.chat_format) == ("none", "chatglm1")
     with open(os.path.join(ckpt, "config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     assert spec.special_tokens["<sop>"] == cfg["bos_token_id"]

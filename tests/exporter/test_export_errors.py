@@ -73,7 +73,8 @@ def test_unknown_model_type(tmp_path, ckpt):
     _assert_clean_failure(result, out, "model_type", "llama")
 
 
-@pytest.mark.parametrize("field,value", [("pre_seq_len", 128), ("quantization_bit", 4), ("add_bias_linear", True)])
+# pre_seq_len (P-tuning v2) and quantization_bit 4/8 are read now: tests/exporter/test_checkpoint_forms.py
+@pytest.mark.parametrize("field,value", [("quantization_bit", 2), ("add_bias_linear", True)])
 def test_unsupported_field(tmp_path, ckpt, field, value):
     _edit_config(ckpt, **{field: value})
     result, out = _export(tmp_path, ckpt)
@@ -150,10 +151,10 @@ def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, mo
 
     real = oe.trace_to_onnx
 
-    def corrupt(model, out_dir, opset=17):
+    def corrupt(model, out_dir, opset=17, **kwargs):
         with __import__("torch").no_grad():
             model.final_norm.weight.mul_(1.5)  # the traced graph now differs from the reference run
-        real(model, out_dir, opset)
+        real(model, out_dir, opset, **kwargs)
 
     monkeypatch.setattr(oe, "trace_to_onnx", corrupt)
     result, out = _export(tmp_path, ckpt)
