@@ -414,6 +414,15 @@ def _fresh_byte_level_bpe(seed: int):
     return Tokenizer.from_str(_byte_level_bpe_of_seed(seed))
 
 
+def _written(kind: str, chat_format: str, main_file: str, base: int, specials: Dict[str, int],
+             eos: List[int]) -> TinyTokenizer:
+    """The record of a tokenizer written as ``main_file`` + tokenizer_config.json: ``base`` ordinary ids, then the
+    special tokens."""
+    return TinyTokenizer(total_vocab=base + len(specials), special_tokens=specials,
+                         files=[main_file, "tokenizer_config.json"], kind=kind, chat_format=chat_format,
+                         base_vocab=base, eos_token_ids=list(eos))
+
+
 def _write_sentencepiece(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
     """tokenizer.model (sentencepiece) + tokenizer_config.json; specials appended after the pieces."""
     model = _sentencepiece_of_seed(seed)
@@ -425,15 +434,7 @@ def _write_sentencepiece(out_dir: str, chat_format: str, seed: int) -> TinyToken
     names = SP_BASE_SPECIALS + (SP_ROLE_SPECIALS if chat_format == CHAT_CHATGLM3 else ())
     specials = {name: base + i for i, name in enumerate(names)}
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), _chatglm_config(chat_format, specials))
-    return TinyTokenizer(
-        total_vocab=base + len(specials),
-        special_tokens=specials,
-        files=["tokenizer.model", "tokenizer_config.json"],
-        kind=TOKENIZER_SENTENCEPIECE,
-        chat_format=chat_format,
-        base_vocab=base,
-        eos_token_ids=[2],
-    )
+    return _written(TOKENIZER_SENTENCEPIECE, chat_format, "tokenizer.model", base, specials, [2])
 
 
 def _write_tiktoken(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
@@ -445,15 +446,7 @@ def _write_tiktoken(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
     specials = _glm4_specials(len(ranks))
     config = _glm4_config(specials, _GLM4_TEMPLATE, "ChatGLM4Tokenizer")
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
-    return TinyTokenizer(
-        total_vocab=len(ranks) + len(specials),
-        special_tokens=specials,
-        files=["tokenizer.model", "tokenizer_config.json"],
-        kind=TOKENIZER_TIKTOKEN,
-        chat_format=chat_format,
-        base_vocab=len(ranks),
-        eos_token_ids=_glm4_eos(specials),
-    )
+    return _written(TOKENIZER_TIKTOKEN, chat_format, "tokenizer.model", len(ranks), specials, _glm4_eos(specials))
 
 
 def _write_tokenizer_json(out_dir: str, chat_format: str, seed: int) -> TinyTokenizer:
@@ -477,15 +470,7 @@ def _write_tokenizer_json(out_dir: str, chat_format: str, seed: int) -> TinyToke
     template = _GLM4_0414_TEMPLATE if chat_format == CHAT_TEMPLATE else ""
     config = _glm4_config(specials, template, "PreTrainedTokenizerFast")
     _write_json(os.path.join(out_dir, "tokenizer_config.json"), config)
-    return TinyTokenizer(
-        total_vocab=base + len(specials),
-        special_tokens=specials,
-        files=["tokenizer.json", "tokenizer_config.json"],
-        kind=TOKENIZER_JSON,
-        chat_format=chat_format,
-        base_vocab=base,
-        eos_token_ids=_glm4_eos(specials),
-    )
+    return _written(TOKENIZER_JSON, chat_format, "tokenizer.json", base, specials, _glm4_eos(specials))
 
 
 @functools.lru_cache(maxsize=None)
