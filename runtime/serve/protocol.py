@@ -157,10 +157,12 @@ def parse_request(body: bytes, model_cls):
         req = model_cls.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        where = tuple(err.get("loc", ()))
+        loc = ".".join(str(p) for p in where)
+        param = str(where[0]) if where else None  # the request field, as OpenAI names it
         if err.get("type") == "extra_forbidden":
-            raise bad_request(f"unrecognized request argument: {loc}", loc) from None
-        raise bad_request(f"{loc}: {err.get('msg')}", loc or None) from None
+            raise bad_request(f"unrecognized request argument: {loc}", param) from None
+        raise bad_request(f"{loc}: {err.get('msg')}", param) from None
     req.check_supported()
     return req
 
