@@ -1,8 +1,8 @@
 """glm-export: ONNX/TensorRT export and edge deployment for the ChatGLM family.
 
 The base install is the runtime (numpy, onnxruntime, tokenizer libraries, click); torch and the ONNX tooling come
-with the ``export`` extra, the HTTP server with ``serve``, test tools with ``test``. TensorRT is never a pip dependency: it comes with JetPack or
-NVIDIA's packages on the target machine.
+with the ``export`` extra, the HTTP server with ``serve``, test tools with ``test``. TensorRT is never a pip
+dependency: it comes with JetPack or NVIDIA's packages on the target machine.
 """
 from setuptools import find_packages, setup
 

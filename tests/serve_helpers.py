@@ -43,8 +43,9 @@ def wait_healthy(base: str, proc: Optional[subprocess.Popen] = None, timeout: fl
 def server_process(bundle: str, *args: str, lifetime_s: float = 300.0) -> Iterator[str]:
     """``glm-export serve --model BUNDLE ARGS`` on a free loopback port; yields its base URL."""
     port = free_port()
+    threads = [] if "--threads" in args else ["--threads", "1"]
     cmd = [sys.executable, "-m", "exporter.cli", "serve", "--model", bundle, "--host", "127.0.0.1",
-           "--port", str(port), "--threads", "1", "--shutdown-after", str(lifetime_s), *args]
+           "--port", str(port), *threads, "--shutdown-after", str(lifetime_s), *args]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
