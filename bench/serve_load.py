@@ -105,9 +105,11 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve-bench-")
     bundle = args.model or make_bundle(workdir, args.size)
     common = ["--model-name", "bench", "--threads", str(args.threads)]
+    life = 4 * 3600.0  # the servers stop by themselves after this (they are stopped at the end anyway)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
-    with server_process(bundle, *common, "--max-batch", str(args.max_batch), "--prefix-cache-mb", "0") as batched, \
-            server_process(bundle, *common, "--max-batch", "1", "--prefix-cache-mb", "0") as serial:
+    with server_process(bundle, *common, "--max-batch", str(args.max_batch), "--prefix-cache-mb", "0",
+                        lifetime_s=life) as batched, \
+            server_process(bundle, *common, "--max-batch", "1", "--prefix-cache-mb", "0", lifetime_s=life) as serial:
         for base in (batched, serial):  # warm-up: sessions, tokenizer, allocator
             load_round(base, 2, 8, seed=999)
         for c in CONCURRENCY:
@@ -116,8 +118,9 @@ def main() -> None:
                 "batched": lambda c=c: load_round(batched, c, args.new_tokens, next(seeds)),
                 "serial": lambda c=c: load_round(serial, c, args.new_tokens, next(seeds)),
             }, args.rounds)
-    with server_process(bundle, *common, "--max-batch", "4") as reuse, \
-            server_process(bundle, *common, "--max-batch", "4", "--prefix-cache-mb", "0") as no_reuse:
+            print(f"concurrency {c}: {out[f'c{c}']}", file=sys.stderr, flush=True)
+    with server_process(bundle, *common, "--max-batch", "4", lifetime_s=life) as reuse, \
+            server_process(bundle, *common, "--max-batch", "4", "--prefix-cache-mb", "0", lifetime_s=life) as no_reuse:
         seeds = iter(range(2000, 3000))
         out["prefix"] = interleaved_medians({
             "reuse": lambda: chat_turn5_ttft(reuse, next(seeds), 16),

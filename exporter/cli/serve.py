@@ -40,6 +40,9 @@ def serve(bundle, host, port, max_batch, max_queue, api_key, model_name, provide
 
     name = model_name or os.path.basename(os.path.normpath(os.path.abspath(bundle)))
     with GlmModel.load(bundle, provider=provider, threads=threads) as model:
+        if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+            click.echo(f"warning: listening on {host} without --api-key: anyone who reaches the port can use it",
+                       err=True)
         if model.tokenizer is None:
             click.echo("note: the bundle has no tokenizer; only /v1/completions with token-id prompts works", err=True)
         scheduler = Scheduler(model, max_batch=max_batch, max_queue=max_queue,
