@@ -66,14 +66,17 @@ def stream_one(base: str, messages, max_tokens: int) -> Tuple[float, int, str]:
     return ttft or 0.0, tokens, "".join(text)
 
 
-def prompts(n: int, seed: int) -> List[list]:
+PROMPT_WORDS = (4, 16, 48, 120, 200)
+
+
+def prompts(n: int, seed: int, words=PROMPT_WORDS) -> List[list]:
     rng = np.random.default_rng(seed)
-    lengths = rng.choice([4, 16, 48, 120, 200], size=n)
+    lengths = rng.choice(list(words), size=n)
     return [[{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(k)))}] for k in lengths]
 
 
-def load_round(base: str, concurrency: int, max_tokens: int, seed: int) -> Dict[str, float]:
-    jobs = prompts(max(2 * concurrency, 8), seed)
+def load_round(base: str, concurrency: int, max_tokens: int, seed: int, words=PROMPT_WORDS) -> Dict[str, float]:
+    jobs = prompts(max(2 * concurrency, 8), seed, words)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         results = list(pool.map(lambda m: stream_one(base, m, max_tokens), jobs))
@@ -89,7 +92,9 @@ def chat_turn5_ttft(base: str, seed: int, max_tokens: int) -> Dict[str, float]:
     history = [{"role": "system", "content": f"Conversation {seed}: answer briefly."}]
     ttft = 0.0
     for _turn in range(5):
-        history.append({"role": "user", "content": " ".join(rng.choice(WORDS, size=150))})
+        # 100 words a turn keeps turn 5 (about 1500 ids) inside a 2048 context: a conversation cut to fit changes
+        # its first turns, which ends the reuse (only the system message is then a common prefix)
+        history.append({"role": "user", "content": " ".join(rng.choice(WORDS, size=100))})
         ttft, _, reply = stream_one(base, history, max_tokens)
         history.append({"role": "assistant", "content": reply})
     return {"turn5_ttft_ms": 1000 * ttft}
@@ -100,13 +105,27 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="bundle to serve [default: a tiny chatglm3 of --size]")
     parser.add_argument("--size", default="small", choices=("tiny", "small", "mid"))
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--prompt-words", default=",".join(map(str, PROMPT_WORDS)),
+                        help="prompt lengths in words, drawn at random per request")
+    parser.add_argument("--no-prefix", action="store_true", help="skip the turn-5 prefix reuse measurement")
+    parser.add_argument("--no-load", action="store_true", help="skip the throughput measurement")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    words = tuple(int(w) for w in args.prompt_words.split(","))
     workdir = args.workdir or tempfile.mkdtemp(prefix="serve-bench-")
     bundle = args.model or make_bundle(workdir, args.size)
     common = ["--model-name", "bench", "--threads", str(args.threads)]
     life = 4 * 3600.0  # the servers stop by themselves after this (they are stopped at the end anyway)
     out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    if not args.no_load:
+        load(args, bundle, common, life, words, out)
+    if args.no_prefix:
+        return report(args, bundle, out, words)
+    prefix(args, bundle, common, life, out)
+    report(args, bundle, out, words)
+
+
+def load(args, bundle, common, life, words, out) -> None:
     with server_process(bundle, *common, "--max-batch", str(args.max_batch), "--prefix-cache-mb", "0",
                         lifetime_s=life) as batched, \
             server_process(bundle, *common, "--max-batch", "1", "--prefix-cache-mb", "0", lifetime_s=life) as serial:
@@ -115,10 +134,13 @@ def main() -> None:
         for c in CONCURRENCY:
             seeds = iter(range(1000))
             out[f"c{c}"] = interleaved_medians({
-                "batched": lambda c=c: load_round(batched, c, args.new_tokens, next(seeds)),
-                "serial": lambda c=c: load_round(serial, c, args.new_tokens, next(seeds)),
+                "batched": lambda c=c: load_round(batched, c, args.new_tokens, next(seeds), words),
+                "serial": lambda c=c: load_round(serial, c, args.new_tokens, next(seeds), words),
             }, args.rounds)
             print(f"concurrency {c}: {out[f'c{c}']}", file=sys.stderr, flush=True)
+
+
+def prefix(args, bundle, common, life, out) -> None:
     with server_process(bundle, *common, "--max-batch", "4", lifetime_s=life) as reuse, \
             server_process(bundle, *common, "--max-batch", "4", "--prefix-cache-mb", "0", lifetime_s=life) as no_reuse:
         seeds = iter(range(2000, 3000))
@@ -126,17 +148,23 @@ def main() -> None:
             "reuse": lambda: chat_turn5_ttft(reuse, next(seeds), 16),
             "no_reuse": lambda: chat_turn5_ttft(no_reuse, next(seeds), 16),
         }, args.rounds)
+
+
+def report(args, bundle: str, out, words) -> None:
     if args.json:
-        print(json.dumps({"bundle": bundle, "rounds": args.rounds, "results": out}))
+        print(json.dumps({"bundle": bundle, "rounds": args.rounds, "prompt_words": words, "results": out}))
         return
-    print(f"bundle {bundle}, {args.rounds} rounds (medians), {args.new_tokens} new tokens per request")
+    print(f"bundle {bundle}, {args.rounds} rounds (medians), {args.new_tokens} new tokens per request, prompts of "
+          f"{'/'.join(map(str, words))} words")
     print(f"{'concurrency':>11} {'batched tok/s':>13} {'serial tok/s':>12} {'ratio':>6} "
           f"{'TTFT p50 ms':>11} {'p95 ms':>7} {'serial p50':>10} {'p95':>7}")
-    for c in CONCURRENCY:
+    for c in CONCURRENCY if "c1" in out else ():
         b, s = out[f"c{c}"]["batched"], out[f"c{c}"]["serial"]
         print(f"{c:>11} {b['tokens_per_s']:>13.1f} {s['tokens_per_s']:>12.1f} "
               f"{b['tokens_per_s'] / s['tokens_per_s']:>6.2f} {b['ttft_p50_ms']:>11.1f} {b['ttft_p95_ms']:>7.1f} "
               f"{s['ttft_p50_ms']:>10.1f} {s['ttft_p95_ms']:>7.1f}")
+    if "prefix" not in out:
+        return
     p = out["prefix"]
     print(f"turn-5 TTFT: {p['reuse']['turn5_ttft_ms']:.1f} ms with prefix reuse, "
           f"{p['no_reuse']['turn5_ttft_ms']:.1f} ms without ({p['no_reuse']['turn5_ttft_ms'] / p['reuse']['turn5_ttft_ms']:.2f}x)")
