@@ -166,8 +166,8 @@ def report(args, bundle: str, out, words) -> None:
     if "prefix" not in out:
         return
     p = out["prefix"]
-    print(f"turn-5 TTFT: {p['reuse']['turn5_ttft_ms']:.1f} ms with prefix reuse, "
-          f"{p['no_reuse']['turn5_ttft_ms']:.1f} ms without ({p['no_reuse']['turn5_ttft_ms'] / p['reuse']['turn5_ttft_ms']:.2f}x)")
+    with_, without = p["reuse"]["turn5_ttft_ms"], p["no_reuse"]["turn5_ttft_ms"]
+    print(f"turn-5 TTFT: {with_:.1f} ms with prefix reuse, {without:.1f} ms without ({without / with_:.2f}x)")
 
 
 if __name__ == "__main__":

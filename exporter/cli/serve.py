@@ -12,7 +12,8 @@ from exporter.cli.run import PROVIDER_CHOICES
 
 
 @click.command()
-@click.option("--model", "bundle", required=True, type=click.Path(), help="Bundle directory written by 'glm-export onnx'.")
+@click.option("--model", "bundle", required=True, type=click.Path(),
+              help="Bundle directory written by 'glm-export onnx'.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="TCP port.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
@@ -54,7 +55,8 @@ def serve(bundle, host, port, max_batch, max_queue, api_key, model_name, provide
 
 
 @click.command()
-@click.option("--model", "bundle", required=True, type=click.Path(), help="Bundle directory written by 'glm-export onnx'.")
+@click.option("--model", "bundle", required=True, type=click.Path(),
+              help="Bundle directory written by 'glm-export onnx'.")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Model repository directory to write.")
 @click.option("--name", default="glm", show_default=True, help="Model name in the repository.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,

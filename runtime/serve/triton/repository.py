@@ -1,7 +1,7 @@
 """Writing a Triton model repository that serves a bundle (``glm-export triton``).
 
-Route: Triton's Python backend in decoupled mode, wrapping ``runtime.serve.scheduler`` (``runtime.serve.triton.model``):
-continuous batching, per-request sampling state and streaming work inside Triton as they do in ``glm-export serve``,
+Route: Triton's Python backend in decoupled mode, wrapping ``runtime.serve.scheduler``
+(``runtime.serve.triton.model``): continuous batching, per-request sampling state and streaming work inside Triton as they do in ``glm-export serve``,
 and Triton adds its HTTP/gRPC front ends, metrics, model management and replicas across machines. Not chosen: the
 onnxruntime backend with the sequence batcher's implicit state. Our graph's Concat cache grows every step, so the
 client (or an ensemble) would have to drive every decode step as one Triton request, choose the tokens and keep the
