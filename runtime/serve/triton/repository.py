@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 BUNDLE_DIR = "bundle"
 VERSION = "1"
 
-MODEL_PY = '''"""Triton Python-backend entry point written by glm-export triton: the model lives in the glm-export runtime."""
+MODEL_PY = '''"""Triton Python-backend entry point (written by glm-export triton); the model is in glm-export."""
 from runtime.serve.triton.model import TritonPythonModel  # noqa: F401
 '''
 
