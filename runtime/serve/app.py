@@ -317,16 +317,15 @@ async def _collect(pending: _Pending, request) -> Tuple[str, str]:
     """Wait for the whole reply (non-streamed), cancelling it if the client goes away meanwhile."""
     parts: List[str] = []
     try:
-        agen = pending.events().__aiter__()
         while True:
-            try:
-                ev = await asyncio.wait_for(agen.__anext__(), DISCONNECT_POLL_S)
+            try:  # waiting on the queue itself: cancelling a get() on timeout loses nothing
+                ev = await asyncio.wait_for(pending.queue.get(), DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
                     raise p.APIError(499, "client closed the request", code="client_closed") from None
                 continue
-            except StopAsyncIteration:
-                raise p.APIError(500, "generation ended without a finish reason", "server_error") from None
+            if ev.finish_reason is not None:
+                pending.done = True
             if ev.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
                 raise _event_error(ev)
             parts.append(ev.text)

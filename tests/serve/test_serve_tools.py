@@ -228,3 +228,28 @@ def test_queue_full_is_429_and_shutdown_503(chatglm3):
         scheduler.stop()
         r = httpx.post(base + "/v1/chat/completions", json=body, timeout=10)
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
+
+
+class SlowBackend(ForcedBackend):
+    def forward(self, *args):
+        import time
+
+        time.sleep(0.03)
+        return super().forward(*args)
+
+
+def test_tokens_slower_than_the_disconnect_poll_still_complete(tiny_models, monkeypatch):
+    """A plain (non-streamed) reply waits through many disconnect polls without losing its events."""
+    from runtime.serve import app
+
+    monkeypatch.setattr(app, "DISCONNECT_POLL_S", 0.005)
+    model = GlmModel.load(tiny_models.bundle("serve", tiny_models.checkpoint("serve", "chatglm3", "thudm")),
+                          threads=1)
+    ids = model.tokenizer.encode(CALL_TEXT)
+    model.backend = SlowBackend(model.backend, ids + [model.tokenizer.token_to_id("<|observation|>")])
+    with server_thread(model, Scheduler(model, prefix_cache_bytes=0), ServeOptions(model_name="m")) as base:
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == CALL_TEXT
+    model.close()
