@@ -1,8 +1,8 @@
 """glm-export: ONNX/TensorRT export and edge deployment for the ChatGLM family.
 
 The base install is the runtime (numpy, onnxruntime, tokenizer libraries, click); torch and the ONNX tooling come
-with the ``export`` extra, test tools with ``test``. TensorRT is never a pip dependency: it comes with JetPack or
-NVIDIA's packages on the target machine.
+with the ``export`` extra, the HTTP server with ``serve``, test tools with ``test``. TensorRT is never a pip
+dependency: it comes with JetPack or NVIDIA's packages on the target machine.
 """
 from setuptools import find_packages, setup
 
@@ -22,7 +22,16 @@ EXPORT = [
     "safetensors>=0.4",
     "onnx-ir>=1.0",  # onnxruntime's INT4 quantizer (MatMulNBits) imports it; glm-export quantize --precision int4
 ]
-TEST = [
+SERVE = [  # glm-export serve (runtime.serve): HTTP app, server, SSE, request validation
+    "starlette==1.10.0",
+    "uvicorn==0.54.0",
+    "sse-starlette==3.7.0",
+    "pydantic==2.14.4",
+]
+TEST = SERVE + [
+    "openai==3.57.0",  # the serve tests' client
+    "httpx==0.28.1",
+    "tritonclient[grpc]==2.73.0",  # model_config_pb2: the Triton tests parse every config.pbtxt with it
     "pytest>=8",
     "transformers==5.24.0",  # the independent reference (GlmForCausalLM, Glm4ForCausalLM); never a runtime dep
     "vermin==1.9.2",
@@ -39,6 +48,7 @@ setup(
     install_requires=RUNTIME,
     extras_require={
         "export": EXPORT,
+        "serve": SERVE,
         "test": EXPORT + TEST,
         "bench": EXPORT + TEST + ["onnxruntime-genai==0.18.0"],  # the peer measured by bench/decode_peers.py
         "gpu": ["onnxruntime-gpu>=1.16"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -132,17 +132,20 @@ def prefill(
     position_ids: np.ndarray,
     chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK,
     first_chunk_end: int = 0,
+    cache: Optional[KVCache] = None,
 ) -> Tuple[np.ndarray, KVCache]:
-    """Run the (left-padded) prompts [batch, n] through the model from an empty cache, ``chunk_size`` columns per
-    forward (None or 0: all at once), the first forward reaching at least column ``first_chunk_end`` (ChatGLM-6B's
-    bidirectional context, ``BatchPositions.context_end``). position_ids: [batch, n] or [batch, 2, n].
+    """Run the (left-padded) prompts [batch, n] through the model, ``chunk_size`` columns per forward (None or 0: all
+    at once), the first forward reaching at least column ``first_chunk_end`` (ChatGLM-6B's bidirectional context,
+    ``BatchPositions.context_end``), from an empty cache or after ``cache`` (a reused prefix: ``attention_mask``
+    [batch, cache.length + n] then covers it too). position_ids: [batch, n] or [batch, 2, n].
     Returns the last position's logits [batch, vocab] and the cache."""
     batch, n = input_ids.shape
-    cache = backend.empty_cache(batch)
+    cache = backend.empty_cache(batch) if cache is None else cache
+    past = cache.length
     logits = None
     for start, end in chunk_bounds(n, chunk_size, first_chunk_end):
         logits, cache = backend.forward(
-            input_ids[:, start:end], attention_mask[:, :end], position_ids[..., start:end], cache
+            input_ids[:, start:end], attention_mask[:, : past + end], position_ids[..., start:end], cache
         )
     return logits, cache
 
@@ -321,24 +324,32 @@ class Generation:
 
     def _accept(self, r: int, token: int) -> TokenEvent:
         """Append the token to sequence r and decide whether it finishes the sequence."""
-        seq = self.sequences[r]
-        seq.generated_ids.append(token)
         tracker = self._trackers[r] if self._trackers is not None else None
-        piece, reason = "", None
-        if token in self.eos_token_ids:
-            reason = FINISH_EOS  # the eos token is not decoded into the text
-        elif tracker is not None:
-            piece = tracker.push(token)
-            if tracker.stop_at is not None:
-                reason = FINISH_STOP
-        if reason is None:
-            if len(seq.generated_ids) >= self.config.max_new_tokens:
-                reason = FINISH_LENGTH
-            elif len(seq.prompt_ids) + len(seq.generated_ids) >= self.context_length:
-                reason = FINISH_CONTEXT
-        if reason is not None:
-            seq.finish_reason = reason
-            if tracker is not None:
-                piece += tracker.finish()
-                seq.text = tracker.final_text
+        piece, reason = accept_token(self.sequences[r], tracker, token, self.eos_token_ids,
+                                     self.config.max_new_tokens, self.context_length)
         return TokenEvent(r, token, piece, reason)
+
+
+def accept_token(seq: SequenceState, tracker: Optional[StopTextTracker], token: int, eos_token_ids: Collection[int],
+                 max_new_tokens: int, context_length: int) -> Tuple[str, Optional[str]]:
+    """Append ``token`` to ``seq`` and apply the stop rules: -> (text it releases, finish reason or None). Shared by
+    :class:`Generation` and the server's scheduler (``runtime.serve.scheduler``), so both stop the same way."""
+    seq.generated_ids.append(token)
+    piece, reason = "", None
+    if token in eos_token_ids:
+        reason = FINISH_EOS  # the eos token is not decoded into the text
+    elif tracker is not None:
+        piece = tracker.push(token)
+        if tracker.stop_at is not None:
+            reason = FINISH_STOP
+    if reason is None:
+        if len(seq.generated_ids) >= max_new_tokens:
+            reason = FINISH_LENGTH
+        elif len(seq.prompt_ids) + len(seq.generated_ids) >= context_length:
+            reason = FINISH_CONTEXT
+    if reason is not None:
+        seq.finish_reason = reason
+        if tracker is not None:
+            piece += tracker.finish()
+            seq.text = tracker.final_text
+    return piece, reason

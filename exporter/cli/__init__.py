@@ -69,10 +69,12 @@ def _register_commands() -> None:
     from exporter.cli.export import onnx, tiny
     from exporter.cli.precision import eval_, quantize
     from exporter.cli.run import bench, chat, run
+    from exporter.cli.serve import serve, triton
     from exporter.cli.tensorrt import check, trt
 
     for name, cmd in (("tiny", tiny), ("onnx", onnx), ("run", run), ("chat", chat), ("bench", bench),
-                      ("quantize", quantize), ("eval", eval_), ("trt", trt), ("check", check)):
+                      ("quantize", quantize), ("eval", eval_), ("trt", trt), ("check", check),
+                      ("serve", serve), ("triton", triton)):
         main.add_command(cmd, name)
 
 

@@ -241,6 +241,16 @@ class OnnxRuntimeBackend:
     def cache_to_numpy(self, cache: KVCache) -> List[np.ndarray]:
         return [t.numpy() if hasattr(t, "numpy") else np.array(t, copy=True) for t in cache.tensors]
 
+    def cache_from_numpy(self, arrays: List[np.ndarray], length: int) -> KVCache:
+        """A cache holding host arrays [batch, kv_heads, length, head_dim] (graph output order), placed as the
+        loop's own caches are: how the server's scheduler (``runtime.serve.kv_rows``) joins rows into a batch."""
+        host = [np.ascontiguousarray(a, dtype=self.kv_dtype) for a in arrays]
+        batch = int(host[0].shape[0]) if host else 0
+        if self.io_binding:
+            return KVCache([self._ort.OrtValue.ortvalue_from_numpy(a, self.device_type, self.device_id) for a in host],
+                           batch, int(length))
+        return KVCache(host, batch, int(length))
+
 
 def _check_provider_available(ort: Any, name: str) -> None:
     """BackendError when this onnxruntime lacks the provider ``name`` needs first."""
