@@ -7,7 +7,8 @@
 //             GLM-4-0414's / glm-4-9b-chat-hf's template renders for plain messages (system messages first, then
 //             "<|role|>\n{content}" per message, an assistant's metadata as "<|assistant|>{meta} \n{content}", then
 //             "<|assistant|>"), and encodes it with special-token text recognised, as Python does. Templates that do
-//             not have that shape, and tool lists, are refused with a TokenizerError.
+//             not have that shape are refused with a TokenizerError; a message's own "tools" key is ignored, as that template does
+//             (it reads a top-level tools variable, which the runtime never passes).
 #include <nlohmann/json.hpp>
 
 #include "internal.hpp"
@@ -93,20 +94,15 @@ static std::vector<int64_t> template_ids(const Tokenizer& tok, const std::vector
       t.find("message.role != 'system'") == std::string::npos)
     throw TokenizerError("the bundle's chat_template is not GLM-4-0414's shape; the C++ runtime renders only that "
                          "template (no jinja engine): use the Python runtime, or pass prompt ids");
+  // roles as given (the template has no "tool" alias and renders nothing for a role it does not know)
   std::string text = "[gMASK]<sop>";
-  for (size_t i = 0; i < messages.size(); ++i) {
-    const std::string role = role_of(messages[i], i);
-    if (!messages[i].tools_json.empty()) throw TokenizerError("the C++ runtime renders no tool lists into a chat_template");
-    if (role == "system") text += "<|system|>\n" + messages[i].content;
-  }
-  for (size_t i = 0; i < messages.size(); ++i) {
-    const Message& m = messages[i];
-    const std::string role = role_of(m, i);
-    if (role == "system") continue;
-    if (role == "user") text += "<|user|>\n" + m.content;
-    else if (role == "assistant" && m.metadata.empty()) text += "<|assistant|>\n" + m.content;
-    else if (role == "assistant") text += "<|assistant|>" + m.metadata + " \n" + m.content;
-    else text += "<|observation|>\n" + m.content;
+  for (const Message& m : messages)
+    if (m.role == "system") text += "<|system|>\n" + m.content;
+  for (const Message& m : messages) {
+    if (m.role == "user") text += "<|user|>\n" + m.content;
+    else if (m.role == "assistant" && m.metadata.empty()) text += "<|assistant|>\n" + m.content;
+    else if (m.role == "assistant") text += "<|assistant|>" + m.metadata + " \n" + m.content;
+    else if (m.role == "observation") text += "<|observation|>\n" + m.content;
   }
   if (gen) text += "<|assistant|>";
   return tok.encode_with_specials(text);

@@ -4,8 +4,10 @@
 //   glm-run --model BUNDLE (--prompt TEXT | --prompt-ids 1,2,3 [--prompt-ids ...]) [--chat [--system TEXT]]
 //           [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P --seed S]
 //           [--repetition-penalty R] [--stop TEXT]... [--threads N] [--prefill-chunk N] [--verify-checksums]
-//           [--stream | --json]
+//           [--stream | --json] [--ignore-eos] [--repeat N]
 //
+// --ignore-eos never stops on a token (eos_token_ids=(), as `glm-export bench` does); --repeat N runs the generation
+// N times in one process and prints the timings of the first N-1 runs as JSON lines first (for benchmarks).
 // Several --prompt-ids run as one left-padded batch (--json then prints a list of objects). Errors print one line
 // ("error: ...") and exit 2, like glm-export.
 #include <cerrno>
@@ -27,7 +29,7 @@ const char* USAGE =
     "usage: glm-run --model BUNDLE (--prompt TEXT | --prompt-ids IDS [--prompt-ids IDS ...]) [--chat] [--system TEXT]\n"
     "               [--max-new-tokens N] [--greedy | --temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "               [--repetition-penalty R] [--stop TEXT ...] [--threads N] [--prefill-chunk N]\n"
-    "               [--verify-checksums] [--stream | --json]\n";
+    "               [--verify-checksums] [--stream | --json] [--ignore-eos] [--repeat N]\n";
 
 long long parse_int(const std::string& flag, const std::string& v) {
   errno = 0;
@@ -81,6 +83,7 @@ int run(int argc, char** argv) {
   glm::GenerationConfig cfg;
   glm::LoadOptions lo;
   bool max_new_given = false;
+  int repeat = 1;
   std::vector<std::string> sampling_given;
   std::optional<double> temperature, top_p, rep;
   std::optional<long long> top_k, seed;
@@ -151,6 +154,12 @@ int run(int argc, char** argv) {
       if (!e.text.empty()) { std::fwrite(e.text.data(), 1, e.text.size(), stdout); std::fflush(stdout); }
     };
   std::vector<glm::GenerationResult> results;
+  for (int k = 1; k < repeat; ++k) {  // --repeat: earlier runs (benchmarks) print their timings only
+    auto r = have_prompt ? model->generate(prompt, cfg) : model->generate_batch(id_prompts, cfg).at(0);
+    std::cout << "{\"repeat\": " << k << ", \"timings\": {\"prefill_ms\": " << r.timings.prefill_ms
+              << ", \"decode_ms\": " << r.timings.decode_ms << ", \"decode_steps\": " << r.timings.decode_steps
+              << ", \"decode_tokens_per_s\": " << r.timings.decode_tokens_per_s << "}}\n";
+  }
   if (as_chat) {
     std::vector<glm::Message> messages;
     if (have_system) messages.push_back({"system", system, "", ""});
