@@ -46,6 +46,23 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
+// Python's repr() of a JSON value, for messages that quote one
+static std::string py_repr(const json& v) {
+  if (v.is_null()) return "None";
+  if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
+  if (v.is_string()) {
+    const std::string s = v.get<std::string>();
+    const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
+    std::string out(1, q);
+    for (char c : s) {
+      if (c == q || c == '\\') out += '\\';
+      out += c;
+    }
+    return out + q;
+  }
+  return v.dump();
+}
+
 static const std::set<std::string> SPEC_FIELDS = {
     "generation", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
     "vocab_size", "norm_eps", "rotary_dim", "rope_theta", "rope_position_scale", "rope_scaling", "qkv_bias",
@@ -64,10 +81,11 @@ static ModelSpec spec_from_json(const json& d) {
   if (!unknown.empty()) {
     std::string s = "unknown spec field(s): ";
     for (size_t i = 0; i < unknown.size(); ++i) s += (i ? ", " : "") + unknown[i];
-    throw std::out_of_range(s);
+    throw std::out_of_range("KeyError: '" + s + "'");
   }
   for (const auto& k : SPEC_REQUIRED)
-    if (!d.contains(k)) throw std::out_of_range("spec is missing required field '" + k + "'");
+    if (!d.contains(k))
+      throw std::out_of_range("TypeError: ModelSpec.__init__() missing 1 required positional argument: '" + k + "'");
   ModelSpec s;
   s.generation = d.at("generation").get<std::string>();
   s.num_layers = d.at("num_layers").get<int>();
@@ -106,7 +124,7 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
   if (!d.is_object()) throw BundleError(path + ": expected a JSON object");
   auto fmt = d.find("format");
   if (fmt == d.end() || !fmt->is_string() || fmt->get<std::string>() != FORMAT_NAME)
-    throw BundleError(path + ": not a glm-export bundle manifest (format=" + (fmt == d.end() ? "None" : fmt->dump()) +
+    throw BundleError(path + ": not a glm-export bundle manifest (format=" + (fmt == d.end() ? "None" : py_repr(*fmt)) +
                       ")");
   auto ver = d.find("format_version");
   if (ver == d.end() || !ver->is_number_integer() || ver->is_boolean())
@@ -119,6 +137,8 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
   Manifest m;
   m.format_version = static_cast<int>(version);
   try {
+    for (const char* k : {"spec", "precision", "inputs", "outputs"})
+      if (!d.contains(k)) throw std::out_of_range(std::string("KeyError: '") + k + "'");
     m.spec = spec_from_json(d.at("spec"));
     m.precision = d.at("precision").get<std::string>();
     if (d.contains("model_file")) m.model_file = d.at("model_file").get<std::string>();
@@ -138,10 +158,13 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
                         "'; expected float32 or float16");
   } catch (const BundleError&) {
     throw;
+  } catch (const std::out_of_range& e) {  // already spelled as Python's KeyError / TypeError
+    std::string msg = e.what();
+    throw BundleError(path + ": malformed manifest (" + msg.substr(0, msg.find('\n')) + ")");
   } catch (const std::exception& e) {
     std::string msg = e.what();
     msg = msg.substr(0, msg.find('\n'));
-    throw BundleError(path + ": malformed manifest (" + msg + ")");
+    throw BundleError(path + ": malformed manifest (ValueError: " + msg + ")");
   }
   // every listed file must exist with its recorded size, and its checksum when asked
   auto files = d.find("files");

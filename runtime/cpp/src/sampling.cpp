@@ -16,7 +16,11 @@ namespace glm {
 
 // ------------------------------------------------------------------------------------------------ validation
 
-static std::string num(double v) { return json_double(v); }
+static std::string num(double v) {  // Python's str(float)
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  return json_double(v);
+}
 
 void GenerationConfig::validate() const {
   if (max_new_tokens < 1)

@@ -120,6 +120,7 @@ int run(int argc, char** argv) {
       if (n < 0) throw Usage("Invalid value for '--prefill-chunk': " + std::to_string(n) + " is not in the range x>=0.");
       lo.prefill_chunk = static_cast<int>(n);
     } else if (a == "--verify-checksums") lo.verify_checksums = true;
+    else if (a == "--ignore-eos") cfg.eos_token_ids = std::vector<int64_t>{};
     else if (a == "--stream") stream = true;
     else if (a == "--json") as_json = true;
     else throw Usage("No such option: " + a);
