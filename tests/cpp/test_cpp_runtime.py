@@ -197,19 +197,27 @@ def test_greedy_repetition_penalty_and_stop_string(bundles):
     same_result(cpp, py)
 
 
-def test_context_limit_finish_reason(bundles, tmp_path):
-    """A bundle whose context is 40 tokens: generation ends with 'context', as in Python."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_context_limit_and_rows_leaving_the_batch(bundles, tmp_path, precision):
+    """A bundle whose context is 40 tokens: generation ends with 'context', as in Python; in a batch the rows with
+    longer prompts finish first and leave the batch (the cache rows are selected), the others go on."""
+    from runtime.api import GlmModel
     from runtime.sampling import GenerationConfig
 
-    src = bundles.get("chatglm3-thudm-hd32")
+    src = bundles.get("chatglm3-thudm-hd32", precision)
     path = edited_bundle(src, tmp_path / "short", lambda m: m["spec"].update(max_position_embeddings=40))
-    from runtime.api import GlmModel
-
     with GlmModel.load(path, threads=THREADS) as model:
         ids = model.encode("你好，今天天气怎么样？")
-        py = model.generate(ids, GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=()))
+        config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=())
+        py = model.generate(ids, config)
+        prompts = [ids, ids[:4], ids + ids[:7]]
+        py3 = model.generate(prompts, config)
     assert py.finish_reason == "context"
+    assert len({len(r.generated_ids) for r in py3}) == 3  # three different finishing steps
     same_result(run_json(path, "--prompt-ids", ids_arg(ids), "--max-new-tokens", NEW_TOKENS, "--ignore-eos"), py)
+    args = [a for p in prompts for a in ("--prompt-ids", ids_arg(p))]
+    for c, p in zip(run_json(path, *args, "--max-new-tokens", NEW_TOKENS, "--ignore-eos"), py3):
+        same_result(c, p)
 
 
 def test_stream_prints_the_text(bundles):
