@@ -220,6 +220,20 @@ def test_context_limit_and_rows_leaving_the_batch(bundles, tmp_path, precision):
         same_result(c, p)
 
 
+def test_chunked_prefill_equals_python(bundles):
+    """Prompts prefilled 5 columns per forward (--prefill-chunk / prefill_chunk) give Python's ids."""
+    from runtime.api import GlmModel
+    from runtime.sampling import GenerationConfig
+
+    path = bundles.get("glm4-thudm")
+    with GlmModel.load(path, threads=THREADS, prefill_chunk=5) as model:
+        prompts = batch_prompts(model)
+        py3 = model.generate(prompts, GenerationConfig(max_new_tokens=NEW_TOKENS))
+    args = [a for p in prompts for a in ("--prompt-ids", ids_arg(p))]
+    for c, p in zip(run_json(path, *args, "--max-new-tokens", NEW_TOKENS, "--prefill-chunk", 5), py3):
+        same_result(c, p)
+
+
 def test_stream_prints_the_text(bundles):
     path = bundles.get("chatglm3-thudm-hd32")
     cpp = run_json(path, "--prompt", "你好", "--max-new-tokens", NEW_TOKENS)
