@@ -23,6 +23,7 @@ demo: setup
 test: setup cpp
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash .ci/check_py38.sh
 	bash .ci/mypy_tensorrt.sh
+	cd $(CPP_BUILD) && ctest --output-on-failure
 	$(PY) -m pytest -q tests
 
 # ---- the C++ runtime (runtime/cpp): Debian packages, onnxruntime from the venv's wheel + fetched headers
