@@ -121,6 +121,11 @@ int run(int argc, char** argv) {
       lo.prefill_chunk = static_cast<int>(n);
     } else if (a == "--verify-checksums") lo.verify_checksums = true;
     else if (a == "--ignore-eos") cfg.eos_token_ids = std::vector<int64_t>{};
+    else if (a == "--repeat") {
+      long long n = parse_int(a, value());
+      if (n < 1) throw Usage("Invalid value for '--repeat': " + std::to_string(n) + " is not in the range x>=1.");
+      repeat = static_cast<int>(n);
+    }
     else if (a == "--stream") stream = true;
     else if (a == "--json") as_json = true;
     else throw Usage("No such option: " + a);
