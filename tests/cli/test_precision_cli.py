@@ -116,6 +116,12 @@ def test_existing_out_needs_overwrite(tmp_path, trained):
                                     "--precision", "fp16", "--no-eval"])
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert os.listdir(out) == ["keep.txt"]
+    # --overwrite replaces only a directory glm-export wrote (here: no manifest, so not this one)
+    res = CliRunner().invoke(main, ["quantize", "--model", trained.bundle("fp32"), "--out", str(out),
+                                    "--precision", "fp16", "--no-eval", "--overwrite", "--quiet"])
+    assert res.exit_code == 2 and "not written by glm-export" in res.output, res.output
+    assert os.listdir(out) == ["keep.txt"]
+    (out / "manifest.json").write_text("{}")  # a previous bundle
     res = CliRunner().invoke(main, ["quantize", "--model", trained.bundle("fp32"), "--out", str(out),
                                     "--precision", "fp16", "--no-eval", "--overwrite", "--quiet"])
     assert res.exit_code == 0, res.output
