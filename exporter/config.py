@@ -211,7 +211,7 @@ def spec_from_checkpoint(ckpt_dir: str, rope_scaling: Optional[str] = None) -> T
     cfg = read_config_json(ckpt_dir)
     where = os.path.join(ckpt_dir, "config.json")
     model_type = cfg.get("model_type")
-    if model_type not in LAYOUT_OF_MODEL_TYPE:
+    if not isinstance(model_type, str) or model_type not in LAYOUT_OF_MODEL_TYPE:
         known = ", ".join(sorted(LAYOUT_OF_MODEL_TYPE))
         raise UnsupportedModelError(f"{where}: field 'model_type' = {model_type!r} is not supported (known: {known})")
     if rope_scaling is not None and rope_scaling not in (ROPE_SCALING_INTERPOLATION, ROPE_SCALING_BASE):
