@@ -19,11 +19,10 @@ from runtime.spec import (
     ROPE_SCALING_INTERPOLATION,
     ROPE_SCALING_KINDS,
     ROPE_SCALING_NONE,
-    TOKENIZER_TIKTOKEN,
     ModelSpec,
 )
 
-from exporter.detect import (  # noqa: E402  (layout names live with the detection that decides them)
+from exporter.detect import (  # noqa: E402,F401  (layout names live with the detection; weights.py imports them here)
     FAMILY_CHATGLM2,
     FAMILY_CHATGLM3,
     FAMILY_GLM4,
