@@ -73,13 +73,14 @@ def dynamic_axes(spec) -> Dict[str, Dict[int, str]]:
     return axes
 
 
-def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None:
+def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, attach: bool = True):
     """Trace ``model`` into ``out_dir/model.onnx`` with its weights in ``out_dir/model.onnx.data``.
 
     The TorchScript exporter (deterministic, dynamic axes, standard operators only) traces the graph without
     parameters; the weights are then streamed tensor by tensor into one external data file. Serialising a whole
     ModelProto instead would hold the weights two more times (peak about 4.3x the fp32 weight bytes, measured on
-    the 288M model) and cannot exceed protobuf's 2 GB limit.
+    the 288M model) and cannot exceed protobuf's 2 GB limit. ``attach=False`` returns the traced ModelProto
+    (parameters still graph inputs) instead.
     """
     import warnings
 
@@ -112,10 +113,13 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET) -> None
             keep_initializers_as_inputs=True,  # parameters appear as named graph inputs; moved to initializers below
         )
     proto = onnx.load(graph_path)
+    if not attach:  # the streaming export (exporter.stream_weights) writes the weights itself
+        return proto
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     attach_external_weights(proto, tensors, out_dir, set(inputs))
     onnx.save_model(proto, graph_path)
+    return None
 
 
 def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
@@ -182,14 +186,24 @@ def export_bundle(
     opset: int = OPSET,
     progress=None,
     precision: str = "fp32",
+    streaming: bool = True,
+    stream_options=None,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
     ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
-    softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
+    softmax, rotary tables and the logits stay fp32 (see exporter/model.py). ``streaming`` (the default) writes
+    the bundle one weight at a time and verifies against a layer-streaming reference (exporter.stream_export,
+    every precision, ``stream_options`` its settings); False runs the whole-model flow below (fp32 / fp16).
     """
     import numpy as np
     import torch
+
+    if streaming:
+        from exporter.stream_export import export_streamed
+
+        return export_streamed(ckpt_dir, out_dir, precision, verify=verify, overwrite=overwrite,
+                               rope_scaling=rope_scaling, opset=opset, progress=progress, options=stream_options)
 
     if precision not in DIRECT_PRECISIONS:
         raise ConfigError(f"--precision: a checkpoint exports directly to {' or '.join(DIRECT_PRECISIONS)}, "
