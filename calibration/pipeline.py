@@ -43,7 +43,7 @@ from calibration import accuracy as acc
 from calibration.embedding import embedding_to_fp16
 from calibration.data import DataSplit, check_counts, load_eval_sequences, load_split
 from calibration.errors import CalibrationDataError, QuantizationError
-from calibration.graph_io import contrib_ops, default_opset, load_graph, save_graph
+from calibration.graph_io import DATA_FILE, MODEL_FILE, contrib_ops, default_opset, load_graph, save_graph
 from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
@@ -76,6 +76,7 @@ class QuantizeOptions:
     eval_data: Optional[str] = None  # evaluate on this file instead of held-out calibration text
     eval_samples: int = 64
     threads: Optional[int] = None
+    streaming: bool = True  # one weight at a time (calibration.stream_quant); False: whole graph in memory
 
     def settings(self) -> Dict[str, Any]:
         """The options that shaped the result, for the manifest (paths as given)."""
@@ -267,6 +268,8 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
         chosen, kept = select(linears, opts.keep_float, src.spec.num_layers)
         record["quantized_linears"] = [lin.name for lin in chosen]
         record["float_linears"] = [lin.name for lin in kept]
+    if opts.streaming:
+        return _convert_streamed(opts, src, out_dir, split, chosen, record, progress)
     proto, details = _CONVERTERS[opts.precision](opts, src, out_dir, split, chosen, progress)
     record.update(details)
     if opts.precision != "fp16":
@@ -275,6 +278,60 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = save_graph(proto, out_dir)
+    return record
+
+
+def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, chosen, record,
+                      progress) -> Dict[str, Any]:
+    """``_convert`` one weight at a time: the same graph and weights (calibration.stream_quant), a peak of one
+    weight's working set. Static INT8 calibrates on the layer-streaming PyTorch reference over the bundle's
+    weights (exporter.stream_calibrate) instead of an onnxruntime session holding the whole fp32 graph."""
+    # the streaming writer and the reference live with the exporter (torch); imported here, only on this path
+    from exporter.stream_export import _details
+    from exporter.stream_source import BundleReader
+    from exporter.stream_weights import read_only_once, write_streamed
+
+    from calibration.stream_quant import ConverterChoice, make_converter
+
+    reader = BundleReader(src.model)
+    choice = ConverterChoice(opts.precision, block_size=opts.block_size, int4_symmetric=opts.int4_symmetric,
+                             int4_accuracy_level=opts.int4_accuracy_level, embedding_fp16=opts.embedding == "fp16",
+                             work_dir=out_dir)
+    if opts.precision == "int8":
+        from exporter.stream_calibrate import calibrate_streamed
+
+        ranges_file = os.path.join(out_dir, RANGES_FILE)
+        if opts.ranges:
+            shutil.copyfile(opts.ranges, ranges_file)
+        else:
+            progress.stage(f"calibrating on {len(split.calibration)} samples with the layer-streaming reference")
+            ranges = calibrate_streamed(src.spec, reader, split.calibration, chosen, opts.method, opts.percentile,
+                                        opts.calib_batch, opts.decode_steps,
+                                        settings={"samples": len(split.calibration), "seq_len": opts.calib_seq_len,
+                                                  "seed": opts.calib_seed, "data": opts.calib_data},
+                                        progress=progress)
+            ranges.model_sha256, ranges.data_sha256 = src.checksums.model, src.checksums.data
+            write_ranges(ranges_file, ranges)
+        choice.ranges = read_ranges(ranges_file, method=opts.method)
+        if choice.ranges.for_another_graph(src.checksums):
+            raise QuantizationError(f"{opts.ranges or ranges_file}: calibrated for another graph (checksum differs)")
+        record["calibration"] = choice.ranges.settings
+    if opts.precision != "fp16":
+        record.update(_details(opts.precision, opts))
+    else:
+        record.update({"fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables",
+                                        "logits"], "runs_on": ["onnxruntime", "tensorrt"]})
+    converter = make_converter(choice, chosen)
+    proto = load_graph(src.model, with_weights=False)
+    progress.stage(f"writing {opts.precision} weights tensor by tensor")
+    record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
+                                                     progress).items()}
+    if opts.precision != "fp16":
+        record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
+    record["contrib_ops"] = contrib_ops(proto)
+    record["opset"] = default_opset(proto)
+    record["files"] = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(out_dir, DATA_FILE)) else [])
     return record
 
 

@@ -47,12 +47,17 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
 @click.option("--eval-samples", default=64, show_default=True, type=int, help="Held-out samples to evaluate (at most).")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="onnxruntime intra-op threads.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty --out.")
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (estimated peak RSS, disk) and stop.")
+@click.option("--memory-available", default=None,
+              help="Memory to plan against (e.g. 12G) instead of the detected MemAvailable / cgroup limit.")
+@click.option("--in-memory", is_flag=True, hidden=True,
+              help="Convert the whole graph in memory (the earlier flow), kept for comparison benchmarks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samples, calib_seq_len, calib_seed,
              method, percentile, keep_float, ranges_file, calib_batch, decode_steps, block_size,
              int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads, overwrite,
-             as_json, quiet):
+             dry_run, memory_available, in_memory, as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
     from exporter.staging import staged_directory
@@ -64,9 +69,21 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         keep_float=tuple(keep_float), ranges=ranges_file, calib_batch=calib_batch,
         decode_steps=decode_steps, block_size=block_size, int4_symmetric=int4_symmetric,
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
-        eval_samples=eval_samples, threads=threads,
+        eval_samples=eval_samples, threads=threads, streaming=not in_memory,
     )
     source = check_quantize(model_dir, opts)  # before anything is created at --out
+    if not in_memory:
+        from exporter.memory_plan import check_plan, parse_bytes, plan_export
+
+        plan = plan_export(source.spec, precision, verify=evaluate, embedding_fp16=embedding == "fp16",
+                           block_size=block_size, calibrate=precision == "int8" and not ranges_file,
+                           from_bundle=True)
+        if dry_run:
+            click.echo(json.dumps(plan.to_dict()) if as_json else plan.summary())
+            return
+        check_plan(plan, out_dir, parse_bytes(memory_available, "--memory-available") if memory_available else None)
+        if not quiet and not as_json:
+            click.echo(plan.summary(), err=True)
     with staged_directory(out_dir, overwrite) as tmp:
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
                                  source=source)
