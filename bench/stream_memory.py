@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CALIB = " ".join(["the", "of", "and", "to", "in", "is", "was", "for", "on", "that"])
 DIRECT = ("fp32", "fp16", "int8-dynamic", "int8", "int4")
 FROM_BUNDLE = ("fp16", "int8-dynamic", "int8", "int4")
-CALIB_ARGS = ["--calib-samples", "16", "--calib-seq-len", "64"]
+CALIB_ARGS = ["--calib-samples", "8", "--calib-seq-len", "32"]
 
 
 def _cli(*args):
@@ -48,12 +48,16 @@ def measure(cmd):
     return seconds, usage.ru_maxrss * 1024, text
 
 
-def estimate(cmd):
-    _, _, text = measure(cmd + ["--dry-run", "--json"])
-    return json.loads(text.strip().splitlines()[-1])["peak_bytes"]
+def estimate(spec, path):
+    """The plan's peak for this path (what ``--dry-run`` prints), computed here: no child, no torch import."""
+    from exporter.memory_plan import plan_export
+
+    kind, precision = path.split()
+    return plan_export(spec, precision, verify=kind == "direct", calibrate=precision == "int8",
+                       from_bundle=kind == "bundle").peak_bytes
 
 
-def run_size(size, work, results):
+def run_size(size, work, results, old_routes):
     ckpt = os.path.join(work, f"ckpt-{size}")
     calib = os.path.join(work, "calib.txt")
     if not os.path.isfile(calib):
@@ -65,7 +69,8 @@ def run_size(size, work, results):
         measure(_cli("tiny", "--out", ckpt, "--size", size, "--dtype", "bfloat16"))
     from exporter.config import spec_from_checkpoint
 
-    params = spec_from_checkpoint(ckpt)[0].num_params
+    spec = spec_from_checkpoint(ckpt)[0]
+    params = spec.num_params
     fp32 = os.path.join(work, f"b-{size}-fp32")
     jobs = []
     for p in DIRECT:
@@ -77,13 +82,20 @@ def run_size(size, work, results):
         extra = ["--calib-data", calib] + CALIB_ARGS if p == "int8" else []
         jobs.append((f"bundle {p}", _cli("quantize", "--model", fp32, "--out", os.path.join(work, f"q-{size}-{p}"),
                                          "--precision", p, "--no-eval", "--overwrite", "--quiet", *extra), True))
-    jobs.append(("in-memory fp32", _cli("onnx", "--model", ckpt, "--out", os.path.join(work, f"m-{size}-fp32"),
-                                        "--in-memory", "--overwrite", "--quiet"), False))
-    jobs.append(("in-memory bundle int4", _cli("quantize", "--model", fp32, "--out", os.path.join(work, f"m-{size}-q4"),
-                                               "--precision", "int4", "--no-eval", "--in-memory", "--overwrite",
-                                               "--quiet"), False))
+    if old_routes:  # the earlier whole-model flows, for the time ratio
+        jobs.append(("in-memory fp32", _cli("onnx", "--model", ckpt, "--out", os.path.join(work, f"m-{size}-fp32"),
+                                            "--in-memory", "--overwrite", "--quiet"), False))
+        jobs.append(("in-memory bundle-int4", _cli("quantize", "--model", fp32, "--out",
+                                                   os.path.join(work, f"m-{size}-q4"), "--precision", "int4",
+                                                   "--no-eval", "--in-memory", "--overwrite", "--quiet"), False))
+    done = set()
+    if os.path.isfile(results.name):
+        with open(results.name) as f:
+            done = {(r["size"], r["path"]) for r in map(json.loads, filter(str.strip, f))}
     for name, cmd, planned in jobs:
-        est = estimate(cmd) if planned else None
+        if (size, name) in done:  # measured by an earlier (interrupted) run of the same results file
+            continue
+        est = estimate(spec, name) if planned else None
         seconds, peak, _ = measure(cmd)
         row = {"size": size, "params": params, "path": name, "seconds": round(seconds, 1), "peak_rss_bytes": peak,
                "estimate_bytes": est}
@@ -126,6 +138,9 @@ def main():
     parser.add_argument("--sizes", nargs="+", default=["mid", "0.6b", "1b"])
     parser.add_argument("--out", default="stream_memory.jsonl")
     parser.add_argument("--fit", default=None, help="print the table and fit of a results file")
+    parser.add_argument("--old-routes-all", action="store_true",
+                        help="time the whole-model routes on every size (default: the first size only)")
+    parser.add_argument("--no-old-routes", action="store_true", help="streaming paths only")
     args = parser.parse_args()
     if args.fit:
         fit(args.fit)
@@ -133,8 +148,8 @@ def main():
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-stream-")
     os.makedirs(work, exist_ok=True)
     with open(args.out, "a") as results:
-        for size in args.sizes:
-            run_size(size, work, results)
+        for k, size in enumerate(args.sizes):
+            run_size(size, work, results, old_routes=(k == 0 or args.old_routes_all) and not args.no_old_routes)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,10 @@ onnxruntime loaded):
 * writing: the working set of the largest weight (read in the checkpoint dtype, converted to fp32, transposed,
   and the converter's copies: onnxruntime's quantizers copy it several times);
 * reference (verification, INT8 calibration): one decoder layer in fp32 plus its source copy;
-* verification session: onnxruntime holding the written bundle (its weight bytes times a factor per precision).
+* verification session: onnxruntime holding the written bundle (its weight bytes times a factor per precision);
+* ``quantize`` with its accuracy report (the default): onnxruntime holding the new bundle and the fp32 source
+  together, which ``--no-eval`` avoids (the report is then made separately with ``glm-export eval`` where an fp32
+  session fits).
 
 The coefficients (``PHASE_FACTORS``, ``BASE_BYTES``) are fitted to the peaks measured with bench/stream_memory.py
 (README "Scale"); that script also prints the estimate beside each measurement.
@@ -101,10 +104,13 @@ def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool 
               for n, s in shapes.items())
     layer = sum(4 * _numel(s) for n, s in shapes.items() if n.startswith("layers.0."))
     phases = {"writing": int(WRITE_FACTORS[precision] * biggest)}
-    if verify or calibrate:
+    if (verify and not from_bundle) or calibrate:
         phases["reference"] = int(REFERENCE_FACTOR * layer)
-    if verify:
+    if verify and not from_bundle:
         phases["verification session"] = int(SESSION_FACTORS[precision] * out)
+    if verify and from_bundle:  # quantize's accuracy report runs the new bundle and the fp32 source side by side
+        phases["accuracy sessions"] = int(SESSION_FACTORS[precision] * out
+                                          + SESSION_FACTORS["fp32"] * 4 * spec.num_params)
     scratch = 2 * biggest if precision == "int8-dynamic" else 0
     peak = BASE_BYTES + max(phases.values())
     return MemoryPlan(precision, spec.num_params, int(peak), phases, int(out), int(scratch), largest)

@@ -179,7 +179,7 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             tol = allowed_diff(comparison, precision, scale)
             if not all(v <= tol for v in diffs.values()):
                 listing = ", ".join(f"{k} {v:.3g}" for k, v in diffs.items())
-                raise VerificationError(f"exported ONNX differs from the PyTorch reference beyond {tol:.3g}: "
+                raise VerificationError(f"exported ONNX differs from PyTorch (layer-streaming reference) beyond {tol:.3g}: "
                                         f"{listing}", diffs)
             weights: Dict[str, Any] = {}
             if precision in QUANTIZED:

@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from runtime.manifest import DATA_FILE, MODEL_FILE
+from runtime.manifest import DATA_FILE, INLINE_LIMIT, MODEL_FILE
 from runtime.progress import NullProgress
 
 log = logging.getLogger("glm_export")
@@ -160,10 +160,25 @@ def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray
     graph_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save_model(proto, graph_path)
     bytes_out = writer.offset
-    from exporter.onnx_export import inline_if_small
-
-    inline_if_small(out_dir)
+    _inline_if_small(out_dir)
     return {"seconds": time.perf_counter() - start, "bytes_in": bytes_in, "bytes_out": bytes_out}
+
+
+def _inline_if_small(out_dir: str) -> None:
+    """exporter.onnx_export.inline_if_small, without importing torch (quantize needs none)."""
+    import onnx
+
+    from calibration.graph_io import clear_external_data_locations
+
+    data_path = os.path.join(out_dir, DATA_FILE)
+    if os.path.getsize(data_path) > INLINE_LIMIT:
+        return
+    graph_path = os.path.join(out_dir, MODEL_FILE)
+    proto = onnx.load(graph_path, load_external_data=True)
+    clear_external_data_locations(proto)
+    onnx.save_model(proto, graph_path)
+    del proto
+    os.remove(data_path)
 
 
 def progress_bytes(progress, items, sizes, desc: str):
@@ -189,4 +204,4 @@ def read_only_once(read: Callable[[str, object], np.ndarray]) -> Callable[[str, 
 
 
 __all__ = ["trace_weightless", "write_streamed", "placeholder", "ExternalDataWriter", "phantom_model",
-           "Optional"]
+           "read_only_once", "Optional"]

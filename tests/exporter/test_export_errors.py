@@ -141,16 +141,14 @@ def test_existing_bundle_needs_overwrite(tmp_path, ckpt):
 
 def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, monkeypatch):
     """A graph that disagrees with PyTorch fails the export (exit 2) and lists every output's max difference."""
-    import exporter.onnx_export as oe
+    import exporter.stream_weights as sw
 
-    real = oe.trace_to_onnx
+    real = sw.read_only_once  # the streaming export's write path (the reference reads the checkpoint itself)
 
-    def corrupt(model, out_dir, opset=17):
-        with __import__("torch").no_grad():
-            model.final_norm.weight.mul_(1.5)  # the traced graph now differs from the reference run
-        real(model, out_dir, opset)
+    def corrupt(read):  # the written graph now differs from the reference run
+        return real(lambda name, dtype: read(name, dtype) * (1.5 if name == "final_norm.weight" else 1))
 
-    monkeypatch.setattr(oe, "trace_to_onnx", corrupt)
+    monkeypatch.setattr(sw, "read_only_once", corrupt)
     result, out = _export(tmp_path, ckpt)
     _assert_clean_failure(result, out, "differs from PyTorch", "logits.prefill", "logits.decode3", "present")
 
