@@ -258,7 +258,8 @@ def _int4(opts, src: _Source, out_dir, split, chosen, progress):
 _CONVERTERS = {"fp16": _fp16, "int8": _int8, "int8-dynamic": _int8_dynamic, "int4": _int4}
 
 
-def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, progress) -> Dict[str, Any]:
+def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, progress,
+             calibrator=None) -> Dict[str, Any]:
     """Write the converted graph into ``out_dir``; returns the quantization record for the manifest."""
     record: Dict[str, Any] = {"precision": opts.precision, "settings": opts.settings(),
                               "source_bundle": os.path.abspath(src.dir), "source_model_sha256": src.checksums.model}
@@ -269,7 +270,7 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
         record["quantized_linears"] = [lin.name for lin in chosen]
         record["float_linears"] = [lin.name for lin in kept]
     if opts.streaming:
-        return _convert_streamed(opts, src, out_dir, split, chosen, record, progress)
+        return _convert_streamed(opts, src, out_dir, split, chosen, record, progress, calibrator)
     proto, details = _CONVERTERS[opts.precision](opts, src, out_dir, split, chosen, progress)
     record.update(details)
     if opts.precision != "fp16":
@@ -282,45 +283,41 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
 
 
 def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, chosen, record,
-                      progress) -> Dict[str, Any]:
+                      progress, calibrator=None) -> Dict[str, Any]:
     """``_convert`` one weight at a time: the same graph and weights (calibration.stream_quant), a peak of one
-    weight's working set. Static INT8 calibrates on the layer-streaming PyTorch reference over the bundle's
-    weights (exporter.stream_calibrate) instead of an onnxruntime session holding the whole fp32 graph."""
-    # the streaming writer and the reference live with the exporter (torch); imported here, only on this path
-    from exporter.stream_export import _details
-    from exporter.stream_source import BundleReader
-    from exporter.stream_weights import read_only_once, write_streamed
-
-    from calibration.stream_quant import ConverterChoice, make_converter
+    weight's working set. Static INT8 calibrates with ``calibrator`` where given (the CLI passes the exporter's
+    layer-streaming PyTorch reference, exporter.stream_calibrate.bundle_calibrator), else on an onnxruntime session
+    holding the whole fp32 graph (calibration.ranges)."""
+    from calibration.stream_quant import ConverterChoice, form_record, make_converter
+    from calibration.stream_write import BundleReader, read_only_once, write_streamed
 
     reader = BundleReader(src.model)
     choice = ConverterChoice(opts.precision, block_size=opts.block_size, int4_symmetric=opts.int4_symmetric,
                              int4_accuracy_level=opts.int4_accuracy_level, embedding_fp16=opts.embedding == "fp16",
                              work_dir=out_dir)
     if opts.precision == "int8":
-        from exporter.stream_calibrate import calibrate_streamed
-
         ranges_file = os.path.join(out_dir, RANGES_FILE)
         if opts.ranges:
             shutil.copyfile(opts.ranges, ranges_file)
         else:
-            progress.stage(f"calibrating on {len(split.calibration)} samples with the layer-streaming reference")
-            ranges = calibrate_streamed(src.spec, reader, split.calibration, chosen, opts.method, opts.percentile,
-                                        opts.calib_batch, opts.decode_steps,
-                                        settings={"samples": len(split.calibration), "seq_len": opts.calib_seq_len,
-                                                  "seed": opts.calib_seed, "data": opts.calib_data},
-                                        progress=progress)
-            ranges.model_sha256, ranges.data_sha256 = src.checksums.model, src.checksums.data
+            settings = {"samples": len(split.calibration), "seq_len": opts.calib_seq_len, "seed": opts.calib_seed,
+                        "data": opts.calib_data}
+            if calibrator is not None:  # a float model that streams too (the CLI: the exporter's layer reference)
+                progress.stage(f"calibrating on {len(split.calibration)} samples, streaming the float model")
+                ranges = calibrator(src.spec, src.model, split.calibration, chosen, opts, settings, progress)
+                ranges.model_sha256, ranges.data_sha256 = src.checksums.model, src.checksums.data
+            else:
+                progress.stage(f"calibrating on {len(split.calibration)} samples: prefill + {opts.decode_steps} "
+                               f"cached decode steps per batch of {opts.calib_batch}")
+                ranges = calibrate(src.model, src.spec, split.calibration, [lin.activation for lin in chosen],
+                                   opts.method, opts.percentile, opts.calib_batch, opts.decode_steps, opts.threads,
+                                   out_dir, progress, settings=settings, checksums=src.checksums)
             write_ranges(ranges_file, ranges)
         choice.ranges = read_ranges(ranges_file, method=opts.method)
         if choice.ranges.for_another_graph(src.checksums):
             raise QuantizationError(f"{opts.ranges or ranges_file}: calibrated for another graph (checksum differs)")
         record["calibration"] = choice.ranges.settings
-    if opts.precision != "fp16":
-        record.update(_details(opts.precision, opts))
-    else:
-        record.update({"fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables",
-                                        "logits"], "runs_on": ["onnxruntime", "tensorrt"]})
+    record.update(form_record(opts.precision, opts.block_size, opts.int4_symmetric))
     converter = make_converter(choice, chosen)
     proto = load_graph(src.model, with_weights=False)
     progress.stage(f"writing {opts.precision} weights tensor by tensor")
@@ -336,11 +333,12 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
 
 
 def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None,
-                    source: Optional[Manifest] = None) -> QuantizeResult:
+                    source: Optional[Manifest] = None, calibrator=None) -> QuantizeResult:
     """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring.
 
     ``source`` is the manifest :func:`check_quantize` returned for ``src_dir`` and these options, where the caller
-    has run it already (the CLI does, before it creates --out); None runs it here.
+    has run it already (the CLI does, before it creates --out); None runs it here. ``calibrator`` (streaming
+    static INT8 only): (spec, model path, sequences, linears, opts, settings, progress) -> CalibrationRanges.
     """
     progress = progress or NullProgress()
     start = time.perf_counter()
@@ -350,7 +348,7 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
     src = _Source(src_dir, manifest, src_model, graph_checksums(src_model, manifest.files))
     split, tokenizer = _data(opts, src_dir, spec)
 
-    record = _convert(opts, src, out_dir, split, progress)
+    record = _convert(opts, src, out_dir, split, progress, calibrator)
     graph_files = record.pop("files")
     copied = copy_side_files(src_dir, out_dir, manifest.tokenizer_files)
     extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []

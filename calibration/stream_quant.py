@@ -1,4 +1,4 @@
-"""Per-tensor converters for the streaming writer (``exporter.stream_weights.write_streamed``).
+"""Per-tensor converters for the streaming writer (``calibration.stream_write.write_streamed``).
 
 Where it stands: every precision of ``glm-export onnx --precision`` and ``glm-export quantize`` writes its graph
 through one of these, one weight at a time. A converter sees the weightless graph once (``prepare``: the graph edits
@@ -299,3 +299,19 @@ def weight_error(want: np.ndarray, got: np.ndarray) -> float:
     """Relative RMS error of a dequantized weight: ||got - want|| / ||want||."""
     denom = float(np.sqrt(np.mean(np.square(want, dtype=np.float64))))
     return float(np.sqrt(np.mean(np.square(got - want, dtype=np.float64)))) / max(denom, 1e-30)
+
+
+def form_record(precision: str, block_size: int = 32, symmetric: bool = False) -> Dict[str, object]:
+    """The ``extra["quantization"]`` form entries of a precision (the same as the whole-graph converters')."""
+    if precision == "int4":
+        return {"form": "MatMulNBits", "runs_on": ["onnxruntime"],
+                "weights": f"int4 blocks of {block_size} along K, " + ("symmetric" if symmetric else "with zero points")}
+    if precision == "int8-dynamic":
+        return {"form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
+                "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"]}
+    if precision == "int8":
+        return {"form": "QDQ", "weights": "int8 per-channel symmetric (axis 1 of each (K, N) weight)",
+                "activations": "int8 per-tensor symmetric", "ranges_file": "calibration_ranges.json",
+                "runs_on": ["onnxruntime", "tensorrt"]}
+    return {"fp32_islands": ["norm reductions", "attention scores + mask + softmax", "rotary tables", "logits"],
+            "runs_on": ["onnxruntime", "tensorrt"]}

@@ -65,4 +65,13 @@ def calibrate_streamed(spec, reader, sequences: Sequence[Sequence[int]], linears
     return CalibrationRanges(method=method, tensors=collector.ranges(percentile), settings=record)
 
 
-__all__ = ["calibrate_streamed", "calibration_batches", "np"]
+def bundle_calibrator(spec, model_path, sequences, linears, opts, settings, progress):
+    """``calibration.pipeline.quantize_bundle``'s ``calibrator``: streamed calibration over an fp32 bundle's
+    weights."""
+    from exporter.stream_source import BundleTensors
+
+    return calibrate_streamed(spec, BundleTensors(model_path), sequences, linears, opts.method, opts.percentile,
+                              opts.calib_batch, opts.decode_steps, settings=settings, progress=progress)
+
+
+__all__ = ["calibrate_streamed", "calibration_batches", "bundle_calibrator", "np"]

@@ -100,13 +100,14 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
     memory plan (``exporter.memory_plan.MemoryPlan``) without writing anything."""
     import torch
 
-    from calibration.stream_quant import ConverterChoice, make_converter
+    from calibration.stream_quant import ConverterChoice, form_record, make_converter
+    from calibration.stream_write import read_only_once, write_streamed
     from calibration.targets import find_linears, select
     from exporter.memory_plan import check_plan, plan_export
     from exporter.onnx_export import ExportResult, ort_session
     from exporter.stream_reference import StreamingReference
     from exporter.stream_source import CheckpointReader
-    from exporter.stream_weights import read_only_once, trace_weightless, write_streamed
+    from exporter.stream_weights import trace_weightless
     from exporter.verify import make_plan, max_diffs, run_onnx, step_feeds
     from exporter.weights import find_weight_files
 
@@ -138,7 +139,7 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
                       "source_checkpoint": os.path.abspath(ckpt_dir), "streamed": True,
                       "quantized_linears": [lin.name for lin in chosen],
                       "float_linears": [lin.name for lin in kept]}
-            record.update(_details(precision, opts))
+            record.update(form_record(precision, opts.block_size, opts.int4_symmetric))
         if precision == "int8":
             from calibration.ranges import RANGES_FILE, write_ranges
             from exporter.stream_calibrate import calibrate_streamed
@@ -221,7 +222,7 @@ def check_quantized_weights(model_path: str, reader, chosen, precision: str) -> 
     """Every quantized linear layer of the written bundle, dequantized, against the checkpoint's weight (read
     again): VerificationError naming the first layer beyond the tolerance table's ``stream_weight_rel_rms``."""
     from calibration.stream_quant import dequantized_weight, weight_error
-    from exporter.stream_source import BundleReader
+    from calibration.stream_write import BundleReader
 
     written = BundleReader(model_path)
     bound = allowed_diff("stream_weight_rel_rms", precision)
@@ -250,17 +251,3 @@ def verification_session(model_path: str, precision: str):
     opts.log_severity_level = 3
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
-
-
-def _details(precision: str, opts: StreamOptions) -> Dict[str, Any]:
-    """The form record ``calibration.pipeline`` writes for the same precision."""
-    if precision == "int4":
-        return {"form": "MatMulNBits", "runs_on": ["onnxruntime"],
-                "weights": f"int4 blocks of {opts.block_size} along K, "
-                           + ("symmetric" if opts.int4_symmetric else "with zero points")}
-    if precision == "int8-dynamic":
-        return {"form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
-                "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"]}
-    return {"form": "QDQ", "weights": "int8 per-channel symmetric (axis 1 of each (K, N) weight)",
-            "activations": "int8 per-tensor symmetric", "ranges_file": "calibration_ranges.json",
-            "runs_on": ["onnxruntime", "tensorrt"]}

@@ -1,6 +1,6 @@
 """Read one weight at a time, in graph form, from a checkpoint or from an fp32 bundle, without keeping files mapped.
 
-Where it stands: the source side of the streaming export and quantization (``exporter.stream_weights``,
+Where it stands: the source side of the streaming export and quantization (``calibration.stream_write``,
 ``calibration.stream_quant``) and of the layer-streaming reference (``exporter.stream_reference``). Both readers
 answer ``graph_array(name)``: the initializer ``name`` of the traced graph (``layers.3.qkv.weight_t`` (K, N),
 ``embed.weight`` (vocab, hidden), ...) as a numpy array in the requested float dtype, and ``canonical(name)``: the
@@ -20,9 +20,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from runtime.errors import BundleError, WeightsError
-from runtime.manifest import DATA_FILE
+from runtime.errors import WeightsError
 from runtime.spec import ModelSpec
+
+from calibration.stream_write import BundleReader
 
 from exporter.weights import (
     _load_bin,
@@ -124,46 +125,11 @@ class CheckpointReader:
         return t.numpy()
 
 
-class BundleReader:
-    """Weights of a float bundle's graph (external data file, or inline), one initializer per call."""
-
-    def __init__(self, model_path: str):
-        import onnx
-
-        self.model_path = model_path
-        self.dir = os.path.dirname(os.path.abspath(model_path))
-        self.proto = onnx.load(model_path, load_external_data=False)
-        self.inits = {i.name: i for i in self.proto.graph.initializer}
-        self.data_path = os.path.join(self.dir, DATA_FILE)
-
-    def names(self) -> List[str]:
-        return [i.name for i in self.proto.graph.initializer]
-
-    def graph_array(self, name: str, dtype=None) -> np.ndarray:
-        from onnx import TensorProto, helper, numpy_helper
-
-        init = self.inits[name]
-        if init.data_location != TensorProto.EXTERNAL:
-            array = numpy_helper.to_array(init)
-        else:
-            info = {e.key: e.value for e in init.external_data}
-            if info.get("location") != DATA_FILE:
-                raise BundleError(f"{self.model_path}: initializer {name} points at {info.get('location')!r}, "
-                                  f"expected {DATA_FILE}")
-            np_dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-            count = int(np.prod(init.dims)) if len(init.dims) else 1
-            offset = int(info.get("offset", 0))
-            if offset + count * np.dtype(np_dtype).itemsize > os.path.getsize(self.data_path):
-                raise BundleError(f"{self.data_path}: too short for initializer {name}; the bundle is truncated")
-            view = np.memmap(self.data_path, dtype=np_dtype, mode="r", offset=offset, shape=tuple(init.dims))
-            array = np.array(view)  # a copy; the mapping goes with ``view``
-            del view
-        if dtype is not None and array.dtype != np.dtype(dtype):
-            array = array.astype(dtype)
-        return array
+class BundleTensors(BundleReader):
+    """``calibration.stream_write.BundleReader`` with the reference's ``canonical`` form (torch)."""
 
     def canonical(self, name: str, dtype, rows: Optional[Tuple[int, int]] = None):
-        """The reference's form (see CheckpointReader.canonical): torch, (out, in) for linear layers."""
+        """As CheckpointReader.canonical: torch, (out, in) for linear layers."""
         import torch
 
         graph_name = name[: -len(".weight")] + LINEAR_SUFFIX if _is_linear(name) else name

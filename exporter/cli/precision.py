@@ -85,8 +85,10 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         if not quiet and not as_json:
             click.echo(plan.summary(), err=True)
     with staged_directory(out_dir, overwrite) as tmp:
+        from exporter.stream_calibrate import bundle_calibrator
+
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
-                                 source=source)
+                                 source=source, calibrator=None if in_memory else bundle_calibrator)
     result.bundle_dir = out_dir
     if as_json:
         click.echo(json.dumps({

@@ -141,7 +141,7 @@ def test_existing_bundle_needs_overwrite(tmp_path, ckpt):
 
 def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, monkeypatch):
     """A graph that disagrees with PyTorch fails the export (exit 2) and lists every output's max difference."""
-    import exporter.stream_weights as sw
+    import calibration.stream_write as sw
 
     real = sw.read_only_once  # the streaming export's write path (the reference reads the checkpoint itself)
 

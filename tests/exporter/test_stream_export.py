@@ -117,7 +117,7 @@ def test_streamed_calibration_matches_onnxruntime_calibration(work):
     from calibration.targets import find_linears
     from calibration.graph_io import load_graph
     from exporter.stream_calibrate import calibrate_streamed
-    from exporter.stream_source import BundleReader
+    from exporter.stream_source import BundleTensors
     from runtime.manifest import read_manifest
 
     bundle = export(work, "fp32").bundle_dir
@@ -128,7 +128,7 @@ def test_streamed_calibration_matches_onnxruntime_calibration(work):
     linears = find_linears(load_graph(model, with_weights=False))
     ort = calibrate(model, spec, split.calibration, [lin.activation for lin in linears], "minmax", batch_size=4,
                     decode_steps=4)
-    ours = calibrate_streamed(spec, BundleReader(model), split.calibration, linears, "minmax", 99.99, 4, 4)
+    ours = calibrate_streamed(spec, BundleTensors(model), split.calibration, linears, "minmax", 99.99, 4, 4)
     for lin in linears:
         a, b = ours.tensors[lin.activation], ort.tensors[lin.activation]
         assert a.count == b.count
@@ -162,7 +162,7 @@ def test_layer_streaming_reference_equals_the_whole_model(work, dtype):
 def test_verification_catches_one_corrupted_layer(work, monkeypatch, precision):
     """A fault in the streamed write path (here: layer 1's MLP down weight scaled by 1.5 as it is read for
     writing) fails the export; the reference reads the checkpoint itself and nothing is left at --out."""
-    import exporter.stream_weights as sw
+    import calibration.stream_write as sw
     from runtime.errors import VerificationError
 
     original = sw.read_only_once  # the export wraps the reader's graph_array with it: the write path only
