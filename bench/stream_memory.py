@@ -57,7 +57,7 @@ def estimate(spec, path):
                        from_bundle=kind == "bundle").peak_bytes
 
 
-def run_size(size, work, results, old_routes):
+def run_size(size, work, results, old_routes, only=None):
     ckpt = os.path.join(work, f"ckpt-{size}")
     calib = os.path.join(work, "calib.txt")
     if not os.path.isfile(calib):
@@ -93,7 +93,7 @@ def run_size(size, work, results, old_routes):
         with open(results.name) as f:
             done = {(r["size"], r["path"]) for r in map(json.loads, filter(str.strip, f))}
     for name, cmd, planned in jobs:
-        if (size, name) in done:  # measured by an earlier (interrupted) run of the same results file
+        if (size, name) in done or (only and name not in only):  # done earlier, or not asked for
             continue
         est = estimate(spec, name) if planned else None
         seconds, peak, _ = measure(cmd)
@@ -141,6 +141,7 @@ def main():
     parser.add_argument("--old-routes-all", action="store_true",
                         help="time the whole-model routes on every size (default: the first size only)")
     parser.add_argument("--no-old-routes", action="store_true", help="streaming paths only")
+    parser.add_argument("--paths", nargs="+", default=None, help="only these paths, e.g. 'direct int4'")
     args = parser.parse_args()
     if args.fit:
         fit(args.fit)
@@ -149,7 +150,8 @@ def main():
     os.makedirs(work, exist_ok=True)
     with open(args.out, "a") as results:
         for k, size in enumerate(args.sizes):
-            run_size(size, work, results, old_routes=(k == 0 or args.old_routes_all) and not args.no_old_routes)
+            run_size(size, work, results, old_routes=(k == 0 or args.old_routes_all) and not args.no_old_routes,
+                     only=args.paths)
 
 
 if __name__ == "__main__":
