@@ -8,7 +8,7 @@ import os
 
 import click
 
-from exporter.cli.run import PROVIDER_CHOICES
+from exporter.cli.options import PROVIDER_CHOICES
 
 
 @click.command()
