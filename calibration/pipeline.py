@@ -344,12 +344,15 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
 
 
 def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None,
-                    source: Optional[Manifest] = None, calibrator=None) -> QuantizeResult:
+                    source: Optional[Manifest] = None, calibrator=None,
+                    plan: Optional[str] = None) -> QuantizeResult:
     """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring.
 
     ``source`` is the manifest :func:`check_quantize` returned for ``src_dir`` and these options, where the caller
     has run it already (the CLI does, before it creates --out); None runs it here. ``calibrator`` (streaming
     static INT8 only): (spec, model path, sequences, linears, opts, settings, progress) -> CalibrationRanges.
+    ``plan`` (the CLI's memory plan, one line) is the first progress stage once the inputs have been read, so a bad
+    input is still the only line a failed run shows.
     """
     progress = progress or NullProgress()
     start = time.perf_counter()
@@ -358,6 +361,8 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
     src_model = os.path.join(src_dir, manifest.model_file)
     src = _Source(src_dir, manifest, src_model, graph_checksums(src_model, manifest.files))
     split, tokenizer = _data(opts, src_dir, spec)
+    if plan:
+        progress.stage(plan)
 
     record = _convert(opts, src, out_dir, split, progress, calibrator)
     graph_files = record.pop("files")

@@ -90,13 +90,12 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
             click.echo(json.dumps(plan.to_dict()) if as_json else plan.summary())
             return
         check_plan(plan, out_dir, parse_bytes(memory_available, "--memory-available") if memory_available else None)
-        if not quiet and not as_json:
-            click.echo(plan.summary(), err=True)
     with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
         from exporter.stream_calibrate import bundle_calibrator_for
 
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
-                                 source=source, calibrator=None if in_memory else bundle_calibrator_for(source.spec))
+                                 source=source, calibrator=None if in_memory else bundle_calibrator_for(source.spec),
+                                 plan=None if in_memory else plan.summary())
     result.bundle_dir = out_dir
     if as_json:
         click.echo(json.dumps({
