@@ -210,6 +210,3 @@ def merge_adapters(stream: Iterator[Tuple[str, Any]], spec: ModelSpec,
 def read_adapters(paths: Iterable[str], user_scale: float = 1.0) -> List[Adapter]:
     return [read_adapter(p, user_scale) for p in paths]
 
-
-def lora_records(adapters: List[Adapter]) -> Optional[List[Dict[str, Any]]]:
-    return [a.record() for a in adapters] or None

@@ -8,7 +8,7 @@ import os
 
 import click
 
-from exporter.cli.options import PROVIDER_CHOICES
+from exporter.cli.options import PROVIDER_CHOICES, threads_option
 
 
 @click.command()
@@ -25,7 +25,7 @@ from exporter.cli.options import PROVIDER_CHOICES
 @click.option("--model-name", default=None, help="The model id clients send [default: the bundle directory's name].")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="cpu", show_default=True,
               help="onnxruntime execution provider.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="onnxruntime intra-op threads.")
+@threads_option()
 @click.option("--no-truncate", is_flag=True,
               help="Refuse (400) a conversation longer than the context instead of dropping its oldest turns.")
 @click.option("--prefix-cache-mb", type=click.IntRange(min=0), default=256, show_default=True,
@@ -69,6 +69,6 @@ def triton(bundle, out_dir, name, max_batch, instances, overwrite):
     from exporter.staging import staged_directory
     from runtime.serve.triton.repository import write_repository
 
-    with staged_directory(out_dir, overwrite) as tmp:
+    with staged_directory(out_dir, overwrite, inputs=(("--model", bundle),)) as tmp:
         written = write_repository(bundle, tmp, name=name, max_batch=max_batch, instances=instances)
     click.echo(f"wrote {out_dir}: {', '.join(written)}", err=True)

@@ -144,10 +144,17 @@ def test_existing_out_needs_overwrite(tmp_path, trained):
                                     "--precision", "fp16", "--no-eval"])
     assert res.exit_code == 2 and "--overwrite" in res.output
     assert os.listdir(out) == ["keep.txt"]
+    # --overwrite replaces only what glm-export wrote: a directory without our marker stays as it is
     res = CliRunner().invoke(main, ["quantize", "--model", trained.bundle("fp32"), "--out", str(out),
                                     "--precision", "fp16", "--no-eval", "--overwrite", "--quiet"])
-    assert res.exit_code == 0, res.output
-    assert read_manifest(str(out)).precision == "fp16"
+    assert res.exit_code == 2 and "not written by glm-export" in res.output
+    assert os.listdir(out) == ["keep.txt"]
+    ours = tmp_path / "ours"
+    for _ in range(2):  # the second run replaces the first run's bundle
+        res = CliRunner().invoke(main, ["quantize", "--model", trained.bundle("fp32"), "--out", str(ours),
+                                        "--precision", "fp16", "--no-eval", "--overwrite", "--quiet"])
+        assert res.exit_code == 0, res.output
+    assert read_manifest(str(ours)).precision == "fp16"
 
 
 def test_train_tiny_example_is_deterministic(tmp_path):
