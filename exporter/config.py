@@ -32,7 +32,7 @@ from runtime.spec import (
     ModelSpec,
 )
 
-from exporter.detect import (  # noqa: E402  (layout names live with the detection that decides them)
+from exporter.detect import (  # noqa: E402,F401  (layout names live with the detection; weights.py imports them here)
     FAMILY_CHATGLM1,
     FAMILY_CHATGLM2,
     FAMILY_CHATGLM3,

@@ -163,7 +163,7 @@ def _config_signals(cfg: Mapping[str, Any], where: str) -> List[Signal]:
     out: List[Signal] = []
     model_type = cfg.get("model_type")
     if model_type is not None:
-        if model_type not in MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
             known = ", ".join(sorted(MODEL_TYPES))
             raise UnsupportedModelError(
                 f"{where}: field 'model_type' = {model_type!r} is not supported (known: {known})")

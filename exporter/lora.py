@@ -29,7 +29,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 from runtime.errors import ConfigError, WeightsError, read_json_object
 from runtime.manifest import sha256_of

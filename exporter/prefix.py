@@ -64,8 +64,6 @@ def prefix_kv_from_checkpoint(ckpt_dir: str, spec: ModelSpec, projection: bool,
     The prefix encoder is read from ``prefix_dir`` when given, else from the checkpoint itself; a missing or
     misshapen tensor is a WeightsError naming the key.
     """
-    import torch
-
     where = prefix_dir or ckpt_dir
     files, source = _weights_of(where)
     try:

@@ -244,6 +244,21 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP held back (delivered after the block) where the platform allows it."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    sigs = {signal.SIGINT, signal.SIGTERM} | ({signal.SIGHUP} if hasattr(signal, "SIGHUP") else set())
+    previous = mask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, previous)
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 
@@ -265,17 +280,18 @@ def _swap(tmp: str, real_out: str, seen: _Seen, option: str, out_dir: str) -> No
         what = "appeared" if seen.ident is None else ("disappeared" if now is None else "was replaced")
         raise OutputPathError(f"{option} {out_dir}: {what} during the run; nothing was replaced (run again)")
     old = None
-    try:
-        if now is not None:
-            old = _mkdtemp(real_out, "old")
-            os.rmdir(old)  # keep the unique name; the rename below makes it the old directory
-            os.rename(real_out, old)
-        os.rename(tmp, real_out)
-    except OSError as e:
-        if old is not None and os.path.isdir(old) and not os.path.lexists(real_out):
-            os.rename(old, real_out)
-        raise OutputPathError(f"{option} {out_dir}: cannot replace it ({e.strerror or e}); "
-                              "the previous directory is unchanged") from None
+    with _signals_blocked():  # the two renames are not interrupted half way (a crash is recovered by the next run)
+        try:
+            if now is not None:
+                old = _mkdtemp(real_out, "old")
+                os.rmdir(old)  # keep the unique name; the rename below makes it the old directory
+                os.rename(real_out, old)
+            os.rename(tmp, real_out)
+        except OSError as e:
+            if old is not None and os.path.isdir(old) and not os.path.lexists(real_out):
+                os.rename(old, real_out)
+            raise OutputPathError(f"{option} {out_dir}: cannot replace it ({e.strerror or e}); "
+                                  "the previous directory is unchanged") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
         if os.path.lexists(old):

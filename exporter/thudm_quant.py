@@ -26,7 +26,7 @@ for the same graph unfused); writing MatMulNBits with accuracy_level 0 ourselves
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np
 

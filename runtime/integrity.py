@@ -118,8 +118,8 @@ def verify_files(bundle_dir: str, files: Mapping[str, Mapping[str, Any]], use_st
             raise BundleError(f"{path}: cannot read it ({e.strerror or e})") from None
         hashed += key[0]
         if got != want:
-            raise BundleError(f"{path}: sha256 {got} but the manifest records {want}; the bundle is corrupt "
-                              "(re-export it; --no-verify-files loads it anyway)")
+            raise BundleError(f"{path}: checksum mismatch: sha256 {got}, the manifest records {want}; the bundle is "
+                              "corrupt (re-export it; --no-verify-files loads it anyway)")
         fresh[name] = {"sha256": want, "stat": key}
     if hashed or fresh != stamped:
         where_stamp = _write_stamp(bundle_dir, fresh)

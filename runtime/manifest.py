@@ -207,9 +207,9 @@ def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: b
                 raise BundleError(f"{p}: {size} bytes, manifest records {rec['bytes']}; the bundle is corrupt")
         for name in manifest.tokenizer_files:
             bundle_member(bundle_dir, name, "tokenizer_files entry", path)
-        check_graph_references(bundle_dir, manifest, path)
-        if verify_files or verify_checksums:
+        if verify_files or verify_checksums:  # first: a corrupt file is reported as such, with both digests
             verify_bundle_files(bundle_dir, manifest.files, use_stamp=not verify_checksums, where=path)
+        check_graph_references(bundle_dir, manifest, path)
     return manifest
 
 

@@ -73,7 +73,7 @@ def test_hf_layout_merge_equals_peft(adapter, tiny_models, tmp_path):
 def _thudm_adapter(hf_adapter, out):
     """The same adapter under THUDM module names: q/k/v become one query_key_value adapter of rank 3r (A stacked,
     B block-diagonal, alpha tripled so alpha / r stays); the other modules are zero-padded to rank 3r."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cfg = json.load(open(os.path.join(hf_adapter, "adapter_config.json")))
     r = cfg["r"]
@@ -133,7 +133,7 @@ def test_adapter_for_another_model_is_refused(adapter, tiny_models, tmp_path):
 
 
 def test_adapter_with_foreign_modules_is_refused(adapter, tiny_models, tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     hf, path, _ = adapter
     bad = tmp_path / "gpt2-adapter"
