@@ -62,7 +62,7 @@ class StreamOptions:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def check(self, precision: str) -> None:
-        from calibration.pipeline import QuantizeOptions, check_options
+        from calibration.pipeline import check_options
 
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -118,7 +118,7 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
     from calibration.stream_write import read_only_once, write_streamed
     from calibration.targets import find_linears, select
     from exporter.memory_plan import check_plan, plan_export
-    from exporter.onnx_export import ExportResult, ort_session
+    from exporter.onnx_export import ExportResult
     from exporter.stream_reference import StreamingReference
     from exporter.stream_source import CheckpointReader
     from exporter.stream_weights import trace_weightless
