@@ -1,7 +1,7 @@
 """Peak RSS of every export / quantize path on bf16 checkpoints of several sizes, the fit in N, the plan's error.
 
     python bench/stream_memory.py --workdir DIR [--sizes mid 0.6b 1b] [--out results.jsonl]   # measure
-    python bench/stream_memory.py --fit results.jsonl                                          # table + fit
+    python bench/stream_memory.py --fit results.jsonl [rerun.jsonl] --workdir DIR               # table + fit
 
 Each size: a bf16 ChatGLM3-shaped checkpoint (``glm-export tiny --size S --dtype bfloat16``, written by a child),
 then, one at a time, each path in its own child process whose peak is its ru_maxrss (os.wait4): direct
@@ -107,29 +107,61 @@ def run_size(size, work, results, old_routes, only=None):
             subprocess.run(["rm", "-rf", os.path.join(work, d)], check=False)
 
 
-def fit(path):
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+def fit(paths, workdir=None):
+    """The table of the README: peak per size, least-squares fit a + b N, extrapolations, the plan's error (the
+    current plan code, recomputed for each size's checkpoint in ``workdir`` when given). Later files override
+    earlier rows of the same size and path (re-measurements)."""
     GB = 1024**3
-    paths = sorted({r["path"] for r in rows}, key=lambda p: ([r["path"] for r in rows].index(p)))
-    print("| path | " + " | ".join(f"{r['size']} ({r['params'] / 1e9:.2f} B)" for r in rows if r["path"] == paths[0])
-          + " | fit (GB) | ChatGLM3-6B | GLM-4-9B | plan error (max) | s per B params |")
-    print("|---" * (6 + sum(1 for r in rows if r["path"] == paths[0])) + "|")
-    for p in paths:
-        pts = [r for r in rows if r["path"] == p]
-        xs = [r["params"] / 1e9 for r in pts]
-        ys = [r["peak_rss_bytes"] / GB for r in pts]
-        n = len(xs)
-        mx, my = sum(xs) / n, sum(ys) / n
-        sxx = sum((x - mx) ** 2 for x in xs) or 1e-12
-        b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        a = my - b * mx
-        errs = [abs(r["estimate_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"] for r in pts
-                if r.get("estimate_bytes")]
-        err = f"{100 * max(errs):.0f}%" if errs else "-"
-        rate = sum(r["seconds"] for r in pts) / sum(xs)
-        cells = " | ".join(f"{y:.2f} GB, {r['seconds']:.0f}s" for y, r in zip(ys, pts))
-        print(f"| {p} | {cells} | {a:.2f} + {b:.2f} N | {a + 6.24 * b:.1f} | {a + 9.40 * b:.1f} | {err} | "
-              f"{rate:.0f} |")
+    rows = {}
+    for path in paths:
+        for line in open(path):
+            if line.strip():
+                r = json.loads(line)
+                rows[(r["size"], r["path"])] = r
+    rows = list(rows.values())
+    sizes = sorted({(r["params"], r["size"]) for r in rows})
+    specs = {}
+    if workdir:
+        from exporter.config import spec_from_checkpoint
+
+        for _, size in sizes:
+            ckpt = os.path.join(workdir, f"ckpt-{size}")
+            if os.path.isdir(ckpt):
+                specs[size] = spec_from_checkpoint(ckpt)[0]
+    names = []
+    for r in rows:
+        if r["path"] not in names:
+            names.append(r["path"])
+    print("| path | " + " | ".join(f"{size} ({params / 1e9:.3f} B)" for params, size in sizes)
+          + " | fit, GB (N = B params) | ChatGLM3-6B | GLM-4-9B | plan error |")
+    print("|---" * (len(sizes) + 5) + "|")
+    for name in names:
+        pts = {r["size"]: r for r in rows if r["path"] == name}
+        xs = [pts[s]["params"] / 1e9 for _, s in sizes if s in pts]
+        ys = [pts[s]["peak_rss_bytes"] / GB for _, s in sizes if s in pts]
+        cells = " | ".join(f"{pts[s]['peak_rss_bytes'] / GB:.2f} GB ({pts[s]['seconds']:.0f} s)" if s in pts else "-"
+                           for _, s in sizes)
+        if len(xs) >= 2:
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+            a = my - b * mx
+            fitted = f"{a:.2f} + {b:.2f} N | {a + 6.24 * b:.1f} | {a + 9.40 * b:.1f}"
+        else:
+            fitted = "- | - | -"
+        errs = []
+        kind, _, precision = name.partition(" ")
+        for _, s in sizes:
+            r = pts.get(s)
+            if r is None:
+                continue
+            if kind in ("direct", "bundle") and s in specs:
+                from exporter.memory_plan import plan_export
+
+                est = plan_export(specs[s], precision, verify=kind == "direct", calibrate=precision == "int8",
+                                  from_bundle=kind == "bundle").peak_bytes
+                errs.append((est - r["peak_rss_bytes"]) / r["peak_rss_bytes"])
+        err = ", ".join(f"{100 * e:+.0f}%" for e in errs) if errs else "-"
+        print(f"| {name} | {cells} | {fitted} | {err} |")
 
 
 def main():
@@ -137,14 +169,14 @@ def main():
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--sizes", nargs="+", default=["mid", "0.6b", "1b"])
     parser.add_argument("--out", default="stream_memory.jsonl")
-    parser.add_argument("--fit", default=None, help="print the table and fit of a results file")
+    parser.add_argument("--fit", nargs="+", default=None, help="print the table and fit of results files")
     parser.add_argument("--old-routes-all", action="store_true",
                         help="time the whole-model routes on every size (default: the first size only)")
     parser.add_argument("--no-old-routes", action="store_true", help="streaming paths only")
     parser.add_argument("--paths", nargs="+", default=None, help="only these paths, e.g. 'direct int4'")
     args = parser.parse_args()
     if args.fit:
-        fit(args.fit)
+        fit(args.fit, args.workdir)
         return
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-stream-")
     os.makedirs(work, exist_ok=True)

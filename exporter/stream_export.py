@@ -62,7 +62,7 @@ class StreamOptions:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def check(self, precision: str) -> None:
-        from calibration.pipeline import QuantizeOptions, check_options
+        from calibration.pipeline import check_options
 
         if precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

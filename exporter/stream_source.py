@@ -15,8 +15,7 @@ the tensor is copied out. ``pytorch_model*.bin`` checkpoints are read through to
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 

@@ -89,6 +89,16 @@ def test_streamed_quantize_is_the_whole_graph_quantize(work, precision):
     assert_same_graph(quantize(work, precision).bundle_dir, quantize(work, precision, streaming=False).bundle_dir)
 
 
+@pytest.mark.parametrize("precision", ["int4", "int8-dynamic"])
+def test_large_weights_quantized_in_column_blocks_are_the_same(work, monkeypatch, precision):
+    """Weights over CHUNK_BYTES go through onnxruntime's quantizer a block of columns at a time (its copies of
+    the weight are the peak): the joined tensors equal the whole weight's, byte for byte."""
+    import calibration.stream_quant as sq
+
+    monkeypatch.setattr(sq, "CHUNK_BYTES", 128 * 100)  # 100 columns of a K = 128 weight: 2-7 blocks per weight
+    assert_same_graph(quantize(work, precision).bundle_dir, quantize(work, precision, streaming=False).bundle_dir)
+
+
 def test_streamed_static_int8_with_the_same_ranges_is_the_whole_graph_quantize(work):
     direct = export(work, "int8")
     ranges = os.path.join(direct.bundle_dir, "calibration_ranges.json")
