@@ -19,14 +19,13 @@ _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """MemAvailable from /proc/meminfo lowered by a cgroup limit (``exporter.memory_plan.available_memory``), else
+    free physical pages; None when unknown."""
+    from exporter.memory_plan import available_memory
+
+    found = available_memory()["available"]
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
