@@ -122,12 +122,13 @@ def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray
     graph_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save_model(proto, graph_path)
     bytes_out = writer.offset
-    _inline_if_small(out_dir)
+    inline_if_small(out_dir)
     return {"seconds": time.perf_counter() - start, "bytes_in": bytes_in, "bytes_out": bytes_out}
 
 
-def _inline_if_small(out_dir: str) -> None:
-    """exporter.onnx_export.inline_if_small, without importing torch (quantize needs none)."""
+def inline_if_small(out_dir: str) -> None:
+    """Fold model.onnx.data back into model.onnx when the weights are small (runtime.manifest.INLINE_LIMIT, well
+    under protobuf's 2 GB); here rather than in the exporter so quantize needs no torch. The exporter calls it too."""
     import onnx
 
     from calibration.graph_io import clear_external_data_locations

@@ -14,13 +14,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
-from calibration.graph_io import clear_external_data_locations
+from calibration.stream_write import inline_if_small
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, ExportError, VerificationError
 from runtime.manifest import (
     DATA_FILE,
-    INLINE_LIMIT,
     KV_DTYPE_OF_PRECISION,
     MODEL_FILE,
     Manifest,
@@ -40,7 +39,6 @@ from exporter.weights import find_weight_files
 log = logging.getLogger("glm_export")
 
 OPSET = 17
-PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a ModelProto cannot be serialised beyond this
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 2
 # precisions a checkpoint exports to directly; the traced model's torch dtype is its KV dtype
 # (runtime.manifest.KV_DTYPE_OF_PRECISION): float32 or float16 throughout
@@ -156,21 +154,6 @@ def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
             offset += array.nbytes
     del proto.graph.input[:]
     proto.graph.input.extend(keep)
-
-
-def inline_if_small(out_dir: str) -> None:
-    """Fold model.onnx.data back into model.onnx when the weights are small (see runtime.manifest.INLINE_LIMIT)."""
-    import onnx
-
-    data_path = os.path.join(out_dir, DATA_FILE)
-    if os.path.getsize(data_path) > min(INLINE_LIMIT, PROTOBUF_LIMIT):
-        return
-    graph_path = os.path.join(out_dir, MODEL_FILE)
-    proto = onnx.load(graph_path, load_external_data=True)
-    clear_external_data_locations(proto)
-    onnx.save_model(proto, graph_path)
-    del proto
-    os.remove(data_path)
 
 
 def export_bundle(
