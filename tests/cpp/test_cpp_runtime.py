@@ -420,10 +420,107 @@ def test_bad_bundles_are_one_line_errors_like_python(bundles, tmp_path):
     size = os.path.getsize(flipped / "model.onnx")
     with open(flipped / "model.onnx", "r+b") as f:
         f.write(b"\xff" * min(size, 4096))
+    msg = one_error_line(glm_run("--model", flipped, "--prompt-ids", "1,2,3", check=False))  # checked by default
+    assert "checksum mismatch" in msg and msg == python_error(lambda: GlmModel.load(str(flipped)))
     msg = one_error_line(glm_run("--model", flipped, "--prompt-ids", "1,2,3", "--verify-checksums", check=False))
     assert msg == python_error(lambda: GlmModel.load(str(flipped), verify_checksums=True))
-    msg = one_error_line(glm_run("--model", flipped, "--prompt-ids", "1,2,3", check=False))
+    msg = one_error_line(glm_run("--model", flipped, "--prompt-ids", "1,2,3", "--no-verify-files", check=False))
     assert "onnxruntime cannot load it" in msg
+
+
+def _outside_cases(src, tmp_path):
+    """Bundles whose manifest names files outside themselves, each as runtime/bundle_paths.py refuses it."""
+    cases = {
+        "files-parent": lambda m: m["files"].update({"../manifest.json": {"bytes": 1}}),
+        "files-absolute": lambda m: m["files"].update({"/etc/hostname": {"bytes": 1}}),
+        "model-file-parent": lambda m: m.update(model_file="../model.onnx"),
+        "model-file-unlisted": lambda m: m.update(model_file="nope.onnx"),
+        "tokenizer-files-parent": lambda m: m.update(tokenizer_files=["../../.bashrc"]),
+    }
+    out = {name: edited_bundle(src, tmp_path / name, edit) for name, edit in cases.items()}
+    link = tmp_path / "symlink-out"
+    shutil.copytree(src, link)
+    (tmp_path / "outside.txt").write_text("not the bundle's")
+    os.symlink(tmp_path / "outside.txt", link / "extra.txt")
+    with open(link / "manifest.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["files"]["extra.txt"] = {"bytes": len("not the bundle's")}
+    with open(link / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    out["symlink-out"] = str(link)
+    return out
+
+
+def test_names_outside_the_bundle_are_refused_like_python(bundles, tmp_path):
+    from runtime.api import GlmModel
+
+    for name, path in _outside_cases(bundles.get("chatglm3-thudm-hd32"), tmp_path).items():
+        msg = one_error_line(glm_run("--model", path, "--prompt-ids", "1,2,3", check=False))
+        want = python_error(lambda: GlmModel.load(path))
+        assert msg == want, name
+        assert "inside itself" in msg or "not listed" in msg, name
+
+
+def test_external_data_outside_the_bundle_is_refused(bundles, tmp_path):
+    """The graph's own external-data locations: left to onnxruntime in C++ (the README says so), which must refuse
+    one outside the bundle's folder."""
+    import onnx
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles.get("chatglm3-thudm-hd32"), bundle)
+    from onnx.external_data_helper import set_external_data
+
+    proto = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    big = max(proto.graph.initializer, key=lambda t: len(t.raw_data))  # the tiny bundle keeps its weights inline
+    assert big.raw_data
+    (tmp_path / "outside.data").write_bytes(big.raw_data)
+    set_external_data(big, "../outside.data", 0, len(big.raw_data))
+    big.ClearField("raw_data")
+    big.data_location = onnx.TensorProto.EXTERNAL
+    with open(bundle / "model.onnx", "wb") as f:
+        f.write(proto.SerializeToString())
+    # a crafted manifest: its record of model.onnx matches the edited graph, so only the location can be refused
+    from runtime.integrity import sha256_file
+
+    edited_record = {"bytes": os.path.getsize(bundle / "model.onnx"), "sha256": sha256_file(str(bundle / "model.onnx"))}
+    with open(bundle / "manifest.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["files"]["model.onnx"] = edited_record
+    with open(bundle / "manifest.json", "w", encoding="utf-8") as f:
+        json.dump(manifest, f)
+    r = glm_run("--model", bundle, "--prompt-ids", "1,2,3", check=False)
+    msg = one_error_line(r)
+    assert "escapes model directory" in msg, msg
+
+
+def test_the_verified_stamp_is_shared_with_python(bundles, tmp_path):
+    """A bundle is hashed once, whichever runtime loads it first: glm-run writes the stamp runtime/integrity.py
+    reads (Python then hashes nothing), and a stamp Python wrote is used by glm-run as it stands."""
+    from runtime.integrity import STAMP_NAME, verify_files
+    from runtime.manifest import read_manifest
+
+    bundle = tmp_path / "b"
+    shutil.copytree(bundles.get("chatglm3-thudm-hd32"), bundle)
+    stamp = bundle / STAMP_NAME
+    if stamp.exists():
+        stamp.unlink()
+    glm_run("--model", bundle, "--prompt-ids", "1,2,3", "--max-new-tokens", "1")
+    assert stamp.exists()
+    files = read_manifest(str(bundle), check_files=True, verify_files=False).files
+    assert verify_files(str(bundle), files) == 0  # C++'s stamp covers every file
+    assert set(json.loads(stamp.read_text())["files"]) == {n for n, r in files.items() if "sha256" in r}
+
+    stamp.unlink()
+    assert verify_files(str(bundle), files) > 0  # Python hashes and stamps
+    before = (stamp.read_bytes(), os.stat(stamp).st_mtime_ns)
+    glm_run("--model", bundle, "--prompt-ids", "1,2,3", "--max-new-tokens", "1")
+    assert (stamp.read_bytes(), os.stat(stamp).st_mtime_ns) == before  # used as it stands, not rewritten
+
+    data = bundle / "model.onnx"  # a changed file is hashed again: the stamp never makes a mismatch pass
+    with open(data, "r+b") as f:
+        f.write(b"\xff" * 64)
+    msg = one_error_line(glm_run("--model", bundle, "--prompt-ids", "1,2,3", check=False))
+    assert "checksum mismatch" in msg
 
 
 def test_bad_requests_are_one_line_errors_like_python(bundles):

@@ -39,7 +39,8 @@ typedef struct glm_result glm_result;
 typedef struct glm_load_options {
   int threads;          /* onnxruntime intra-op threads; 0: its choice */
   int prefill_chunk;    /* prompt tokens per prefill forward; 0: all at once (default 256) */
-  int verify_checksums; /* non-zero: re-hash every file the manifest lists */
+  int verify_checksums; /* non-zero: re-hash every file the manifest lists, even when already verified */
+  int verify_files;     /* non-zero (default): check every listed file's sha256, hashed once then stamped */
 } glm_load_options;
 
 typedef struct glm_generation_config {

@@ -85,6 +85,7 @@ void glm_load_options_init(glm_load_options* o) {
   o->threads = 0;
   o->prefill_chunk = 256;
   o->verify_checksums = 0;
+  o->verify_files = 1;
 }
 
 void glm_generation_config_init(glm_generation_config* c) {
@@ -110,6 +111,7 @@ int glm_model_load(const char* bundle_dir, const glm_load_options* options, glm_
       lo.threads = options->threads;
       lo.prefill_chunk = options->prefill_chunk;
       lo.verify_checksums = options->verify_checksums != 0;
+      lo.verify_files = options->verify_files != 0;
     }
     auto h = std::make_unique<glm_model>();
     h->model = glm::Model::load(bundle_dir, lo);

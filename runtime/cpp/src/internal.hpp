@@ -25,17 +25,30 @@ struct Manifest {
   int format_version = 0;
 };
 
-// runtime/manifest.py's read_manifest: every listed file must exist with its recorded size (and checksum).
-Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums);
+// runtime/manifest.py's read_manifest: every listed file must exist with its recorded size; with verify_files its
+// checksum is checked (hashed once, then stamped, as runtime/integrity.py); verify_checksums re-hashes regardless.
+Manifest read_manifest(const std::string& bundle_dir, bool verify_files, bool verify_checksums);
 std::string join_path(const std::string& dir, const std::string& name);
 bool is_file(const std::string& path);
 bool is_dir(const std::string& path);
 std::string read_file(const std::string& path);  // throws std::runtime_error with errno text
+// runtime/bundle_paths.py's bundle_member: the path of bundle file `name`, refused (BundleError naming `field` and
+// `where`) unless it is a plain relative name whose real path lies inside the bundle's.
+std::string bundle_member(const std::string& bundle_dir, const std::string& name, const std::string& field,
+                          const std::string& where);
 
 // ------------------------------------------------------------------------------------------------ sha256.cpp
 
 std::string sha256_file(const std::string& path);
 std::string sha256_hex(const std::string& data);
+
+// ------------------------------------------------------------------------------------------------ integrity.cpp
+
+// runtime/integrity.py's verify_files: each (name, recorded sha256) of the bundle is hashed unless the verified
+// stamp (.glm-export-verified.json in the bundle, else in the user's cache) covers it with the same digest and
+// stat; a mismatch throws BundleError naming the file and both digests. The stamp is shared with the Python runtime.
+void verify_digests(const std::string& bundle_dir, const std::vector<std::pair<std::string, std::string>>& digests,
+                    bool use_stamp);
 
 // ------------------------------------------------------------------------------------------------ utf8.cpp
 

@@ -115,7 +115,7 @@ static ModelSpec spec_from_json(const json& d) {
   return s;
 }
 
-Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
+Manifest read_manifest(const std::string& bundle_dir, bool verify_files, bool verify_checksums) {
   if (!is_dir(bundle_dir)) throw BundleError(bundle_dir + ": bundle directory does not exist");
   const std::string path = join_path(bundle_dir, MANIFEST_NAME);
   if (!is_file(path))
@@ -173,11 +173,12 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
     msg = msg.substr(0, msg.find('\n'));
     throw BundleError(path + ": malformed manifest (ValueError: " + msg + ")");
   }
-  // every listed file must exist with its recorded size, and its checksum when asked
+  // every listed file must exist with its recorded size; then its checksum (verify_files), as the Python runtime
+  std::vector<std::pair<std::string, std::string>> digests;  // (name, recorded sha256)
   auto files = d.find("files");
   if (files != d.end() && files->is_object()) {
     for (auto it = files->begin(); it != files->end(); ++it) {
-      const std::string p = join_path(bundle_dir, it.key());
+      const std::string p = bundle_member(bundle_dir, it.key(), "files entry", path);
       if (!is_file(p)) throw BundleError(p + ": listed in the manifest but missing from the bundle");
       const json& rec = it.value();
       if (rec.is_object() && rec.contains("bytes") && rec["bytes"].is_number_integer()) {
@@ -186,14 +187,21 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
           throw BundleError(p + ": " + std::to_string(size) + " bytes, manifest records " + std::to_string(want) +
                             "; the bundle is corrupt");
       }
-      if (verify_checksums && rec.is_object() && rec.contains("sha256") && rec["sha256"].is_string()) {
-        const std::string got = sha256_file(p), want_sha = rec["sha256"].get<std::string>();
-        if (got != want_sha)  // spelled as runtime/integrity.py spells it
-          throw BundleError(p + ": checksum mismatch: sha256 " + got + ", the manifest records " + want_sha +
-                            "; the bundle is corrupt (re-export it; --no-verify-files loads it anyway)");
-      }
+      if (rec.is_object() && rec.contains("sha256") && rec["sha256"].is_string())
+        digests.emplace_back(it.key(), rec["sha256"].get<std::string>());
     }
   }
+  auto tok_files = d.find("tokenizer_files");
+  if (tok_files != d.end() && tok_files->is_array())
+    for (const auto& t : *tok_files)
+      if (t.is_string()) bundle_member(bundle_dir, t.get<std::string>(), "tokenizer_files entry", path);
+  // first: a corrupt file is reported as such, with both digests
+  if (verify_files || verify_checksums) verify_digests(bundle_dir, digests, !verify_checksums);
+  // the graph must be a bundle file covered by the checksums (its external data locations are checked by
+  // onnxruntime, which refuses a location outside the model's directory)
+  bundle_member(bundle_dir, m.model_file, "model_file", path);
+  if (files != d.end() && files->is_object() && !files->empty() && !files->contains(m.model_file))
+    throw BundleError(path + ": model_file '" + m.model_file + "' is not listed in 'files'");
   return m;
 }
 

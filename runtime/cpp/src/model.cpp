@@ -85,8 +85,8 @@ std::unique_ptr<Model> Model::load(const std::string& bundle_dir, const LoadOpti
   if (options.prefill_chunk < 0)
     throw GenerationError("prefill_chunk must be a whole number >= 0, got " + std::to_string(options.prefill_chunk));
   if (options.threads < 0) throw BackendError("threads must be a positive integer, got " + std::to_string(options.threads));
-  Manifest manifest = read_manifest(bundle_dir, options.verify_checksums);
-  const std::string model_path = join_path(bundle_dir, manifest.model_file);
+  Manifest manifest = read_manifest(bundle_dir, options.verify_files, options.verify_checksums);
+  const std::string model_path = join_path(bundle_dir, manifest.model_file);  // checked by read_manifest
   if (!is_file(model_path)) throw BundleError(model_path + ": the bundle's graph is missing");
   std::unique_ptr<Model> m(new Model());
   m->bundle_dir_ = bundle_dir;

@@ -3,7 +3,7 @@
 //
 //   glm-run --model BUNDLE (--prompt TEXT | --prompt-ids 1,2,3 [--prompt-ids ...]) [--chat [--system TEXT]]
 //           [--max-new-tokens N] [--greedy | --temperature T --top-k K --top-p P --seed S]
-//           [--repetition-penalty R] [--stop TEXT]... [--threads N] [--prefill-chunk N] [--verify-checksums]
+//           [--repetition-penalty R] [--stop TEXT]... [--threads N] [--prefill-chunk N] [--verify-checksums] [--no-verify-files]
 //           [--stream | --json] [--ignore-eos] [--repeat N]
 //
 // --ignore-eos never stops on a token (eos_token_ids=(), as `glm-export bench` does); --repeat N runs the generation
@@ -29,7 +29,7 @@ const char* USAGE =
     "usage: glm-run --model BUNDLE (--prompt TEXT | --prompt-ids IDS [--prompt-ids IDS ...]) [--chat] [--system TEXT]\n"
     "               [--max-new-tokens N] [--greedy | --temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "               [--repetition-penalty R] [--stop TEXT ...] [--threads N] [--prefill-chunk N]\n"
-    "               [--verify-checksums] [--stream | --json] [--ignore-eos] [--repeat N]\n";
+    "               [--verify-checksums] [--no-verify-files] [--stream | --json] [--ignore-eos] [--repeat N]\n";
 
 long long parse_int(const std::string& flag, const std::string& v) {
   errno = 0;
@@ -120,6 +120,7 @@ int run(int argc, char** argv) {
       if (n < 0) throw Usage("Invalid value for '--prefill-chunk': " + std::to_string(n) + " is not in the range x>=0.");
       lo.prefill_chunk = static_cast<int>(n);
     } else if (a == "--verify-checksums") lo.verify_checksums = true;
+    else if (a == "--no-verify-files") lo.verify_files = false;
     else if (a == "--ignore-eos") cfg.eos_token_ids = std::vector<int64_t>{};
     else if (a == "--repeat") {
       long long n = parse_int(a, value());

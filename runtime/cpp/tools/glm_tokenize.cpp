@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
   std::shared_ptr<glm::Tokenizer> tok;
   glm::Manifest manifest;
   try {
-    manifest = glm::read_manifest(argv[1], false);
+    manifest = glm::read_manifest(argv[1], /*verify_files=*/false, /*verify_checksums=*/false);  // tokenizer only
     tok = glm::load_tokenizer(argv[1], manifest.spec);
   } catch (const std::exception& e) {
     std::cerr << "error: " << e.what() << "\n";

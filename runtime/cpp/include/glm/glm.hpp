@@ -69,7 +69,8 @@ struct LoadOptions {
   std::string backend = "onnxruntime";  // the only one so far; the seam (src/backend.hpp) takes others
   int threads = 0;                      // onnxruntime intra-op threads; 0: onnxruntime's choice
   int prefill_chunk = 256;              // prompt tokens per prefill forward; 0: the whole prompt at once
-  bool verify_checksums = false;        // re-hash every file listed in the manifest (slow on big bundles)
+  bool verify_files = true;             // check every listed file's sha256 (hashed once, then stamped, as Python)
+  bool verify_checksums = false;        // re-hash every listed file even when the stamp covers it
 };
 
 // runtime/sampling.py's GenerationConfig; validate() throws SamplingConfigError naming the field.
