@@ -30,27 +30,8 @@ static std::string real_path(const std::string& path) {
   return buf;
 }
 
-// Python's repr() of a str, cut at 80 characters as the Python messages format it ({name!r:.80})
-static std::string repr80(const std::string& s) {
-  const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == q || c == '\\') out += '\\';
-    out += c;
-  }
-  out += q;
-  return out.size() > 80 ? out.substr(0, 80) : out;
-}
-
-static std::string repr(const std::string& s) {
-  const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
-  std::string out(1, q);
-  for (char c : s) {
-    if (c == q || c == '\\') out += '\\';
-    out += c;
-  }
-  return out + q;
-}
+// Python's repr() of a str cut at 80 characters, as the Python messages format it ({name!r:.80})
+static std::string repr80(const std::string& s) { return py_str_repr(s).substr(0, 80); }
 
 std::string bundle_member(const std::string& bundle_dir, const std::string& name, const std::string& field,
                           const std::string& where) {
@@ -84,7 +65,7 @@ std::string bundle_member(const std::string& bundle_dir, const std::string& name
   const std::string path = join_path(bundle_dir, name);
   const std::string real = real_path(path);
   if (real.compare(0, root.size() + 1, root + "/") != 0)
-    throw BundleError(where + ": " + field + " " + repr(name) + " resolves outside the bundle (" + real +
+    throw BundleError(where + ": " + field + " " + py_str_repr(name) + " resolves outside the bundle (" + real +
                       "); a bundle may only name files inside itself");
   return path;
 }

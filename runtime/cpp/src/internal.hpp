@@ -32,6 +32,7 @@ std::string join_path(const std::string& dir, const std::string& name);
 bool is_file(const std::string& path);
 bool is_dir(const std::string& path);
 std::string read_file(const std::string& path);  // throws std::runtime_error with errno text
+std::string py_str_repr(const std::string& s);   // Python's repr() of a str (plain ASCII names, as messages quote)
 // runtime/bundle_paths.py's bundle_member: the path of bundle file `name`, refused (BundleError naming `field` and
 // `where`) unless it is a plain relative name whose real path lies inside the bundle's.
 std::string bundle_member(const std::string& bundle_dir, const std::string& name, const std::string& field,

@@ -47,19 +47,20 @@ std::string read_file(const std::string& path) {
 }
 
 // Python's repr() of a JSON value, for messages that quote one
+std::string py_str_repr(const std::string& s) {
+  const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
+  std::string out(1, q);
+  for (char c : s) {
+    if (c == q || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + q;
+}
+
 static std::string py_repr(const json& v) {
   if (v.is_null()) return "None";
   if (v.is_boolean()) return v.get<bool>() ? "True" : "False";
-  if (v.is_string()) {
-    const std::string s = v.get<std::string>();
-    const char q = (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
-    std::string out(1, q);
-    for (char c : s) {
-      if (c == q || c == '\\') out += '\\';
-      out += c;
-    }
-    return out + q;
-  }
+  if (v.is_string()) return py_str_repr(v.get<std::string>());
   return v.dump();
 }
 
