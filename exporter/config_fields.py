@@ -47,28 +47,23 @@ def float_field(cfg: Mapping[str, Any], key: str, where: str, default: float, po
     return float(value)
 
 
-def bool_field(cfg: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+def _typed_field(cfg: Mapping[str, Any], key: str, where: str, default: Any, kind: type, expected: str) -> Any:
+    """The value of ``key`` when it is a ``kind`` (``default`` when absent or null); else the one-line error."""
     value = cfg.get(key)
     if value is None:
         return default
-    if not isinstance(value, bool):
-        raise _bad(where, key, value, "true or false")
+    if not isinstance(value, kind):
+        raise _bad(where, key, value, expected)
     return value
+
+
+def bool_field(cfg: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    return bool(_typed_field(cfg, key, where, default, bool, "true or false"))
 
 
 def dict_field(cfg: Mapping[str, Any], key: str, where: str) -> Dict[str, Any]:
-    value = cfg.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _bad(where, key, value, "an object")
-    return value
+    return dict(_typed_field(cfg, key, where, {}, dict, "an object"))
 
 
 def str_field(cfg: Mapping[str, Any], key: str, where: str, default: str) -> str:
-    value = cfg.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise _bad(where, key, value, "a string")
-    return value
+    return str(_typed_field(cfg, key, where, default, str, "a string"))

@@ -8,7 +8,7 @@ imported by the ``template`` format alone. Runs on Python 3.8.
 from __future__ import annotations
 
 import json
-from typing import Any, List, Mapping, Sequence, Set
+from typing import Any, List, Mapping, Sequence, Set, Tuple
 
 from runtime.chat_template import encode_rendered, render, wrap_messages
 from runtime.errors import GenerationError, TokenizerError
@@ -36,6 +36,20 @@ def _role_of(message: Any, index: int) -> str:
     return role
 
 
+def _alternating(messages: Sequence[Mapping[str, Any]], fmt: str) -> List[Tuple[str, str]]:
+    """(role, content) of messages that alternate user, assistant from user (ChatGLM-6B and ChatGLM2: no system or
+    observation role); GenerationError naming the first message out of turn."""
+    out = []
+    for i, m in enumerate(messages):
+        role = _role_of(m, i)
+        want = "user" if i % 2 == 0 else "assistant"
+        if role != want:
+            raise GenerationError(f"{fmt} chat: message {i} is {role!r}; messages alternate user, assistant "
+                                  "(no system or observation role in this format)")
+        out.append((role, m.get("content", "")))
+    return out
+
+
 def _chatglm1_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> List[int]:
     """ChatGLM-6B (v1), as its published ``chat`` builds the prompt: a question without history is sent as it is;
     with history, "[Round i]\n问：{q}\n答：{a}\n" for each earlier round (counted from 0), then
@@ -44,12 +58,7 @@ def _chatglm1_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_gen
     Messages alternate user/assistant starting with user; there is no system role.
     """
     rounds = []  # (question, answer or None)
-    for i, m in enumerate(messages):
-        role, content = _role_of(m, i), m.get("content", "")
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            raise GenerationError(f"chatglm1 chat: message {i} is {role!r}; messages alternate user, assistant "
-                                  "(no system or observation role in this format)")
+    for role, content in _alternating(messages, "chatglm1"):
         if role == "user":
             rounds.append((content, None))
         else:
@@ -71,12 +80,7 @@ def _chatglm2_ids(tok: Tokenizer, messages: Sequence[Mapping[str, Any]], add_gen
     trailing "\\n\\n答：" of an unanswered question.
     """
     text = ""
-    for i, m in enumerate(messages):
-        role, content = _role_of(m, i), m.get("content", "")
-        want = "user" if i % 2 == 0 else "assistant"
-        if role != want:
-            raise GenerationError(f"chatglm2 chat: message {i} is {role!r}; messages alternate user, assistant "
-                                  "(no system or observation role in this format)")
+    for i, (role, content) in enumerate(_alternating(messages, "chatglm2")):
         if role == "user":
             text += "[Round %d]\n\n问：%s" % (i // 2 + 1, content)
             if i + 1 < len(messages) or add_generation_prompt:
