@@ -5,7 +5,7 @@ import json
 
 import click
 
-from exporter.cli.options import json_option, overwrite_option, quiet_option
+from exporter.cli.options import json_option, memory_plan_options, overwrite_option, quiet_option
 
 
 @click.command()
@@ -66,9 +66,7 @@ def tiny(out_dir, generation, layout, size, dtype, weights_format, seed, overwri
 @click.option("--calib-samples", default=128, show_default=True, type=int)
 @click.option("--calib-seq-len", default=128, show_default=True, type=int)
 @click.option("--method", default="minmax", show_default=True, help="int8 ranges: minmax | entropy | percentile.")
-@click.option("--dry-run", is_flag=True, help="Print the memory plan (estimated peak RSS, disk) and stop.")
-@click.option("--memory-available", default=None,
-              help="Memory to plan against (e.g. 12G) instead of the detected MemAvailable / cgroup limit.")
+@memory_plan_options
 @click.option("--in-memory", is_flag=True, hidden=True,
               help="The whole-model flow (fp32/fp16 only), kept for comparison benchmarks.")
 @json_option()

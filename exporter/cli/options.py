@@ -21,6 +21,13 @@ def json_option(help: str = "Print the result as one JSON object.") -> Callable:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
+def memory_plan_options(f: Callable) -> Callable:
+    """``--dry-run`` and ``--memory-available``: the memory plan of ``onnx`` and ``quantize`` (exporter/memory_plan.py)."""
+    f = click.option("--memory-available", default=None,
+                     help="Memory to plan against (e.g. 12G) instead of the detected MemAvailable / cgroup limit.")(f)
+    return click.option("--dry-run", is_flag=True, help="Print the memory plan (estimated peak RSS, disk) and stop.")(f)
+
+
 def threads_option(help: str = "onnxruntime intra-op threads (1 to the cores here).") -> Callable:
     return click.option("--threads", type=int, default=None, callback=threads_value, help=help)
 

@@ -11,7 +11,7 @@ import json
 
 import click
 
-from exporter.cli.options import json_option, overwrite_option, quiet_option, threads_option
+from exporter.cli.options import json_option, memory_plan_options, overwrite_option, quiet_option, threads_option
 
 PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (weight-only MatMulNBits)."
 
@@ -52,9 +52,7 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
               help="Write the bundle even when its measured accuracy breaks the bounds of runtime/tolerances.py "
                    "(the manifest records it); without it such a bundle is an error and nothing is written.")
 @overwrite_option
-@click.option("--dry-run", is_flag=True, help="Print the memory plan (estimated peak RSS, disk) and stop.")
-@click.option("--memory-available", default=None,
-              help="Memory to plan against (e.g. 12G) instead of the detected MemAvailable / cgroup limit.")
+@memory_plan_options
 @click.option("--in-memory", is_flag=True, hidden=True,
               help="Convert the whole graph in memory (the earlier flow), kept for comparison benchmarks.")
 @json_option()
