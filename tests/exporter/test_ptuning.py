@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from exporter.cli import main
+from checkpoint_copies import edited_checkpoint
 from onnx_steps import OnnxStepper, left_padded_batch
 from runtime.tolerances import allowed_diff
 from thudm_reference import thudm_logits
@@ -47,16 +48,8 @@ def base_ckpt(tmp_path_factory):
 
 def _with_prefix(base, out, projection):
     """A copy of ``base`` that carries the prefix encoder in its own weights, as a trained P-tuning model saves."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(base, out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.update(pre_seq_len=PRE_SEQ_LEN, prefix_projection=projection)
-    (out / "config.json").write_text(json.dumps(cfg))
-    tensors = load_file(str(out / "model.safetensors"))
-    tensors.update(_prefix_encoder(cfg, projection, seed=5))
-    save_file(tensors, str(out / "model.safetensors"))
-    return out
+    return edited_checkpoint(base, out, {"pre_seq_len": PRE_SEQ_LEN, "prefix_projection": projection},
+                             lambda tensors, cfg: tensors.update(_prefix_encoder(cfg, projection, seed=5)))
 
 
 def _export(ckpt, out, *extra):

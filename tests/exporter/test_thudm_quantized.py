@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from exporter.cli import main
+from checkpoint_copies import edited_checkpoint
 from exporter.thudm_quant import QUANTIZED_LINEARS, bundle_integers, unpack_int4
 from onnx_steps import OnnxStepper, left_padded_batch
 from runtime.tolerances import allowed_diff
@@ -49,21 +50,17 @@ def float_ckpt(tmp_path_factory):
 
 def _quantized_copy(float_ckpt, out, bits):
     """The float checkpoint quantized the way THUDM ships it; returns (dir, {key: (q int8 (N, K), scale fp16)})."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(float_ckpt, out)
-    cfg = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps(dict(cfg, quantization_bit=bits)))
-    tensors = load_file(str(out / "model.safetensors"))
     expected = {}
-    for key in list(tensors):
-        if any(key.endswith(m + ".weight") for m in QUANTIZED_LINEARS):
-            q, scale = _quantize_rows(tensors[key].numpy(), bits)
-            expected[key] = (q, scale)
-            tensors[key] = torch.from_numpy(_pack_int4(q) if bits == 4 else q)
-            tensors[key + "_scale"] = torch.from_numpy(scale)
-    save_file(tensors, str(out / "model.safetensors"))
-    return out, expected
+
+    def quantize(tensors, cfg):
+        for key in list(tensors):
+            if any(key.endswith(m + ".weight") for m in QUANTIZED_LINEARS):
+                q, scale = _quantize_rows(tensors[key].numpy(), bits)
+                expected[key] = (q, scale)
+                tensors[key] = torch.from_numpy(_pack_int4(q) if bits == 4 else q)
+                tensors[key + "_scale"] = torch.from_numpy(scale)
+
+    return edited_checkpoint(float_ckpt, out, {"quantization_bit": bits}, quantize), expected
 
 
 def _export(ckpt, out, *extra):
