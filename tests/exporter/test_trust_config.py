@@ -14,20 +14,19 @@ from exporter.cli import main
 from trust_helpers import assert_one_line_error, edit_json, leftovers, snapshot
 
 
+def _copy_of(tiny_models, case, dst):
+    shutil.copytree(tiny_models.case(case)[0], dst)
+    return dst
+
+
 @pytest.fixture
 def ckpt(tmp_path, tiny_models):
-    src, _ = tiny_models.case("glm4-thudm")
-    dst = tmp_path / "ckpt"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy_of(tiny_models, "glm4-thudm", tmp_path / "ckpt")
 
 
 @pytest.fixture
 def hf_ckpt(tmp_path, tiny_models):
-    src, _ = tiny_models.case("glm4_0414-hf")
-    dst = tmp_path / "hf"
-    shutil.copytree(src, dst)
-    return dst
+    return _copy_of(tiny_models, "glm4_0414-hf", tmp_path / "hf")
 
 
 def _export(tmp_path, ckpt):
