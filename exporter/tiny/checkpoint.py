@@ -64,6 +64,25 @@ _TOKENIZER_OF = {
 }
 
 
+def _own_vocab(vocab_size: int, generation: str, layout: str) -> int:
+    """A shape's fixed vocabulary (the mid-size shapes use ChatGLM3's 65024) written for another family would make
+    the config contradict the tokenizer: 65024 rows are ChatGLM2/3's signal (exporter/detect.py), and detection
+    rightly refuses a GLM-4 checkpoint that carries it. Such a size is cut to the thousand below (65000), which no
+    family publishes; sizes that are not a published one are kept."""
+    from exporter.config import LAYOUT_THUDM_V1, SIZE_FIELDS
+    from exporter.detect import VOCAB_SIZES
+
+    if generation in PUBLISHED_V1_CONFIGS:
+        published, field = PUBLISHED_V1_CONFIGS[generation], SIZE_FIELDS[LAYOUT_THUDM_V1]["vocab_size"]
+    else:
+        published = (PUBLISHED_CONFIGS if layout == "thudm" else PUBLISHED_HF_CONFIGS).get(generation, {})
+        field = SIZE_FIELDS[layout]["vocab_size"]
+    own = published.get(field)
+    if vocab_size in VOCAB_SIZES and own is not None and vocab_size != own:
+        return vocab_size - vocab_size % 1000
+    return vocab_size
+
+
 def tiny_config(generation: str, layout: str, shape: TinyShape, vocab_size: int, eos, pad: int) -> Dict[str, Any]:
     """The published config of ``generation`` in ``layout`` with the sizes of ``shape`` (written under the field
     names the config reader reads: ``exporter.config.SIZE_FIELDS``)."""
@@ -190,7 +209,7 @@ def write_tiny_checkpoint(
 
         tok = write_tiny_tokenizer(out_dir, kind, chat_format, seed=seed)
         tokenizer_eos, total = list(tok.eos_token_ids), tok.total_vocab
-    vocab = shape.vocab_size or total + 7
+    vocab = _own_vocab(shape.vocab_size, generation, layout) if shape.vocab_size else total + 7
     if vocab < total:
         raise ConfigError(f"vocab_size {vocab} is smaller than the tokenizer's {total} tokens")
     v1_ids = {}

@@ -143,3 +143,16 @@ def test_exports_of_old_chatglm2_and_tokenizerless_glm4(tmp_path):
         detection = manifest["source"]["detection"]
         assert detection["family"] == generation and detection["family_decided_by"]
         assert detection["signals"]
+
+
+@pytest.mark.parametrize("generation,layout", [("glm4", "thudm"), ("glm4", "hf"), ("chatglm3", "thudm")])
+def test_tiny_checkpoints_of_fixed_vocab_shapes_are_detected_as_written(tmp_path, generation, layout):
+    """The benchmark shapes use ChatGLM3's 65024 rows; a GLM-4 written in such a shape must not carry ChatGLM3's
+    vocabulary signal (detection would refuse our own checkpoint). Written at the tiny width to stay cheap."""
+    from exporter.config import spec_from_checkpoint
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
+
+    ckpt = write_tiny_checkpoint(str(tmp_path / "c"), generation=generation, layout=layout, vocab_size=65024)
+    spec, _ = spec_from_checkpoint(ckpt)
+    assert spec.generation.startswith(generation)
+    assert spec.vocab_size == (65024 if generation == "chatglm3" else 65000)
