@@ -20,6 +20,8 @@ from runtime import graph_contract as gc
 from runtime.errors import ConfigError, VerificationError
 from runtime.manifest import (
     DATA_FILE,
+    FUSED_MODEL_FILE,
+    GRAPH_FUSED,
     INLINE_LIMIT,
     KV_DTYPE_OF_PRECISION,
     MODEL_FILE,
@@ -33,6 +35,7 @@ from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
 from exporter.config import spec_from_checkpoint
+from exporter.fused_graph import fused_graph_record, run_fused, write_fused_graph
 from exporter.model import GlmForExport, model_from_weights
 from exporter.weights import find_weight_files, load_canonical_weights
 
@@ -182,11 +185,15 @@ def export_bundle(
     opset: int = OPSET,
     progress=None,
     precision: str = "fp32",
+    fused: bool = True,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
     ``precision`` "fp16" traces the model in float16: weights and past/present in fp16, while norm reductions,
     softmax, rotary tables and the logits stay fp32 (see exporter/model.py).
+
+    ``fused`` (fp32): also write the fused onnxruntime graph ``model.fused.onnx`` over the same weights
+    (exporter/fused_graph.py), verified like the portable one; the onnxruntime runtime prefers it.
     """
     import numpy as np
     import torch
@@ -216,6 +223,10 @@ def export_bundle(
         progress.stage("writing the bundle")
         inline_if_small(tmp)
         copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
+        fused = fused and precision == "fp32"
+        if fused:
+            progress.stage("writing the fused onnxruntime graph over the same weights")
+            write_fused_graph(tmp, spec)
 
         diffs: Dict[str, float] = {}
         if verify:
@@ -224,6 +235,10 @@ def export_bundle(
             got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
             del session
             diffs = max_diffs(plan, got, reference)
+            if fused:
+                got = run_fused(os.path.join(tmp, FUSED_MODEL_FILE), spec, plan)
+                # logits only: a left-padded row's cached keys are rotated at buffer positions (see fused_graph.py)
+                diffs.update({f"fused.{k}": v for k, v in max_diffs(plan, got, reference).items() if k != "present"})
             scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
             tol = allowed_diff("onnx_vs_torch", precision, scale)
             if not all(v <= tol for v in diffs.values()):
@@ -231,6 +246,7 @@ def export_bundle(
                 raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
 
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
+        graph_files += [FUSED_MODEL_FILE] if fused else []
         manifest = Manifest(
             spec=spec,
             precision=precision,
@@ -257,6 +273,7 @@ def export_bundle(
             }
             if verify
             else {},
+            graphs={GRAPH_FUSED: fused_graph_record()} if fused else {},
         )
         write_manifest(tmp, manifest)
     file_bytes = {name: rec["bytes"] for name, rec in manifest.files.items()}

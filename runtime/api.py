@@ -28,7 +28,7 @@ from runtime.errors import BackendError, BundleError, GenerationError, Tokenizer
 from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
 from runtime.graph_contract import SEQ, TOTAL
-from runtime.manifest import Manifest, read_manifest
+from runtime.manifest import GRAPH_FLAVOURS, GRAPH_FUSED, GRAPH_PORTABLE, Manifest, read_manifest
 from runtime.sampling import GenerationConfig
 from runtime.spec import CHAT_NONE, TOKENIZER_NONE, ModelSpec
 from runtime.tensorrt.ep_options import TrtProviderOptions
@@ -82,6 +82,17 @@ class TextStream:
         self.result = _results(self._run)[0]
 
 
+def choose_graph(manifest: Manifest, provider: str, graph: str = AUTO) -> str:
+    """Which of the bundle's graphs the onnxruntime backend runs: ``graph`` when given ("fused" or "portable"), else
+    the fused graph when the bundle has one and the provider is not tensorrt (its contrib ops are onnxruntime's)."""
+    if graph == AUTO:
+        tensorrt = str(provider).lower().startswith("tensorrt")
+        return GRAPH_FUSED if GRAPH_FUSED in manifest.graphs and not tensorrt else GRAPH_PORTABLE
+    if graph not in GRAPH_FLAVOURS:
+        raise BackendError(f"unknown graph {graph!r}; choose one of: {', '.join(GRAPH_FLAVOURS)} or {AUTO!r}")
+    return graph
+
+
 class GlmModel:
     """An exported ChatGLM bundle, ready to generate."""
 
@@ -113,6 +124,7 @@ class GlmModel:
         io_binding: bool = True,
         prefill_chunk: Union[int, None, str] = AUTO,
         verify_checksums: bool = False,
+        graph: str = AUTO,
     ) -> "GlmModel":
         """Open a bundle written by ``glm-export onnx``.
 
@@ -130,7 +142,9 @@ class GlmModel:
 
         Raises BundleError for a missing or corrupt file or a manifest newer than this runtime, BackendError when the
         backend or provider is not available (naming what to install) or options do not fit the backend,
-        EngineOptionError for TensorRT sizes that are invalid. ``verify_checksums`` re-hashes every file (slow on
+        EngineOptionError for TensorRT sizes that are invalid. ``graph`` (onnxruntime backend): "fused" (onnxruntime's
+        contrib-op graph with the shared-buffer cache), "portable" (standard ops) or "auto": fused when the bundle has
+        one and the provider is cpu or cuda. ``verify_checksums`` re-hashes every file (slow on
         big bundles); by default only their presence and sizes are checked.
         """
         bundle_dir = os.fspath(bundle_dir)
@@ -146,12 +160,15 @@ class GlmModel:
             raise BackendError("engine_dir is for backend='tensorrt'; the onnxruntime backend runs the bundle's graph")
         provider = provider if provider is not None else "cpu"
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums)
-        model_path = os.path.join(bundle_dir, manifest.model_file)
+        flavour = choose_graph(manifest, provider, graph)
+        model_path = os.path.join(bundle_dir, manifest.graph_file(flavour))
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
         from runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from runtime.backends.onnxruntime_fused import FusedOnnxRuntimeBackend
 
-        runner = OnnxRuntimeBackend(
+        runner_class = FusedOnnxRuntimeBackend if flavour == GRAPH_FUSED else OnnxRuntimeBackend
+        runner = runner_class(
             model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
             io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )

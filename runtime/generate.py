@@ -130,11 +130,13 @@ def prefill(
     attention_mask: np.ndarray,
     position_ids: np.ndarray,
     chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK,
+    capacity: Optional[int] = None,
 ) -> Tuple[np.ndarray, KVCache]:
     """Run the (left-padded) prompts [batch, n] through the model from an empty cache, ``chunk_size`` columns per
-    forward (None or 0: all at once). Returns the last position's logits [batch, vocab] and the cache."""
+    forward (None or 0: all at once). ``capacity``: positions the whole generation needs (a shared-buffer cache is
+    allocated once at that length). Returns the last position's logits [batch, vocab] and the cache."""
     batch, n = input_ids.shape
-    cache = backend.empty_cache(batch)
+    cache = backend.empty_cache(batch, capacity)
     step = n if not chunk_size or chunk_size >= n else int(chunk_size)
     logits = None
     for start in range(0, n, step):
@@ -256,7 +258,7 @@ class Generation:
         seen = [set(s.prompt_ids) for s in seqs] if cfg.repetition_penalty != 1.0 else None
 
         t0 = time.perf_counter()
-        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk)
+        logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk, capacity=n_max + steps_max)
         tokens = self._choose(logits, live, rng, seen)
         self.prefill_ms = (time.perf_counter() - t0) * 1000.0
 

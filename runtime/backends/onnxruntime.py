@@ -190,7 +190,7 @@ class OnnxRuntimeBackend:
 
     # -------------------------------------------------------------------------------------------- DecoderBackend
 
-    def empty_cache(self, batch: int) -> KVCache:
+    def empty_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:  # Concat cache: no capacity
         z = np.zeros((batch, self._kv_heads, 0, self._head_dim), dtype=self.kv_dtype)
         if self.io_binding:
             tensors = [self._ort.OrtValue.ortvalue_from_numpy(z, self.device_type, self.device_id)
