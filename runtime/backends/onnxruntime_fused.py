@@ -127,6 +127,14 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         logits, cache = self._step(input_ids, attention_mask, position_ids, cache, _LAST_ONLY)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32), cache
 
+    def forward_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
+                    cache: KVCache) -> Tuple[np.ndarray, KVCache]:
+        """:meth:`forward` with every position's logits [batch, seq, vocab] (teacher forcing, tests)."""
+        check_feed_shapes(input_ids, attention_mask, position_ids, cache)
+        if not isinstance(cache, SharedKVCache):
+            raise ValueError("the fused backend takes the caches its empty_cache made")
+        return self._step(input_ids, attention_mask, position_ids, cache, _ALL_POSITIONS)
+
     def select_rows(self, cache: KVCache, rows: np.ndarray) -> KVCache:
         assert isinstance(cache, SharedKVCache)
         rows = np.asarray(rows, dtype=np.int64)
