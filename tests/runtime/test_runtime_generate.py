@@ -334,15 +334,16 @@ def test_truncated_file_is_corrupt(bundle_copy):
         GlmModel.load(bundle_copy)
 
 
-def test_same_size_garbage_graph(bundle_copy):
-    path = os.path.join(bundle_copy, "model.onnx")
+@pytest.mark.parametrize("graph_file,graph", [("model.onnx", "portable"), ("model.fused.onnx", "fused")])
+def test_same_size_garbage_graph(bundle_copy, graph_file, graph):
+    path = os.path.join(bundle_copy, graph_file)
     size = os.path.getsize(path)
     with open(path, "wb") as f:
         f.write(b"\x07garbage" * (size // 8) + b"\x00" * (size % 8))
     with pytest.raises(BundleError, match="checksum"):
         GlmModel.load(bundle_copy, verify_checksums=True)
     with pytest.raises(BundleError, match="onnxruntime cannot load it"):
-        GlmModel.load(bundle_copy)
+        GlmModel.load(bundle_copy, graph=graph)
 
 
 def _edit_manifest(bundle_dir, edit):
