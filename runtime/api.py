@@ -84,10 +84,12 @@ class TextStream:
 
 def choose_graph(manifest: Manifest, provider: str, graph: str = AUTO) -> str:
     """Which of the bundle's graphs the onnxruntime backend runs: ``graph`` when given ("fused" or "portable"), else
-    the fused graph when the bundle has one and the provider is not tensorrt (its contrib ops are onnxruntime's)."""
+    the fused graph when the bundle has one, its cache is float32 (the fused graph's) and the provider is not
+    tensorrt (its contrib ops are onnxruntime's)."""
     if graph == AUTO:
         tensorrt = str(provider).lower().startswith("tensorrt")
-        return GRAPH_FUSED if GRAPH_FUSED in manifest.graphs and not tensorrt else GRAPH_PORTABLE
+        fits = GRAPH_FUSED in manifest.graphs and manifest.kv_dtype == "float32"
+        return GRAPH_FUSED if fits and not tensorrt else GRAPH_PORTABLE
     if graph not in GRAPH_FLAVOURS:
         raise BackendError(f"unknown graph {graph!r}; choose one of: {', '.join(GRAPH_FLAVOURS)} or {AUTO!r}")
     return graph

@@ -590,7 +590,9 @@ def _fp16_kv_bundle(src, dst):
     kv = lambda ts: [TensorSpec(t.name, "float16" if t.name.startswith(("past_", "present.")) else t.dtype, t.shape)
                      for t in ts]  # noqa: E731
     manifest.inputs, manifest.outputs = kv(manifest.inputs), kv(manifest.outputs)
-    manifest.files = record_files(dst, list(manifest.files))
+    manifest.graphs = {}  # only the portable graph was changed; the fused graph keeps a float32 cache
+    os.remove(os.path.join(dst, "model.fused.onnx"))
+    manifest.files = record_files(dst, [f for f in manifest.files if f != "model.fused.onnx"])
     write_manifest(dst, manifest)
     return dst
 
