@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Sequence
 from runtime.manifest import FUSED_MODEL_FILE, INLINE_LIMIT, GRAPH_FUSED, Manifest
 
 from calibration.errors import QuantizationError
+from calibration.genai_files import write_genai_files
 from calibration.graph_io import clear_external_data_locations, load_graph, weight_bytes
 from calibration.targets import Linear, find_linears
 
@@ -103,4 +104,6 @@ def convert_fused(opts, src_dir: str, src_manifest: Manifest, out_dir: str, chos
     record = dict(src_manifest.graphs[GRAPH_FUSED])
     record.update(file=FUSED_MODEL_FILE, contrib_ops=contrib_ops(proto), weights="its own (quantized)")
     record["files"] = save_fused(proto, out_dir)
+    del proto
+    record["files"] += write_genai_files(out_dir, src_manifest.spec, FUSED_MODEL_FILE)
     return record

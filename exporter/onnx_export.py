@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
+from calibration.genai_files import write_genai_files
 from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
 from runtime import graph_contract as gc
@@ -227,6 +228,7 @@ def export_bundle(
         if fused:
             progress.stage("writing the fused onnxruntime graph over the same weights")
             write_fused_graph(tmp, spec)
+            genai_files = write_genai_files(tmp, spec, FUSED_MODEL_FILE)  # onnxruntime_genai.Model(bundle) runs it
 
         diffs: Dict[str, float] = {}
         if verify:
@@ -246,7 +248,7 @@ def export_bundle(
                 raise VerificationError(f"exported ONNX differs from PyTorch beyond {tol:.3g}: {listing}", diffs)
 
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
-        graph_files += [FUSED_MODEL_FILE] if fused else []
+        graph_files += [FUSED_MODEL_FILE] + genai_files if fused else []
         manifest = Manifest(
             spec=spec,
             precision=precision,
