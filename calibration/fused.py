@@ -49,6 +49,36 @@ def renamed_ranges(ranges, portable: Sequence[Linear], fused: Sequence[Linear]):
     return dataclasses.replace(ranges, tensors=tensors)
 
 
+def fold_bias_into_matmulnbits(proto) -> int:
+    """MatMulNBits -> Add(bias initializer) becomes one MatMulNBits with its ``bias`` input (the QKV bias): one
+    kernel less per layer. Returns how many were folded."""
+    inits = {i.name: i for i in proto.graph.initializer}
+    readers: Dict[str, List] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    drop = []
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or (len(node.input) > 5 and node.input[5]):
+            continue
+        users = readers.get(node.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Add":
+            continue
+        add = users[0]
+        bias = [n for n in add.input if n != node.output[0]]
+        n_out = next((a.i for a in node.attribute if a.name == "N"), None)
+        if len(bias) != 1 or bias[0] not in inits or list(inits[bias[0]].dims) != [n_out]:
+            continue
+        while len(node.input) < 5:
+            node.input.append("")
+        node.input.append(bias[0])
+        node.output[0] = add.output[0]
+        drop.append(add)
+    for add in drop:
+        proto.graph.node.remove(add)
+    return len(drop)
+
+
 def _declare_float(proto, names: Sequence[str]) -> None:
     """Record ``names`` as float tensors: the Q/DQ quantizer places activation Q/DQ only on tensors whose type shape
     inference knows, and it cannot type the outputs of contrib ops (SkipSimplifiedLayerNormalization)."""
@@ -87,6 +117,7 @@ def convert_fused(opts, src_dir: str, src_manifest: Manifest, out_dir: str, chos
 
         proto = int4_weight_only(load_graph(src_path), fused, opts.block_size, opts.int4_symmetric,
                                  opts.int4_accuracy_level)
+        fold_bias_into_matmulnbits(proto)
     elif opts.precision == "int8-dynamic":
         from calibration.quantize import dynamic_int8
 
