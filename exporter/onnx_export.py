@@ -32,11 +32,13 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.progress import NullProgress
+from runtime.spec import TOKENIZER_TIKTOKEN
 from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
 from exporter.config import spec_from_checkpoint
 from exporter.fused_graph import fused_graph_record, run_fused, write_fused_graph
+from exporter.tokenizer_json import write_tokenizer_json
 from exporter.model import GlmForExport, model_from_weights
 from exporter.weights import find_weight_files, load_canonical_weights
 
@@ -224,6 +226,10 @@ def export_bundle(
         progress.stage("writing the bundle")
         inline_if_small(tmp)
         copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
+        if spec.tokenizer_kind == TOKENIZER_TIKTOKEN and "tokenizer.json" not in copied:
+            # GLM-4's tiktoken ranks as a tokenizer.json too, for tools that read only that (onnxruntime-genai)
+            write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
+            copied.append("tokenizer.json")
         fused = fused and precision == "fp32"
         if fused:
             progress.stage("writing the fused onnxruntime graph over the same weights")
