@@ -38,6 +38,7 @@ from runtime.tolerances import allowed_diff, tolerance
 from exporter.staging import staged_directory
 from exporter.config import spec_from_checkpoint
 from exporter.fused_graph import fused_graph_record, run_fused, write_fused_graph
+from exporter.optimum_files import write_optimum_configs
 from exporter.tokenizer_json import write_tokenizer_json
 from exporter.model import GlmForExport, model_from_weights
 from exporter.weights import find_weight_files, load_canonical_weights
@@ -230,6 +231,8 @@ def export_bundle(
             # GLM-4's tiktoken ranks as a tokenizer.json too, for tools that read only that (onnxruntime-genai)
             write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
             copied.append("tokenizer.json")
+        # config.json that optimum loads (the checkpoint's is kept as checkpoint_config.json), generation_config.json
+        copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
         fused = fused and precision == "fp32"
         if fused:
             progress.stage("writing the fused onnxruntime graph over the same weights")
