@@ -36,6 +36,10 @@ def _model_options(f: Callable) -> Callable:
                      help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="onnxruntime intra-op threads (default: onnxruntime's choice)."),
+        click.option("--graph", type=click.Choice(("auto", "fused", "portable")), default=None,
+                     help="onnxruntime: the bundle's fused graph (contrib ops, shared-buffer cache) or its portable "
+                          "one (standard ops) [default: auto: fused when the bundle has one, portable for "
+                          "--provider tensorrt]."),
         click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
                      help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
                           "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
@@ -60,8 +64,10 @@ def _model_options(f: Callable) -> Callable:
     return f
 
 
-MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
-                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
+MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "graph", "prefill_chunk",
+                 "max_batch", "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir")
+FP16_ON_CPU = ("note: onnxruntime's CPU provider upcasts fp16 MatMuls on x86 (this fp16 bundle runs at fp32 speed "
+               "with fp32-sized weights in memory); int8 (or int4) is the CPU choice, fp16 the GPU/Jetson one")
 EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
               "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
 
@@ -84,7 +90,8 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
         if not opts.get("engine_dir"):
             raise BackendError("--backend tensorrt needs --engine ENGINE_DIR, an engine built from the bundle with "
                                "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'")
-        onnxruntime_only = ep_given + [flag for key, flag in (("provider", "--provider"), ("threads", "--threads"))
+        onnxruntime_only = ep_given + [flag for key, flag in (("provider", "--provider"), ("threads", "--threads"),
+                                                              ("graph", "--graph"))
                                        if opts.get(key) is not None]
         if not io_binding:
             onnxruntime_only.append("--no-io-binding")
@@ -106,6 +113,8 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
                                "tensorrt")
         provider = f"{provider}:{opts['device']}"
     kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
+    if opts.get("graph"):
+        kwargs["graph"] = opts["graph"]
     if provider.startswith("tensorrt"):
         from runtime.tensorrt.ep_options import TrtProviderOptions
 
@@ -379,13 +388,18 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
         backend = model.backend_name
         provider = getattr(model.backend, "provider", None)
         prefill_chunk = model.prefill_chunk
+        graph = getattr(model.backend, "graph_flavour", "portable") if backend == "onnxruntime" else None
+        fp16_on_cpu = model.manifest.precision == "fp16" and backend == "onnxruntime" and provider == "cpu"
     rss = _peak_rss_mib()
     if as_json:
         click.echo(json.dumps({"model": opts["bundle"], "backend": backend, "engine": opts["engine_dir"],
                                "provider": provider, "threads": opts["threads"],
                                "io_binding": io_binding if backend == "onnxruntime" else None,
-                               "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss}))
+                               "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss,
+                               "graph": graph, "note": FP16_ON_CPU if fp16_on_cpu else None}))
         return
+    if fp16_on_cpu:
+        click.echo(FP16_ON_CPU)
     click.echo(f"{'prompt':>6} {'batch':>5} {'prefill ms':>10} {'tok/s/seq':>9} {'tok/s':>8} "
                f"{'p50 ms':>7} {'p90 ms':>7}")
     for r in rows:
