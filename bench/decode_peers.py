@@ -234,6 +234,7 @@ def main() -> None:
     parser.add_argument("--long-prompt", type=int, default=0, help="also time INT4 decode after a prompt this long")
     parser.add_argument("--no-eager", action="store_true", help="skip transformers (the fp32 greedy-id check)")
     parser.add_argument("--portable", action="store_true", help="also time our portable graph (fp32)")
+    parser.add_argument("--ours", default=",".join(OURS), help="our variants to time (comma-separated)")
     parser.set_defaults(rounds=5)
     args = parser.parse_args()
     from exporter.tiny.train import corpus_records
@@ -248,7 +249,8 @@ def main() -> None:
             for r in corpus_records(200, seed=5):
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     groups = [g for g in args.precisions.split(",") if g]
-    names = [n for n, (_, g) in OURS.items() if g in groups]
+    wanted = [n.strip() for n in args.ours.split(",") if n.strip()]
+    names = [n for n, (_, g) in OURS.items() if g in groups and n in wanted]
     ckpt, bundles = prepare(work, names, calib)
     max_len = max(args.prompt_len, args.long_prompt) + args.new_tokens
     genai = {g: _genai_model(work, ckpt, g, max_len, args.threads) for g in groups}
@@ -281,9 +283,8 @@ def main() -> None:
     long = {}
     if args.long_prompt and "int4" in groups:
         lp = np.random.default_rng(1).integers(10, 700, args.long_prompt).tolist()
-        tools = [Ours("int4 asym", bundles["int4 asym"], args.threads), Ours("int4 sym", bundles["int4 sym"],
-                                                                              args.threads),
-                 GenAI("int4", genai["int4"], args.threads)]
+        tools = [Ours(n, bundles[n], args.threads) for n in names if OURS[n][1] == "int4"]
+        tools.append(GenAI("int4", genai["int4"], args.threads))
         med, _ = measure_group(tools, lp, args.new_tokens, max(2, args.rounds // 2))
         for t in tools:
             long[t.name] = dict(med[t.name], vs_short=med[t.name]["decode_tps"] / results[t.name]["decode_tps"])
