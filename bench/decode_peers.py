@@ -258,6 +258,7 @@ def main() -> None:
     prompt = np.random.default_rng(0).integers(10, 700, args.prompt_len).tolist()
 
     bw = bandwidth_gbps(args.threads)
+    print(f"bandwidth {bw:.1f} GB/s", flush=True)
     n_linear = linear_params(spec)
     results, equal = {}, {}
     for group in groups:
@@ -273,8 +274,13 @@ def main() -> None:
             results[t.name] = dict(med[t.name], group=group, bandwidth_share=med[t.name]["decode_tps"] / bound,
                                    vs_genai_decode=med[t.name]["decode_tps"] / med[tools[-1].name]["decode_tps"],
                                    vs_genai_prefill=med[tools[-1].name]["prefill_ms"] / med[t.name]["prefill_ms"])
-            eager = ids.get(Eager.name)  # greedy ids are compared at fp32 only (quantizations differ between tools)
-            equal[t.name] = sum(a == b for a, b in zip(ids[t.name], eager)) if eager is not None else None
+            # greedy ids are compared at fp32 only (quantizations differ between tools): with transformers, or
+            # without it (--no-eager) with onnxruntime-genai's fp32 model
+            ref = ids.get(Eager.name, ids[tools[-1].name]) if group == "fp32" else None
+            equal[t.name] = sum(a == b for a, b in zip(ids[t.name], ref)) if ref is not None else None
+            r = results[t.name]
+            print(f"[{group}] {t.name}: decode {r['decode_tps']:.1f} tok/s ({r['vs_genai_decode']:.2f}x genai), "
+                  f"prefill {r['prefill_ms']:.0f} ms, ids equal {equal[t.name]}", flush=True)
         for t in tools:
             t.close()
         del tools
@@ -288,6 +294,7 @@ def main() -> None:
         med, _ = measure_group(tools, lp, args.new_tokens, max(2, args.rounds // 2))
         for t in tools:
             long[t.name] = dict(med[t.name], vs_short=med[t.name]["decode_tps"] / results[t.name]["decode_tps"])
+            print(f"[long] {t.name}: {long[t.name]}", flush=True)
             t.close()
 
     nodes = node_counts(bundles["fp32"], genai[groups[0]]) if "fp32" in groups else {}
