@@ -29,6 +29,8 @@ from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import BundleError
 from runtime.manifest import (
+    GRAPH_FUSED,
+    GRAPH_PORTABLE,
     KV_DTYPE_OF_PRECISION,
     PRECISION_TABLE,
     PRECISIONS,
@@ -50,6 +52,7 @@ from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
+from calibration.fused import FUSED_PRECISIONS, convert_fused, has_fused
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -286,6 +289,12 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = save_graph(proto, out_dir)
+    if has_fused(src.manifest) and opts.precision in FUSED_PRECISIONS:
+        del proto
+        ranges = read_ranges(os.path.join(out_dir, RANGES_FILE), method=opts.method) if opts.precision == "int8" \
+            else None
+        progress.stage("quantizing the fused onnxruntime graph the same way")
+        record["fused_graph"] = convert_fused(opts, src.dir, src.manifest, out_dir, chosen, ranges)
     return record
 
 
@@ -306,6 +315,8 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
 
     record = _convert(opts, src, out_dir, split, progress)
     graph_files = record.pop("files")
+    fused = record.pop("fused_graph", None)
+    graph_files += fused.pop("files") if fused else []
     copied = copy_side_files(src_dir, out_dir, manifest.tokenizer_files)
     extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []
     kv = KV_DTYPE_OF_PRECISION[opts.precision]
@@ -322,6 +333,7 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
         tokenizer_files=[f for f in copied if f != "config.json"],
         verification={},
         extra={"quantization": record},
+        graphs={GRAPH_FUSED: fused} if fused else {},
     )
 
     report = None
@@ -334,6 +346,12 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
                                      heldout="separate file" if opts.eval_data else "held out from calibration data",
                                      reference="fp32 source bundle",
                                      bounds=_enforce_bounds(opts, report))
+        if fused:
+            progress.stage("measuring the fused graph's accuracy on the same samples")
+            fused_report = _evaluate(out_dir, new, src_dir, manifest, split.heldout, opts.threads, progress,
+                                     prefix=len(tokenizer.prefix_ids()) if tokenizer is not None else None,
+                                     graph=GRAPH_FUSED)
+            new.extra["accuracy_fused"] = dict(fused_report.to_dict(), reference="fp32 source bundle")
     else:
         new.extra["accuracy"] = {"skipped": "--no-eval"}
     write_manifest(out_dir, new)  # once, complete: the evaluation ran from the manifest in memory
@@ -367,7 +385,7 @@ def _enforce_bounds(opts: QuantizeOptions, report: acc.AccuracyReport) -> Dict[s
 
 def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manifest: Manifest,
               sequences: Sequence[Sequence[int]], threads: Optional[int], progress,
-              prefix: Optional[int] = None) -> acc.AccuracyReport:
+              prefix: Optional[int] = None, graph: str = GRAPH_PORTABLE) -> acc.AccuracyReport:
     """``evaluate`` with both manifests read; ``prefix`` (the prompt prefix's length) from the model's tokenizer
     unless given."""
     if manifest.spec.to_dict() != ref_manifest.spec.to_dict():
@@ -376,7 +394,7 @@ def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manife
         from runtime.tokenizer import load_tokenizer
 
         prefix = len(load_tokenizer(model_dir, manifest.spec).prefix_ids())
-    backend = acc.open_backend(model_dir, threads, manifest=manifest)[1]
+    backend = acc.open_backend(model_dir, threads, manifest=manifest, graph=graph)[1]
     try:
         reference = acc.open_backend(reference_dir, threads, manifest=ref_manifest)[1]
         try:

@@ -14,12 +14,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
+from calibration.genai_files import write_genai_files
 from calibration.graph_io import clear_external_data_locations
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, ExportError, VerificationError
 from runtime.manifest import (
     DATA_FILE,
+    FUSED_MODEL_FILE,
+    GRAPH_FUSED,
     INLINE_LIMIT,
     KV_DTYPE_OF_PRECISION,
     MODEL_FILE,
@@ -29,10 +32,15 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.progress import NullProgress
+from runtime.spec import TOKENIZER_TIKTOKEN
 from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
 from exporter.checkpoint_forms import prepare_forms
+from exporter.fused_graph import fused_graph_record, run_fused, write_fused_graph
+from exporter.graph_choice import fused_graph_refusal
+from exporter.optimum_files import write_optimum_configs
+from exporter.tokenizer_json import write_tokenizer_json
 from exporter.model import GlmForExport, model_from_weights
 from exporter.resources import check_checkpoint_fits
 from exporter.weights import find_weight_files
@@ -183,6 +191,7 @@ def export_bundle(
     lora: Sequence[str] = (),
     lora_scale: float = 1.0,
     keep_checkpoint_quantization: bool = False,
+    fused: bool = True,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
@@ -191,6 +200,10 @@ def export_bundle(
     family; ``prefix_dir`` is a P-tuning v2 output directory (prefix encoder only); ``lora`` are PEFT adapter
     directories merged with ``lora_scale``; ``keep_checkpoint_quantization`` writes a THUDM int4/int8 checkpoint's
     own integers and scales into the graph (see exporter/thudm_quant.py).
+
+    ``fused``: also write the fused onnxruntime graph ``model.fused.onnx`` over the same weights
+    (exporter/fused_graph.py), verified like the portable one, when exporter/graph_choice.py says the model fits it
+    (the manifest's ``extra.graphs_decided`` records the decision); the onnxruntime runtime prefers it.
     """
     kv_dtype = _kv_dtype_of(precision)
     progress = progress or NullProgress()
@@ -206,12 +219,28 @@ def export_bundle(
         progress.stage("writing the bundle")
         inline_if_small(tmp)
         copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
+        if spec.tokenizer_kind == TOKENIZER_TIKTOKEN and "tokenizer.json" not in copied:
+            # GLM-4's tiktoken ranks as a tokenizer.json too, for tools that read only that (onnxruntime-genai)
+            write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
+            copied.append("tokenizer.json")
+        # config.json that optimum loads (the checkpoint's is kept as checkpoint_config.json), generation_config.json
+        copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
+        refusal = fused_graph_refusal(spec, forms.bundle_precision, forms.rewrite is not None) if fused else None
+        fused = fused and refusal is None
+        genai_files = []
+        if fused:
+            progress.stage("writing the fused onnxruntime graph over the same weights")
+            write_fused_graph(tmp, spec)
+            genai_files = write_genai_files(tmp, spec, FUSED_MODEL_FILE)  # onnxruntime_genai.Model(bundle) runs it
+        elif refusal is not None:
+            log.info("portable graph only: %s", refusal)
         verification: Dict = {}
         diffs: Dict[str, float] = {}
         if verify:
             progress.stage("verifying with onnxruntime: prefill + 3 cached decode steps, batch 2, left padding")
-            diffs, verification = _verify_graph(tmp, spec, plan, reference, forms.verify_precision, kv_dtype)
+            diffs, verification = _verify_graph(tmp, spec, plan, reference, forms.verify_precision, kv_dtype, fused)
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
+        graph_files += [FUSED_MODEL_FILE] + genai_files if fused else []
         manifest = Manifest(
             spec=spec,
             precision=forms.bundle_precision,
@@ -224,6 +253,8 @@ def export_bundle(
             files=record_files(tmp, graph_files + copied),
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification=verification,
+            graphs={GRAPH_FUSED: fused_graph_record()} if fused else {},
+            extra={"graphs_decided": {"fused": "written" if fused else (refusal or "not asked (export_bundle fused=False)")}},
         )
         write_manifest(tmp, manifest)
     file_bytes = {name: rec["bytes"] for name, rec in manifest.files.items()}
@@ -267,9 +298,10 @@ def _trace_model(forms, tmp: str, kv_dtype: str, opset: int, verify: bool, progr
     return reference, plan
 
 
-def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str):
-    """Run the traced graph through the plan's steps and compare with ``reference``: (max diffs, the manifest's
-    verification record); VerificationError listing each output's max difference beyond the tolerance."""
+def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str, fused: bool = False):
+    """Run the traced graph (and the fused one, ``fused``) through the plan's steps and compare with ``reference``:
+    (max diffs, the manifest's verification record); VerificationError listing each output's max difference beyond
+    the tolerance."""
     import numpy as np
 
     from exporter.verify import max_diffs, run_onnx
@@ -279,6 +311,10 @@ def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str
     got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
     del session
     diffs = max_diffs(plan, got, reference)
+    if fused:
+        got = run_fused(os.path.join(tmp, FUSED_MODEL_FILE), spec, plan)
+        # logits only: a left-padded row's cached keys are rotated at buffer positions (see fused_graph.py)
+        diffs.update({f"fused.{k}": v for k, v in max_diffs(plan, got, reference).items() if k != "present"})
     scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
     tol = allowed_diff("onnx_vs_torch", precision, scale)
     if not all(v <= tol for v in diffs.values()):

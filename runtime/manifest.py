@@ -67,6 +67,15 @@ KV_DTYPES = ("float32", "float16")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # ONNX external data, when the weights are not inline
 CONFIG_FILE = "config.json"  # the source checkpoint's, copied
+# Graph flavours a bundle can carry (``Manifest.graphs``). "portable" is ``model_file``: standard ONNX operators, the
+# past/present Concat cache (TensorRT and every ONNX consumer). "fused" is onnxruntime's contrib-op graph over the
+# same weights with a shared-buffer KV cache (exporter/fused_graph.py); the onnxruntime runtime prefers it.
+GRAPH_PORTABLE = "portable"
+GRAPH_FUSED = "fused"
+GRAPH_FLAVOURS = (GRAPH_PORTABLE, GRAPH_FUSED)
+FUSED_MODEL_FILE = "model.fused.onnx"
+KV_CONCAT = "concat"  # present = Concat(past, new): a new tensor each step
+KV_SHARED_BUFFER = "shared-buffer"  # past and present are one max-length buffer, appended in place
 # Weights up to this size are folded back into model.onnx (one file is handier for small models). Folding holds
 # the weights twice more in memory, so larger models keep model.onnx.data: that keeps the export's peak memory
 # under 2x the fp32 weight bytes (1.8x measured on the 288M model) and every model over 2 GB external.
@@ -99,6 +108,23 @@ class Manifest:
     verification: Dict[str, Any] = field(default_factory=dict)  # max diffs per output, tolerance, steps
     extra: Dict[str, Any] = field(default_factory=dict)  # stage-specific records (quantization, accuracy, ...)
     format_version: int = FORMAT_VERSION
+    # further graph flavours over the same weights: flavour -> {"file", "kv_cache", ...}; ``model_file`` is always
+    # the portable graph (older manifests have no "graphs": portable only)
+    graphs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def graph_file(self, flavour: str) -> str:
+        """The bundle file holding the graph of ``flavour``; BundleError when the bundle has none."""
+        if flavour == GRAPH_PORTABLE:
+            return self.model_file
+        rec = self.graphs.get(flavour)
+        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+            have = ", ".join([GRAPH_PORTABLE] + sorted(self.graphs))
+            raise BundleError(f"{MANIFEST_NAME}: the bundle has no {flavour!r} graph (it has: {have}); "
+                              "re-export it with 'glm-export onnx' (the fused graph is written by default)")
+        name = rec["file"]
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise BundleError(f"{MANIFEST_NAME}: graph file {name!r} must be a plain file name inside the bundle")
+        return name
 
     @property
     def kv_dtype(self) -> str:
@@ -129,6 +155,7 @@ class Manifest:
             "tokenizer_files": self.tokenizer_files,
             "verification": self.verification,
             "extra": self.extra,
+            "graphs": self.graphs,
         }
 
     @classmethod
@@ -161,6 +188,7 @@ class Manifest:
                 verification=d.get("verification", {}),
                 extra=d.get("extra", {}),
                 format_version=version,
+                graphs=dict(d.get("graphs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
