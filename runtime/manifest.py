@@ -242,18 +242,22 @@ def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: b
 
 
 def check_graph_references(bundle_dir: str, manifest: Manifest, where: str) -> None:
-    """The model file and every external-data file its graph names must be bundle files listed in the manifest
-    (so they stay inside the bundle and are covered by its checksums)."""
-    model = bundle_member(bundle_dir, manifest.model_file, "model_file", where)
-    if manifest.files and manifest.model_file not in manifest.files:
-        raise BundleError(f"{where}: model_file {manifest.model_file!r} is not listed in 'files'")
-    if not os.path.isfile(model):
-        return  # the loader reports a missing graph with its own message
-    for location in sorted(external_data_locations(model)):
-        bundle_member(bundle_dir, location, f"external data location in {manifest.model_file}", where)
-        if location not in manifest.files:
-            raise BundleError(f"{model}: external data {location!r} is not listed in the manifest's 'files', so "
-                              "it cannot be verified; re-export the bundle")
+    """Every graph file (the portable ``model_file`` and each flavour's in ``graphs``) and every external-data file
+    its graph names must be bundle files listed in the manifest (so they stay inside the bundle and are covered by
+    its checksums)."""
+    names = [("model_file", manifest.model_file)]
+    names += [(f"graphs.{flavour}.file", manifest.graph_file(flavour)) for flavour in sorted(manifest.graphs)]
+    for what, name in names:
+        graph = bundle_member(bundle_dir, name, what, where)
+        if manifest.files and name not in manifest.files:
+            raise BundleError(f"{where}: {what} {name!r} is not listed in 'files'")
+        if not os.path.isfile(graph):
+            continue  # the loader reports a missing graph with its own message
+        for location in sorted(external_data_locations(graph)):
+            bundle_member(bundle_dir, location, f"external data location in {name}", where)
+            if location not in manifest.files:
+                raise BundleError(f"{graph}: external data {location!r} is not listed in the manifest's 'files', "
+                                  "so it cannot be verified; re-export the bundle")
 
 
 def copy_side_files(src_dir: str, out_dir: str, tokenizer_files: Iterable[str]) -> List[str]:

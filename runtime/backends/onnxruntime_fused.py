@@ -59,7 +59,7 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
     # ------------------------------------------------------------------------------------------------ buffers
 
     def _allocate(self, batch: int, capacity: int) -> SharedKVCache:
-        shape = (batch, self._kv_heads, capacity, self._head_dim)
+        shape = (batch, self.spec.num_kv_heads, capacity, self.spec.head_dim)
         ort = self._ort
         if self.device_type == "cpu":
             arrays = [np.zeros(shape, dtype=self.kv_dtype) for _ in self._past_names]
@@ -107,7 +107,15 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
             cache = self._grown(cache, new_len)
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, as_int64(input_ids))
-        binding.bind_cpu_input(ATTENTION_MASK, as_int64(attention_mask))
+        mask = as_int64(attention_mask)  # [B, past + S]
+        empty = ~mask.astype(bool).any(axis=1)  # rows with no real column yet (a chunk inside their left padding)
+        if empty.any():
+            # GroupQueryAttention derives seqlens_k from the last real column and refuses a chunk longer than it;
+            # such a row's outputs are padding (discarded), and later steps feed its true mask, so its pad keys stay
+            # masked by attention_bias
+            mask = mask.copy()
+            mask[empty, -1] = 1
+        binding.bind_cpu_input(ATTENTION_MASK, mask)
         binding.bind_cpu_input(POSITION_IDS, as_int64(position_ids))
         binding.bind_cpu_input(LOGITS_TO_KEEP, keep)
         binding.bind_output(LOGITS, "cpu")
@@ -145,6 +153,13 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         """The filled part of each buffer, [batch, kv_heads, length, head_dim] (copies)."""
         assert isinstance(cache, SharedKVCache)
         return [np.array(a[:, :, : cache.length], copy=True) for a in self._host_arrays(cache)]
+
+    def cache_from_numpy(self, arrays: List[np.ndarray], length: int) -> KVCache:
+        """Refused: the serve scheduler's row joins shift a row's keys to other buffer columns, and this graph rotates
+        keys by buffer column (see exporter/fused_graph.py), so joined rows would attend wrongly; serve runs the
+        portable graph."""
+        raise BackendError("the fused graph's shared buffer cannot take rows joined by the serve scheduler; load the "
+                           "bundle with graph='portable'")
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """The portable contract: pasts of their own length in, every position's logits and presents of length
