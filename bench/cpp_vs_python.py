@@ -5,8 +5,8 @@
 
 Writes `glm-export tiny --size mid --generation glm4` (random weights), exports it to an fp32 bundle, converts that
 with `glm-export quantize --precision int4`, then per round and bundle runs the Python runtime (in process,
-GlmModel.load(threads=N), one warm-up generation first) and glm-run (--repeat 2: a warm-up generation, then the
-measured one) on the same random prompt, batch 1, greedy, eos ignored, and compares the median decode tokens/s as a
+a fresh process per round: GlmModel.load(threads=N), a warm-up generation, then the measured one) and glm-run (a
+fresh process per round too: --repeat 2, a warm-up generation, then the measured one) on the same random prompt, batch 1, greedy, eos ignored, and compares the median decode tokens/s as a
 ratio C++ / Python. The generated ids of both must be equal (checked). Prints a Markdown table and one JSON line.
 Bundles are kept in --workdir and reused on a second run. Needs the C++ build (make cpp).
 """
@@ -47,27 +47,35 @@ def main() -> None:
         sys.exit(f"{args.glm_run} is missing: build the C++ runtime first (make cpp)")
     import numpy as np
 
-    from runtime.api import GlmModel
-    from runtime.sampling import GenerationConfig
+    from runtime.manifest import read_manifest
 
     work = args.workdir or tempfile.mkdtemp(prefix="glm-export-cpp-bench-")
     bundles = prepare(work)
-    config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
-    models, prompts, ids_seen = {}, {}, {}
+    prompts, ids_seen = {}, {}
     for name, path in bundles.items():
-        model = GlmModel.load(path, threads=args.threads)
-        spec = model.spec
+        spec = read_manifest(path).spec
         forbidden = set(spec.eos_token_ids) | set(spec.special_tokens.values())
         pool = np.array([i for i in range(spec.vocab_size) if i not in forbidden])
         prompts[name] = np.random.default_rng(0).choice(pool, size=args.prompt_len).tolist()
-        model.generate(prompts[name], config)  # warm-up
-        models[name] = model
 
     def python(name):
-        def measure():
-            r = models[name].generate(prompts[name], config)
-            ids_seen.setdefault((name, "python"), r.generated_ids)
-            return {"decode_tps": r.timings["decode_tokens_per_s"], "prefill_ms": r.timings["prefill_ms"]}
+        def measure():  # a fresh process per round, like glm-run: load, warm up once, measure once
+            code = (
+                "import json, sys\n"
+                "from runtime.api import GlmModel\n"
+                "from runtime.sampling import GenerationConfig\n"
+                "path, threads, n, ids = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])\n"
+                "cfg = GenerationConfig(max_new_tokens=n, eos_token_ids=())\n"
+                "m = GlmModel.load(path, threads=threads)\n"
+                "m.generate(ids, cfg)\n"
+                "print(json.dumps(m.generate(ids, cfg).to_dict()))\n"
+            )
+            out = subprocess.run([sys.executable, "-c", code, bundles[name], str(args.threads), str(args.new_tokens),
+                                  json.dumps(prompts[name])], check=True, capture_output=True, text=True, cwd=ROOT,
+                                 env=dict(os.environ, PYTHONPATH=ROOT)).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            ids_seen.setdefault((name, "python"), r["generated_ids"])
+            return {"decode_tps": r["timings"]["decode_tokens_per_s"], "prefill_ms": r["timings"]["prefill_ms"]}
         return measure
 
     def cpp(name):
@@ -87,7 +95,7 @@ def main() -> None:
         measures[f"{name} cpp"] = cpp(name)
     medians = interleaved_medians(measures, args.rounds)
     rows = []
-    print(f"| bundle | Python tok/s | C++ tok/s | C++ / Python | ids equal |")
+    print("| bundle | Python tok/s | C++ tok/s | C++ / Python | ids equal |")
     print("|---|---|---|---|---|")
     for name in bundles:
         py, cc = medians[f"{name} python"]["decode_tps"], medians[f"{name} cpp"]["decode_tps"]

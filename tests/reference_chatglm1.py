@@ -148,8 +148,10 @@ def layer(h, sd, i, config, positions, mask, variant: str = ""):
     return (x2 if variant != "plain_residual" else h) * (alpha if variant != "plain_residual" else 1.0) + mlp
 
 
-def logits(ids: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], variant: str = "") -> np.ndarray:
-    """(n, vocab) float64 logits of one unpadded sequence (prompt with [gMASK] <sop>, then any generated ids)."""
+def logits(ids: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], variant: str = "",
+           last_only: bool = False) -> np.ndarray:
+    """(n, vocab) float64 logits of one unpadded sequence (prompt with [gMASK] <sop>, then any generated ids);
+    (1, vocab) for the last position only with ``last_only``."""
     ids = list(ids)
     positions = thudm_positions(ids, config, variant)
     mask = thudm_mask(ids, config, variant)
@@ -158,7 +160,7 @@ def logits(ids: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], variant:
         h = layer(h, sd, i, config, positions, mask, variant)
     eps = config.get("layernorm_epsilon", 1e-5)
     bias = 0.0 if variant == "no_norm_bias" else sd["transformer.final_layernorm.bias"]
-    h = layer_norm(h, sd["transformer.final_layernorm.weight"], bias, eps)
+    h = layer_norm(h[-1:] if last_only else h, sd["transformer.final_layernorm.weight"], bias, eps)
     tied = config.get("tie_word_embeddings", True)  # THUDM leaves transformers' default: lm_head is the embedding
     head = sd["transformer.word_embeddings.weight"] if tied else sd["lm_head.weight"]
     return h @ head.T
@@ -184,7 +186,7 @@ def greedy(prompt: Sequence[int], config: Dict, sd: Dict[str, np.ndarray], new_t
     seq = list(prompt)
     out = []
     for _ in range(new_tokens):
-        tok = int(np.argmax(logits(seq, config, sd)[-1]))
+        tok = int(np.argmax(logits(seq, config, sd, last_only=True)[-1]))
         out.append(tok)
         seq.append(tok)
     return out

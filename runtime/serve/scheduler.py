@@ -38,6 +38,7 @@ from runtime.sampling import GenerationConfig, next_tokens
 from runtime.serve.kv_rows import join_row, keep_rows, row_arrays, supports_rows
 from runtime.serve.metrics import Metrics
 from runtime.serve.prefix_cache import PrefixCache
+from runtime.spec import POSITIONS_SEQUENTIAL
 
 log = logging.getLogger("glm_export")
 
@@ -129,6 +130,11 @@ class Scheduler:
         if not supports_rows(model.backend):
             raise BackendError(f"the {model.backend_name} backend cannot join rows into a running batch; "
                                "serve with the onnxruntime backend")
+        if model.spec.position_kind != POSITIONS_SEQUENTIAL:
+            # the scheduler builds [batch, seq] positions for joined rows; ChatGLM-6B's 2D positions and prefix-LM
+            # mask are not wired into it yet
+            raise BackendError(f"serve: {model.spec.generation} bundles ({model.spec.position_kind} positions) are "
+                               "not served yet; use 'glm-export run' or 'glm-export chat'")
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
@@ -245,7 +251,7 @@ class Scheduler:
         input_ids = np.asarray([ids[start:]], dtype=np.int64)  # [1, n - start]
         mask = np.ones((1, n), dtype=np.int64)  # [1, n]: the reused prefix and the new ids
         positions = np.arange(start, n, dtype=np.int64)[None, :]  # [1, n - start]
-        logits, cache = prefill(self.backend, input_ids, mask, positions, self.model.prefill_chunk, cache)
+        logits, cache = prefill(self.backend, input_ids, mask, positions, self.model.prefill_chunk, cache=cache)
         self.metrics.prompt_tokens(n, n - start)
         finished = row.accept(row.choose(logits))
         self.metrics.first_token(req.first_token_at - req.submitted)
