@@ -308,7 +308,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['decode_tps']:.1f} | {r['vs_genai_decode']:.2f}x | {r['prefill_ms']:.0f} | "
-              f"{r['vs_genai_prefill']:.2f}x | {100 * r['bandwidth_share']:.0f}% | {equal[name]}/{args.new_tokens} |")
+              f"{r['vs_genai_prefill']:.2f}x | {100 * r['bandwidth_share']:.0f}% | "
+              + (f"{equal[name]}/{args.new_tokens} |" if equal[name] is not None else "- |"))
     if long:
         print(f"\nafter a {args.long_prompt}-token prompt (int4):\n")
         print("| tool | decode tok/s | vs the 32-token prompt | prefill ms |")
@@ -324,7 +325,7 @@ def main() -> None:
           "choice, fp16 the GPU/Jetson one.")
     print(json.dumps({"results": results, "ids_equal_to_reference": equal, "long_prompt": long, "nodes": nodes,
                       "bandwidth_gbps": bw, "threads": args.threads, "rounds": args.rounds,
-                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}))
+                      "prompt_len": args.prompt_len, "new_tokens": args.new_tokens}, default=int))
 
 
 if __name__ == "__main__":

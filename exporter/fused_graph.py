@@ -19,8 +19,7 @@ Per decoder layer (12 nodes; 13-14 with a QKV bias or GLM-4-0414's sandwich norm
     norm1', h = SkipSimplifiedLayerNormalization(m, h)   (the next layer's input norm, or the final norm)
 
 Padding: every row of a batch occupies the same positions of the shared buffer (left padding, as the portable
-graph), so ``seqlens_k`` is ``total - 1`` for every row (the last real column of ``attention_mask``) and
-GroupQueryAttention's own causal mask is right; pad
+graph), so ``seqlens_k`` is ``total - 1`` for every row and GroupQueryAttention's own causal mask is right; pad
 positions are masked by ``attention_bias`` (0 for a real key, -FLT_MAX for a pad, from ``attention_mask``).
 Rotary positions are buffer positions (GroupQueryAttention's own: the column of ``attention_mask``), not
 ``position_ids``: onnxruntime 1.32's CPU kernel reads only the first element of ``position_ids`` in a prompt (so a
@@ -127,15 +126,11 @@ def fused_graph(spec: ModelSpec, weights: Dict[str, object], kv_dtype: str = "fl
     total1 = g.node("Gather", [mask_shape, idx1], name="total", axis=0)  # [1] = past + S
     total_i32 = g.node("Cast", [g.node("Squeeze", [total1], name="total_scalar")], name="total_i32",
                        to=TensorProto.INT32)  # scalar: an upper bound of every row's length (query_seqlens given)
-    # seqlens_k: the index of each row's last real column (its cache length - 1). Our runtime's mask ends with the
-    # newest token, so that is total - 1 for every row; a caller with a max-length mask that is zero after the
-    # current position (onnxruntime-genai's shared-buffer mode) gets the same answer.
-    zero_1 = g.const("const.zero_i64", np.array(0, np.int64))
-    one_1 = g.const("const.one_i64", np.array(1, np.int64))
-    cols = g.node("Range", [zero_1, g.node("Squeeze", [total1], name="total_i64"), one_1], name="mask_columns")
-    last = g.node("ReduceMax", [g.node("Mul", [gc.ATTENTION_MASK, cols], name="real_columns")], name="last_real",
-                  axes=[1], keepdims=0)  # [B] int64
-    seqlens_k = g.node("Cast", [last], name="seqlens_k", to=TensorProto.INT32)  # [B] int32
+    # seqlens_k: every row's cache length - 1 = total - 1 (left padding: all rows span the same buffer positions;
+    # onnxruntime-genai's shared-buffer mode passes masks of the current length too, tested)
+    one_i = g.const("const.one_i32", np.array(1, np.int32))
+    seqlens_k = g.node("Expand", [g.node("Sub", [total_i32, one_i], name="total_minus_1"), batch],
+                       name="seqlens_k")  # [B] int32
     # every row's chunk is whole (no right padding); given so that a batched multi-token chunk after a past (chunked
     # prefill) is accepted, which GroupQueryAttention refuses without it
     seq_i32 = g.node("Cast", [seq], name="seq_i32", to=TensorProto.INT32)  # [1]

@@ -107,15 +107,7 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
             cache = self._grown(cache, new_len)
         binding = self.session.io_binding()
         binding.bind_cpu_input(INPUT_IDS, as_int64(input_ids))
-        mask = as_int64(attention_mask)  # [B, past + S]
-        empty = ~mask.astype(bool).any(axis=1)  # rows with no real column yet (a chunk inside their left padding)
-        if empty.any():
-            # GroupQueryAttention derives seqlens_k from the last real column and refuses a chunk longer than it;
-            # such a row's outputs are padding (discarded), and later steps feed its true mask, so its pad keys stay
-            # masked by attention_bias
-            mask = mask.copy()
-            mask[empty, -1] = 1
-        binding.bind_cpu_input(ATTENTION_MASK, mask)
+        binding.bind_cpu_input(ATTENTION_MASK, as_int64(attention_mask))
         binding.bind_cpu_input(POSITION_IDS, as_int64(position_ids))
         binding.bind_cpu_input(LOGITS_TO_KEEP, keep)
         binding.bind_output(LOGITS, "cpu")
