@@ -23,7 +23,8 @@ from runtime.spec import (
 
 
 def fused_graph_refusal(spec: ModelSpec, precision: str, kept_quantization: bool) -> Optional[str]:
-    """None when the fused graph can express this model; else the reason it cannot (one phrase)."""
+    """None when the fused graph can express this model; else the reason it cannot (one phrase). ``precision``: the
+    traced precision (fp32 or fp16); ``kept_quantization``: a THUDM checkpoint's integers kept in the graph."""
     if precision != "fp32":
         return f"precision {precision} (the fused graph is written for fp32 bundles; quantize converts it)"
     if kept_quantization:

@@ -225,7 +225,7 @@ def export_bundle(
             copied.append("tokenizer.json")
         # config.json that optimum loads (the checkpoint's is kept as checkpoint_config.json), generation_config.json
         copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
-        refusal = fused_graph_refusal(spec, forms.bundle_precision, forms.rewrite is not None) if fused else None
+        refusal = fused_graph_refusal(spec, forms.precision, forms.rewrite is not None) if fused else None
         fused = fused and refusal is None
         genai_files = []
         if fused:
