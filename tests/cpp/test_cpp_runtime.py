@@ -66,7 +66,7 @@ class _Bundles:
     def _calib_file(self):
         path = os.path.join(self.root, "calib.txt")
         if not os.path.isfile(path):
-            from exporter.tiny_tokenizers import corpus_lines
+            from exporter.tiny.tokenizers import corpus_lines
 
             with open(path, "w", encoding="utf-8") as f:
                 f.write("\n".join(corpus_lines()) + "\n")
@@ -340,7 +340,7 @@ CHATS = [
 
 @pytest.mark.parametrize("name", sorted(TOKENIZER_CASES))
 def test_chat_prompt_ids_equal_python(bundles, name):
-    from runtime.tokenizer import build_chat_ids, chat_stop_ids
+    from runtime.chat import build_chat_ids, chat_stop_ids
 
     path = bundles.get(TOKENIZER_CASES[name])
     model = py_model(path)

@@ -67,7 +67,11 @@ static const std::set<std::string> SPEC_FIELDS = {
     "generation", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
     "vocab_size", "norm_eps", "rotary_dim", "rope_theta", "rope_position_scale", "rope_scaling", "qkv_bias",
     "sandwich_norms", "tie_word_embeddings", "max_position_embeddings", "eos_token_ids", "pad_token_id",
-    "tokenizer_kind", "chat_format", "special_tokens"};
+    "tokenizer_kind", "chat_format", "special_tokens",
+    // the block's variants (ChatGLM-6B v1) and the P-tuning v2 prefix: computed inside the graph, so the decode loop
+    // only needs position_kind (v1's 2D positions are refused below)
+    "norm_kind", "activation", "linear_bias", "residual", "residual_alpha", "qkv_layout", "rotary_kind",
+    "rotary_freq_dtype", "position_kind", "attention_kind", "query_key_layer_scaling", "prefix_len"};
 static const std::vector<std::string> SPEC_REQUIRED = {
     "generation", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "ffn_hidden_size",
     "vocab_size", "norm_eps", "rotary_dim", "rope_theta", "rope_position_scale", "rope_scaling", "qkv_bias",
@@ -105,6 +109,9 @@ static ModelSpec spec_from_json(const json& d) {
       s.special_tokens[it.key()] = it.value().get<int64_t>();
   if (s.num_layers < 1 || s.num_kv_heads < 1 || s.head_dim < 1 || s.vocab_size < 1 || s.max_position_embeddings < 2)
     throw std::invalid_argument("spec sizes must be positive");
+  if (d.contains("position_kind") && d.at("position_kind").get<std::string>() != "sequential")
+    throw BundleError(std::string(MANIFEST_NAME) + ": position_kind '" + d.at("position_kind").get<std::string>() +
+                      "' (" + s.generation + ") is not supported by the C++ runtime yet; run it with the Python runtime");
   return s;
 }
 
