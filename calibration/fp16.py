@@ -185,6 +185,20 @@ def to_fp16(array: np.ndarray, name: str, remedy: str = "") -> np.ndarray:
 
 def fp16_from_fp32(proto):
     """``proto`` (an fp32 glm-export graph, weights loaded) converted in place to the fp16 form; returns it."""
+    from onnx import numpy_helper
+
+    fp16_weights = fp16_graph_edits(proto)
+    for i, init in enumerate(proto.graph.initializer):
+        if init.name in fp16_weights:
+            proto.graph.initializer[i].CopyFrom(
+                numpy_helper.from_array(to_fp16(numpy_helper.to_array(init), init.name), init.name))
+    return proto
+
+
+def fp16_graph_edits(proto) -> Set[str]:
+    """Every edit of :func:`fp16_from_fp32` but the weights' data (the graph may be weightless: the streaming
+    quantizer, calibration.stream_quant, converts each weight as it writes it); returns the names of the
+    initializers to store as fp16."""
     from onnx import TensorProto, numpy_helper
 
     colours, rewires = assign_dtypes(proto)
@@ -192,10 +206,6 @@ def fp16_from_fp32(proto):
     nodes = {n.name: n for n in proto.graph.node}
     for node_name, k, source in rewires:
         nodes[node_name].input[k] = source
-    for i, init in enumerate(proto.graph.initializer):
-        if colours.get(init.name) == FP16:
-            proto.graph.initializer[i].CopyFrom(
-                numpy_helper.from_array(to_fp16(numpy_helper.to_array(init), init.name), init.name))
     for node in proto.graph.node:
         if node.op_type == "Constant" and colours.get(node.output[0]) == FP16:
             t = node.attribute[0].t
@@ -208,4 +218,4 @@ def fp16_from_fp32(proto):
         if colours.get(t.name) == FP16:
             t.type.tensor_type.elem_type = TensorProto.FLOAT16
     del proto.graph.value_info[:]  # stale fp32 types; onnxruntime infers them again
-    return proto
+    return {i.name for i in proto.graph.initializer if colours.get(i.name) == FP16}

@@ -47,7 +47,7 @@ from calibration import accuracy as acc
 from calibration.embedding import embedding_to_fp16
 from calibration.data import DataSplit, check_counts, load_eval_sequences, load_split
 from calibration.errors import AccuracyBoundError, CalibrationDataError, QuantizationError
-from calibration.graph_io import contrib_ops, default_opset, load_graph, save_graph
+from calibration.graph_io import DATA_FILE, MODEL_FILE, contrib_ops, default_opset, load_graph, save_graph
 from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
@@ -84,6 +84,7 @@ class QuantizeOptions:
     # write the bundle even when its measured accuracy breaks runtime/tolerances.py ACCURACY_BOUNDS (recorded in the
     # manifest); without it such a bundle is an AccuracyBoundError and nothing is written
     accept_accuracy_loss: bool = False
+    streaming: bool = True  # one weight at a time (calibration.stream_quant); False: whole graph in memory
 
     def settings(self) -> Dict[str, Any]:
         """The options that shaped the result, for the manifest (paths as given)."""
@@ -271,7 +272,8 @@ def _runs_on(precision: str):
 _CONVERTERS = {"fp16": _fp16, "int8": _int8, "int8-dynamic": _int8_dynamic, "int4": _int4}
 
 
-def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, progress) -> Dict[str, Any]:
+def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, progress,
+             calibrator=None) -> Dict[str, Any]:
     """Write the converted graph into ``out_dir``; returns the quantization record for the manifest."""
     record: Dict[str, Any] = {"precision": opts.precision, "settings": opts.settings(),
                               "source_bundle": os.path.abspath(src.dir), "source_model_sha256": src.checksums.model}
@@ -281,6 +283,8 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
         chosen, kept = select(linears, opts.keep_float, src.spec.num_layers)
         record["quantized_linears"] = [lin.name for lin in chosen]
         record["float_linears"] = [lin.name for lin in kept]
+    if opts.streaming:
+        return _convert_streamed(opts, src, out_dir, split, chosen, record, progress, calibrator)
     proto, details = _CONVERTERS[opts.precision](opts, src, out_dir, split, chosen, progress)
     record.update(details)
     if opts.precision != "fp16":
@@ -298,12 +302,66 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
     return record
 
 
+def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit, chosen, record,
+                      progress, calibrator=None) -> Dict[str, Any]:
+    """``_convert`` one weight at a time: the same graph and weights (calibration.stream_quant), a peak of one
+    weight's working set. Static INT8 calibrates with ``calibrator`` where given (the CLI passes the exporter's
+    layer-streaming PyTorch reference, exporter.stream_calibrate.bundle_calibrator), else on an onnxruntime session
+    holding the whole fp32 graph (calibration.ranges)."""
+    from calibration.stream_quant import ConverterChoice, form_record, make_converter
+    from calibration.stream_write import BundleReader, read_only_once, write_streamed
+
+    reader = BundleReader(src.model)
+    choice = ConverterChoice(opts.precision, block_size=opts.block_size, int4_symmetric=opts.int4_symmetric,
+                             int4_accuracy_level=opts.int4_accuracy_level, embedding_fp16=opts.embedding == "fp16",
+                             work_dir=out_dir)
+    if opts.precision == "int8":
+        ranges_file = os.path.join(out_dir, RANGES_FILE)
+        if opts.ranges:
+            shutil.copyfile(opts.ranges, ranges_file)
+        else:
+            settings = {"samples": len(split.calibration), "seq_len": opts.calib_seq_len, "seed": opts.calib_seed,
+                        "data": opts.calib_data}
+            if calibrator is not None:  # a float model that streams too (the CLI: the exporter's layer reference)
+                progress.stage(f"calibrating on {len(split.calibration)} samples, streaming the float model")
+                ranges = calibrator(src.spec, src.model, split.calibration, chosen, opts, settings, progress)
+                ranges.model_sha256, ranges.data_sha256 = src.checksums.model, src.checksums.data
+            else:
+                progress.stage(f"calibrating on {len(split.calibration)} samples: prefill + {opts.decode_steps} "
+                               f"cached decode steps per batch of {opts.calib_batch}")
+                ranges = calibrate(src.model, src.spec, split.calibration, [lin.activation for lin in chosen],
+                                   opts.method, opts.percentile, opts.calib_batch, opts.decode_steps, opts.threads,
+                                   out_dir, progress, settings=settings, checksums=src.checksums)
+            write_ranges(ranges_file, ranges)
+        choice.ranges = read_ranges(ranges_file, method=opts.method)
+        if choice.ranges.for_another_graph(src.checksums):
+            raise QuantizationError(f"{opts.ranges or ranges_file}: calibrated for another graph (checksum differs)")
+        record["calibration"] = choice.ranges.settings
+    record.update(form_record(opts.precision, opts.block_size, opts.int4_symmetric))
+    converter = make_converter(choice, chosen)
+    proto = load_graph(src.model, with_weights=False)
+    progress.stage(f"writing {opts.precision} weights tensor by tensor")
+    record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
+                          for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
+                                                     progress).items()}
+    if opts.precision != "fp16":
+        record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
+    record["contrib_ops"] = contrib_ops(proto)
+    record["opset"] = default_opset(proto)
+    record["files"] = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(out_dir, DATA_FILE)) else [])
+    return record
+
+
 def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=None,
-                    source: Optional[Manifest] = None) -> QuantizeResult:
+                    source: Optional[Manifest] = None, calibrator=None,
+                    plan: Optional[str] = None) -> QuantizeResult:
     """Convert the fp32 bundle ``src_dir`` into ``out_dir`` (an empty directory); see the module docstring.
 
     ``source`` is the manifest :func:`check_quantize` returned for ``src_dir`` and these options, where the caller
-    has run it already (the CLI does, before it creates --out); None runs it here.
+    has run it already (the CLI does, before it creates --out); None runs it here. ``calibrator`` (streaming
+    static INT8 only): (spec, model path, sequences, linears, opts, settings, progress) -> CalibrationRanges.
+    ``plan`` (the CLI's memory plan, one line) is the first progress stage once the inputs have been read, so a bad
+    input is still the only line a failed run shows.
     """
     progress = progress or NullProgress()
     start = time.perf_counter()
@@ -312,8 +370,10 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
     src_model = os.path.join(src_dir, manifest.model_file)
     src = _Source(src_dir, manifest, src_model, graph_checksums(src_model, manifest.files))
     split, tokenizer = _data(opts, src_dir, spec)
+    if plan:
+        progress.stage(plan)
 
-    record = _convert(opts, src, out_dir, split, progress)
+    record = _convert(opts, src, out_dir, split, progress, calibrator)
     graph_files = record.pop("files")
     fused = record.pop("fused_graph", None)
     graph_files += fused.pop("files") if fused else []

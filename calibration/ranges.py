@@ -218,7 +218,8 @@ def read_ranges(path: str, method: Optional[str] = None) -> CalibrationRanges:
     """A ranges file; ``method`` (when given) overrides the one recorded, since all three are stored."""
     if not os.path.isfile(path):
         raise QuantizationError(f"{path}: calibration ranges file not found")
-    data = read_json_object(path, QuantizationError, "calibration ranges")
+    data = read_json_object(path, QuantizationError, "calibration ranges",
+                            hint="not a glm-export calibration ranges file")
     if data.get("format") != RANGES_FORMAT:
         raise QuantizationError(f"{path}: not a glm-export calibration ranges file")
     if data.get("version") != RANGES_VERSION:

@@ -42,6 +42,25 @@ class CheckpointForms:
             return "int4" if self.info.quantization_bit == 4 else "int8"
         return self.precision
 
+    def streaming_blocker(self) -> Optional[str]:
+        """The form the streaming export (exporter.stream_export) cannot write yet, named for a message; None when
+        it can. That export reads plain float weights tensor by tensor and its layer-streaming reference runs the
+        ChatGLM2/3 / GLM-4 block, so every other form takes the whole-model flow (the one rule, applied by
+        ``exporter.onnx_export.export_bundle``)."""
+        from exporter.model_v1 import uses_v1_block
+
+        if uses_v1_block(self.spec):
+            return "a ChatGLM-6B (v1) checkpoint (v1 block, 2D positions)"
+        if self.prefix_kv is not None:
+            return "a P-tuning v2 prefix (pre_seq_len)"
+        if self.adapters:
+            return "a checkpoint with LoRA adapters (--lora)"
+        if self.rewrite is not None:
+            return "--keep-checkpoint-quantization"
+        if self.reader is not None:
+            return f"a THUDM int{self.info.quantization_bit} checkpoint (quantization_bit)"
+        return None
+
     def weights(self, dtype, progress):
         """The canonical (name, tensor) stream: dequantized when needed, adapters merged."""
         from exporter.lora import merge_adapters
@@ -97,8 +116,9 @@ def prepare_forms(ckpt_dir: str, rope_scaling: Optional[str] = None, generation:
             raise ConfigError(f"--keep-checkpoint-quantization: {ckpt_dir} is not a quantized checkpoint "
                               "(config.json quantization_bit is 0 or absent)")
         if precision != "fp32":
+            other = "--fp16" if precision == "fp16" else f"--precision {precision}"
             raise ConfigError("--keep-checkpoint-quantization keeps the checkpoint's integers with float32 "
-                              "activations; it cannot be combined with --fp16")
+                              f"activations; it cannot be combined with {other}")
         if lora:
             raise ConfigError("--keep-checkpoint-quantization cannot be combined with --lora (merged weights are no "
                               "longer the checkpoint's integers); drop one of them")

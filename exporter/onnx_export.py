@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
 from calibration.genai_files import write_genai_files
-from calibration.graph_io import clear_external_data_locations
+from calibration.stream_write import inline_if_small
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, ExportError, VerificationError
@@ -23,7 +23,6 @@ from runtime.manifest import (
     DATA_FILE,
     FUSED_MODEL_FILE,
     GRAPH_FUSED,
-    INLINE_LIMIT,
     KV_DTYPE_OF_PRECISION,
     MODEL_FILE,
     Manifest,
@@ -48,7 +47,6 @@ from exporter.weights import find_weight_files
 log = logging.getLogger("glm_export")
 
 OPSET = 17
-PROTOBUF_LIMIT = 2 * 1024**3  # bytes; a ModelProto cannot be serialised beyond this
 _TRACE_BATCH, _TRACE_SEQ, _TRACE_PAST = 2, 3, 2
 # precisions a checkpoint exports to directly; the traced model's torch dtype is its KV dtype
 # (runtime.manifest.KV_DTYPE_OF_PRECISION): float32 or float16 throughout
@@ -82,7 +80,7 @@ def dynamic_axes(spec) -> Dict[str, Dict[int, str]]:
     return axes
 
 
-def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite=None) -> None:
+def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite=None, attach: bool = True):
     """Trace ``model`` into ``out_dir/model.onnx`` with its weights in ``out_dir/model.onnx.data``.
 
     The TorchScript exporter (deterministic, dynamic axes, standard operators only) traces the graph without
@@ -90,6 +88,7 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite
     ModelProto instead would hold the weights two more times (peak about 4.3x the fp32 weight bytes, measured on
     the 288M model) and cannot exceed protobuf's 2 GB limit. ``rewrite(proto, tensors)``, when given, may replace
     weight inputs and their tensors before they are written (``exporter.thudm_quant`` keeps a checkpoint's integers).
+    ``attach=False`` returns the traced ModelProto (parameters still graph inputs) instead.
     """
     import warnings
 
@@ -124,12 +123,15 @@ def trace_to_onnx(model: GlmForExport, out_dir: str, opset: int = OPSET, rewrite
             keep_initializers_as_inputs=True,  # parameters appear as named graph inputs; moved to initializers below
         )
     proto = onnx.load(graph_path)
+    if not attach:  # the streaming export (exporter.stream_weights) writes the weights itself
+        return proto
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
     if rewrite is not None:
         rewrite(proto, tensors)
     attach_external_weights(proto, tensors, out_dir, set(inputs))
     onnx.save_model(proto, graph_path)
+    return None
 
 
 def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
@@ -162,21 +164,6 @@ def attach_external_weights(proto, tensors, out_dir: str, contract) -> None:
     proto.graph.input.extend(keep)
 
 
-def inline_if_small(out_dir: str) -> None:
-    """Fold model.onnx.data back into model.onnx when the weights are small (see runtime.manifest.INLINE_LIMIT)."""
-    import onnx
-
-    data_path = os.path.join(out_dir, DATA_FILE)
-    if os.path.getsize(data_path) > min(INLINE_LIMIT, PROTOBUF_LIMIT):
-        return
-    graph_path = os.path.join(out_dir, MODEL_FILE)
-    proto = onnx.load(graph_path, load_external_data=True)
-    clear_external_data_locations(proto)
-    onnx.save_model(proto, graph_path)
-    del proto
-    os.remove(data_path)
-
-
 def export_bundle(
     ckpt_dir: str,
     out_dir: str,
@@ -192,6 +179,8 @@ def export_bundle(
     lora_scale: float = 1.0,
     keep_checkpoint_quantization: bool = False,
     fused: bool = True,
+    streaming: bool = True,
+    stream_options=None,
 ) -> ExportResult:
     """Export ``ckpt_dir`` to a self-contained bundle at ``out_dir``; see the module docstring for the flow.
 
@@ -199,21 +188,41 @@ def export_bundle(
     softmax, rotary tables and the logits stay fp32 (see exporter/model.py). ``generation`` overrides the detected
     family; ``prefix_dir`` is a P-tuning v2 output directory (prefix encoder only); ``lora`` are PEFT adapter
     directories merged with ``lora_scale``; ``keep_checkpoint_quantization`` writes a THUDM int4/int8 checkpoint's
-    own integers and scales into the graph (see exporter/thudm_quant.py).
+    own integers and scales into the graph (see exporter/thudm_quant.py). ``streaming`` (the default) writes the
+    bundle one weight at a time and verifies against a layer-streaming reference (exporter.stream_export, every
+    precision, ``stream_options`` its settings); False, or a checkpoint form the streaming export does not handle
+    (``CheckpointForms.streaming_blocker``), runs the whole-model flow below (fp32 / fp16).
 
     ``fused``: also write the fused onnxruntime graph ``model.fused.onnx`` over the same weights
     (exporter/fused_graph.py), verified like the portable one, when exporter/graph_choice.py says the model fits it
-    (the manifest's ``extra.graphs_decided`` records the decision); the onnxruntime runtime prefers it.
+    (the manifest's ``extra.graphs_decided`` records the decision); the onnxruntime runtime prefers it. Both the
+    streamed and the whole-model flow write it.
     """
+    forms = prepare_forms(ckpt_dir, rope_scaling, generation, prefix_dir, lora, lora_scale,
+                          keep_checkpoint_quantization, precision)
+    inputs = (("--model", ckpt_dir), ("--prefix", prefix_dir)) + tuple(("--lora", a) for a in lora)
+    if stream_options is not None and stream_options.calib_data:
+        inputs += (("--calib-data", stream_options.calib_data),)
+    blocker = forms.streaming_blocker()
+    if blocker is not None and precision not in DIRECT_PRECISIONS:
+        raise ConfigError(f"--precision {precision}: {blocker} exports directly to fp32 or fp16 only; export it with "
+                          f"--precision fp32, then run 'glm-export quantize --precision {precision}' on that bundle")
+    if streaming and blocker is None:
+        from exporter.resources import check_layers_held
+        from exporter.stream_export import export_streamed
+
+        check_layers_held(ckpt_dir, forms.spec, find_weight_files(ckpt_dir))
+        return export_streamed(ckpt_dir, out_dir, precision, verify=verify, overwrite=overwrite,
+                               rope_scaling=rope_scaling, opset=opset, progress=progress, options=stream_options,
+                               forms=forms, inputs=inputs)
+    if streaming:
+        log.info("exporting in memory (the whole model loaded): the streaming export does not handle %s yet", blocker)
     kv_dtype = _kv_dtype_of(precision)
     progress = progress or NullProgress()
     start = time.perf_counter()
-    forms = prepare_forms(ckpt_dir, rope_scaling, generation, prefix_dir, lora, lora_scale,
-                          keep_checkpoint_quantization, precision)
     spec, info = forms.spec, forms.info
     weight_files = find_weight_files(ckpt_dir)
     check_checkpoint_fits(ckpt_dir, spec, weight_files, info.layout, 2 if kv_dtype == "float16" else 4)
-    inputs = (("--model", ckpt_dir), ("--prefix", prefix_dir)) + tuple(("--lora", a) for a in lora)
     with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
         reference, plan = _trace_model(forms, tmp, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")

@@ -19,14 +19,13 @@ _LAYER = re.compile(r"\blayers\.(\d+)\.")
 
 
 def available_memory_bytes() -> Optional[int]:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages; None when unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """MemAvailable from /proc/meminfo lowered by a cgroup limit (``exporter.memory_plan.available_memory``), else
+    free physical pages; None when unknown."""
+    from exporter.memory_plan import available_memory
+
+    found = available_memory()["available"]
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -39,13 +38,19 @@ def layers_held(weight_files) -> int:
     return max(found) + 1 if found else 0
 
 
-def check_checkpoint_fits(ckpt_dir: str, spec: ModelSpec, weight_files, layout: str, bytes_per_param: int) -> None:
-    """WeightsError when config.json describes more layers than the weights hold, or when the export would need
-    more memory than is available (the weights' own names and shapes are checked one by one while loading)."""
+def check_layers_held(ckpt_dir: str, spec: ModelSpec, weight_files) -> None:
+    """WeightsError when config.json describes more layers than the weights hold (every export checks it; the
+    streaming export plans its memory itself, exporter.memory_plan)."""
     held = layers_held(weight_files)
     if spec.num_layers > held:
         raise WeightsError(f"{os.path.join(ckpt_dir, 'config.json')}: num_layers is {spec.num_layers} but the weight "
                            f"files hold {held} layers; the config does not belong to these weights")
+
+
+def check_checkpoint_fits(ckpt_dir: str, spec: ModelSpec, weight_files, layout: str, bytes_per_param: int) -> None:
+    """WeightsError when config.json describes more layers than the weights hold, or when the export would need
+    more memory than is available (the weights' own names and shapes are checked one by one while loading)."""
+    check_layers_held(ckpt_dir, spec, weight_files)
     wanted = spec.num_params
     need = int(wanted * bytes_per_param * PEAK_FACTOR)
     have = available_memory_bytes()

@@ -22,9 +22,9 @@ import os
 import re
 from typing import Any, List, Mapping, Sequence
 
-from runtime.errors import TokenizerError, first_line
+from runtime.errors import TokenizerError
 from runtime.spec import TOKENIZER_ICE_TEXT, ModelSpec
-from runtime.tokenizer import Tokenizer, _import, _require_file, _unique
+from runtime.tokenizer import Tokenizer, _unique, sentencepiece_processor
 
 ICE_TEXT_FILE = "ice_text.model"
 IMAGE_TOKENS = 20000  # THUDM's default num_image_tokens: ids [0, 20000) are image tokens, text ids start here
@@ -102,13 +102,7 @@ def image_offset(config: Mapping[str, Any], where: str) -> int:
 
 def load_ice_text(bundle_dir: str, spec: ModelSpec, config: Mapping[str, Any]) -> Tokenizer:
     path = os.path.join(bundle_dir, ICE_TEXT_FILE)
-    _require_file(path)
-    spm = _import("sentencepiece", path)
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(path)
-    except (RuntimeError, OSError, ValueError) as e:
-        raise TokenizerError(f"{path}: not a sentencepiece model ({first_line(e)})") from None
+    sp = sentencepiece_processor(path)
     tok = IceTextTokenizer(sp, image_offset(config, path), extra_eos=spec.eos_token_ids)
     missing = [n for n in ("[gMASK]", "<sop>", "<eop>") if n not in tok.special_ids]
     if missing:

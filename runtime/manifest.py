@@ -12,7 +12,6 @@ The exporter writes the manifest; the runtime reads only it to know the model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ from typing import Any, Dict, Iterable, List, Tuple
 
 from runtime.bundle_paths import bundle_member
 from runtime.errors import BundleError, read_json_object
+from runtime.integrity import sha256_file as sha256_of  # the one file hasher (runtime.manifest.sha256_of for callers)
 from runtime.integrity import verify_files as verify_bundle_files
 from runtime.manifest_schema import check_manifest_dict
 from runtime.onnx_refs import external_data_locations
@@ -80,17 +80,6 @@ KV_SHARED_BUFFER = "shared-buffer"  # past and present are one max-length buffer
 # the weights twice more in memory, so larger models keep model.onnx.data: that keeps the export's peak memory
 # under 2x the fp32 weight bytes (1.8x measured on the 288M model) and every model over 2 GB external.
 INLINE_LIMIT = 256 * 1024**2  # bytes of weights
-
-
-def sha256_of(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

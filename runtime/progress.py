@@ -6,7 +6,8 @@ The library reports through a ``Progress`` object and logs; only the CLI turns i
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, Optional, TypeVar
+import time
+from typing import Iterable, Iterator, Optional, Sequence, TypeVar
 
 T = TypeVar("T")
 log = logging.getLogger("glm_export")
@@ -22,6 +23,18 @@ class NullProgress:
         if desc:
             log.info(desc)
         return iter(items)
+
+
+    def iterate_bytes(self, items: Sequence[T], sizes: Sequence[int], desc: str = "") -> Iterator[T]:
+        """Iterate ``items`` whose work is ``sizes`` bytes each; logs each item with bytes done and an ETA."""
+        total, done, start = sum(sizes), 0, time.perf_counter()
+        for i, (item, size) in enumerate(zip(items, sizes)):
+            yield item
+            done += size
+            elapsed = time.perf_counter() - start
+            eta = elapsed * (total - done) / done if done else 0.0
+            log.info("%s: %d/%d %s, %.1f/%.1f MB, ETA %.0fs", desc, i + 1, len(items),
+                     getattr(item, "name", item), done / 1e6, total / 1e6, eta)
 
 
 class TqdmProgress(NullProgress):
@@ -41,3 +54,15 @@ class TqdmProgress(NullProgress):
         from tqdm import tqdm
 
         return iter(tqdm(items, total=total, desc=desc, disable=not self.enabled, leave=False, unit="it"))
+
+    def iterate_bytes(self, items: Sequence[T], sizes: Sequence[int], desc: str = "") -> Iterator[T]:
+        """A tqdm bar in bytes (done, total, rate and ETA) advanced as each item's work is done."""
+        from tqdm import tqdm
+
+        with tqdm(total=sum(sizes), desc=desc, disable=not self.enabled, leave=False, unit="B", unit_scale=True,
+                  unit_divisor=1024) as bar:
+            for item, size in zip(items, sizes):
+                bar.set_postfix_str(str(getattr(item, "name", item))[-40:], refresh=False)
+                yield item
+                bar.update(size)
+                log.debug("%s: %s done", desc, getattr(item, "name", item))

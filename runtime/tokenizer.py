@@ -306,8 +306,8 @@ def _unique(ids: Iterable[int]) -> List[int]:
     return out
 
 
-def _load_sentencepiece(bundle_dir: str, spec: ModelSpec, config: Mapping[str, Any]) -> Tokenizer:
-    path = os.path.join(bundle_dir, TOKENIZER_MODEL_FILE)
+def sentencepiece_processor(path: str):
+    """The sentencepiece model at ``path``, loaded; TokenizerError naming the file when missing or not one."""
     _require_file(path)
     spm = _import("sentencepiece", path)
     sp = spm.SentencePieceProcessor()
@@ -315,6 +315,11 @@ def _load_sentencepiece(bundle_dir: str, spec: ModelSpec, config: Mapping[str, A
         sp.Load(path)
     except (RuntimeError, OSError, ValueError) as e:
         raise TokenizerError(f"{path}: not a sentencepiece model ({first_line(e)})") from None
+    return sp
+
+
+def _load_sentencepiece(bundle_dir: str, spec: ModelSpec, config: Mapping[str, Any]) -> Tokenizer:
+    sp = sentencepiece_processor(os.path.join(bundle_dir, TOKENIZER_MODEL_FILE))
     with_roles = spec.chat_format == CHAT_CHATGLM3 or "<|user|>" in spec.special_tokens
     names = SP_BASE_SPECIALS + (SP_ROLE_SPECIALS if with_roles else ())
     return SentencePieceTokenizer(sp, names, extra_eos=spec.eos_token_ids)

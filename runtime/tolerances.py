@@ -23,6 +23,13 @@ TOLERANCES: Dict[str, Dict[str, Tuple[float, float]]] = {
     "onnx_vs_numpy_reference": {"fp32": (1e-4, 0.0)},
     # one row of a left-padded batch (the server's joined rows) vs the same sequence run alone, same graph
     "batch_vs_solo": {"fp32": (1e-4, 1e-5)},
+    # a quantized bundle written straight from a checkpoint (exporter.stream_export) vs the layer-streaming float
+    # reference: quantization noise, relative to the logits' scale. Loose enough for the tiny random test models,
+    # tight enough to catch a wrong or corrupted layer (tests/exporter/test_stream_export.py)
+    "stream_quantized_vs_float": {"int8": (0.0, 0.3), "int8-dynamic": (0.0, 0.3), "int4": (0.0, 0.4)},
+    # each quantized linear layer of such a bundle, dequantized, vs the checkpoint's weight: relative RMS error
+    # (uniform rounding: about 0.5 / 127 x amax/rms per channel for int8, 0.5 / 15 x range/rms per block for int4)
+    "stream_weight_rel_rms": {"int8": (0.02, 0.0), "int8-dynamic": (0.02, 0.0), "int4": (0.15, 0.0)},
 }
 
 

@@ -52,12 +52,17 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
               help="Write the bundle even when its measured accuracy breaks the bounds of runtime/tolerances.py "
                    "(the manifest records it); without it such a bundle is an error and nothing is written.")
 @overwrite_option
+@click.option("--dry-run", is_flag=True, help="Print the memory plan (estimated peak RSS, disk) and stop.")
+@click.option("--memory-available", default=None,
+              help="Memory to plan against (e.g. 12G) instead of the detected MemAvailable / cgroup limit.")
+@click.option("--in-memory", is_flag=True, hidden=True,
+              help="Convert the whole graph in memory (the earlier flow), kept for comparison benchmarks.")
 @json_option()
 @quiet_option
 def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samples, calib_seq_len, calib_seed,
              method, percentile, keep_float, ranges_file, calib_batch, decode_steps, block_size,
              int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads,
-             accept_accuracy_loss, overwrite, as_json, quiet):
+             accept_accuracy_loss, overwrite, dry_run, memory_available, in_memory, as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
     from exporter.staging import check_destination, input_pairs, staged_directory
@@ -70,13 +75,27 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         decode_steps=decode_steps, block_size=block_size, int4_symmetric=int4_symmetric,
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
         eval_samples=eval_samples, threads=threads, accept_accuracy_loss=accept_accuracy_loss,
+        streaming=not in_memory,
     )
     inputs = input_pairs(model=model_dir, calib_data=calib_data, ranges=ranges_file, eval_data=eval_data)
     check_destination(out_dir, overwrite, inputs=inputs)  # before any work
     source = check_quantize(model_dir, opts)  # before anything is created at --out
+    if not in_memory:
+        from exporter.memory_plan import check_plan, parse_bytes, plan_export
+
+        plan = plan_export(source.spec, precision, verify=evaluate, embedding_fp16=embedding == "fp16",
+                           block_size=block_size, calibrate=precision == "int8" and not ranges_file,
+                           from_bundle=True)
+        if dry_run:
+            click.echo(json.dumps(plan.to_dict()) if as_json else plan.summary())
+            return
+        check_plan(plan, out_dir, parse_bytes(memory_available, "--memory-available") if memory_available else None)
     with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
+        from exporter.stream_calibrate import bundle_calibrator_for
+
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
-                                 source=source)
+                                 source=source, calibrator=None if in_memory else bundle_calibrator_for(source.spec),
+                                 plan=None if in_memory else plan.summary())
     result.bundle_dir = out_dir
     if as_json:
         click.echo(json.dumps({

@@ -41,6 +41,15 @@ SHAPES = {
         hidden_size=1024, num_layers=12, num_heads=16, num_kv_heads=2, head_dim=64, ffn_hidden_size=3424,
         vocab_size=65024, max_position_embeddings=8192,
     ),
+    # larger ChatGLM3-shaped models for the streaming export's memory fits (bench/stream_memory.py): 0.66 B, 1.08 B
+    "0.6b": TinyShape(
+        hidden_size=1536, num_layers=16, num_heads=24, num_kv_heads=2, head_dim=64, ffn_hidden_size=5120,
+        vocab_size=65024, max_position_embeddings=8192,
+    ),
+    "1b": TinyShape(
+        hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=2, head_dim=64, ffn_hidden_size=6848,
+        vocab_size=65024, max_position_embeddings=8192,
+    ),
 }
 
 # tokenizer kind and chat format per generation and layout
@@ -79,9 +88,10 @@ def tiny_config(generation: str, layout: str, shape: TinyShape, vocab_size: int,
     return cfg
 
 
-def random_canonical_weights(spec, seed: int):
+def random_canonical_weights(spec, seed: int, dtype=None):
     """Seeded random tensors for every canonical parameter. Norm weights and biases are randomised too, so a
-    dropped bias or a misplaced norm changes the logits."""
+    dropped bias or a misplaced norm changes the logits. ``dtype`` converts each tensor as it is made (a 1 B model
+    is then never held in fp32)."""
     import torch
 
     from exporter.weights import canonical_shapes
@@ -99,7 +109,7 @@ def random_canonical_weights(spec, seed: int):
             t = torch.randn(shape, generator=gen)
         else:
             t = torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-        out[name] = t.contiguous()
+        out[name] = t.contiguous() if dtype is None else t.to(dtype).contiguous()
     return out
 
 
@@ -200,11 +210,11 @@ def write_tiny_checkpoint(
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2, ensure_ascii=False)
     spec, info = spec_from_checkpoint(out_dir)
-    canonical = random_canonical_weights(spec, seed)
+    torch_dtype = getattr(torch, dtype)
+    canonical = random_canonical_weights(spec, seed, torch_dtype)
     tensors = to_layout(spec, canonical, info.layout)
+    del canonical
     if spec.tie_word_embeddings and "lm_head.weight" in skipped_keys(info.layout, spec):
         tensors["lm_head.weight"] = tensors["transformer.word_embeddings.weight"].clone()  # as a tied save holds it
-    torch_dtype = getattr(torch, dtype)
-    tensors = {k: v.to(torch_dtype) for k, v in tensors.items()}
     save_weights(out_dir, tensors, weight_format)
     return out_dir

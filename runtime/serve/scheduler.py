@@ -264,13 +264,15 @@ class Scheduler:
         self._rows.append(row)
 
     def _drop_cancelled(self) -> None:
-        gone = [j for j, r in enumerate(self._rows) if r.req.cancelled]
+        # one reading of the flags: a client may cancel (on the event loop's thread) while this runs, and a row read
+        # twice could leave the batch without its cancelled event or count; it is dropped at the next step instead
+        gone = {j for j, r in enumerate(self._rows) if r.req.cancelled}
         if not gone:
             return
-        for j in gone:
+        for j in sorted(gone):
             self._rows[j].req.sink(StreamEvent(None, "", FINISH_CANCELLED))
             self.metrics.finished(FINISH_CANCELLED)
-        self._keep([j for j, r in enumerate(self._rows) if not r.req.cancelled])
+        self._keep([j for j in range(len(self._rows)) if j not in gone])
 
     def _step(self) -> None:
         """One token for every row of the batch."""

@@ -149,6 +149,21 @@ def test_existing_bundle_needs_overwrite(tmp_path, ckpt):
 
 def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, monkeypatch):
     """A graph that disagrees with PyTorch fails the export (exit 2) and lists every output's max difference."""
+    import calibration.stream_write as sw
+
+    real = sw.read_only_once  # the streaming export's write path (the reference reads the checkpoint itself)
+
+    def corrupt(read):  # the written graph now differs from the reference run
+        return real(lambda name, dtype: read(name, dtype) * (1.5 if name == "final_norm.weight" else 1))
+
+    monkeypatch.setattr(sw, "read_only_once", corrupt)
+    result, out = _export(tmp_path, ckpt)
+    _assert_clean_failure(result, out, "differs from PyTorch", "logits.prefill", "logits.decode3", "present")
+
+
+def test_in_memory_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, monkeypatch):
+    """The whole-model flow (--in-memory; also every checkpoint form the streaming export routes there) fails the
+    same way when its traced graph disagrees with the PyTorch reference run."""
     import exporter.onnx_export as oe
 
     real = oe.trace_to_onnx
@@ -159,7 +174,7 @@ def test_verification_failure_is_an_error_listing_each_output(tmp_path, ckpt, mo
         real(model, out_dir, opset, **kwargs)
 
     monkeypatch.setattr(oe, "trace_to_onnx", corrupt)
-    result, out = _export(tmp_path, ckpt)
+    result, out = _export(tmp_path, ckpt, "--in-memory")
     _assert_clean_failure(result, out, "differs from PyTorch", "logits.prefill", "logits.decode3", "present")
 
 

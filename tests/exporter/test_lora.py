@@ -173,3 +173,10 @@ def test_several_adapters_merge_in_order_like_peft(adapter, tmp_path):
     assert np.abs(got - want)[mask > 0].max() <= allowed_diff("onnx_vs_transformers", "fp32")
     record = json.loads((out / "manifest.json").read_text())["source"]["lora"]
     assert [r["r"] for r in record] == [4, 2] and record[1]["modules_merged"] == 2 * 2
+
+
+def test_direct_quantized_export_with_an_adapter_is_refused(adapter, tmp_path):
+    """The streaming export does not merge adapters: --lora with --precision int8-dynamic names the two steps."""
+    hf, path, _ = adapter
+    result, out = _export(tmp_path, hf, "--lora", path, "--precision", "int8-dynamic")
+    _assert_refused(result, out, "LoRA adapters", "--precision fp32", "glm-export quantize --precision int8-dynamic")

@@ -183,3 +183,41 @@ def test_scheduler_refuses_the_fused_graph(tiny_models):
             Scheduler(fused)
         with pytest.raises(BackendError, match="graph='portable'"):
             fused.backend.cache_from_numpy(fused.backend.cache_to_numpy(fused.backend.empty_cache(1, 4)), 0)
+
+
+class _CancelledOnSecondLook(ServeRequest):
+    """A client that goes away exactly while the scheduler scans the batch: once armed, the first reading of
+    ``cancelled`` says False and every later one True (the event loop's thread cancelling mid-scan)."""
+
+    armed = False
+    looks = 0
+
+    @property
+    def cancelled(self) -> bool:
+        if not self.armed:
+            return False
+        self.looks += 1
+        return self.looks > 1
+
+
+def test_a_cancel_during_the_drop_scan_still_ends_the_request(model):
+    """Row 0 was cancelled before the scan; row 1 is cancelled during it. Row 1 is either kept (and dropped at the
+    next step) or dropped with its cancelled event and count: never removed silently, which leaves its client
+    waiting for ever and the count short."""
+    sched = Scheduler(model, max_batch=2)  # not started: the test drives its steps
+    cfg = GenerationConfig(max_new_tokens=50, eos_token_ids=())
+    first, second = [], []
+    gone = ServeRequest(model.encode("green tea"), cfg, first.append)
+    late = _CancelledOnSecondLook(model.encode("cup of tea"), cfg, second.append)
+    sched._admit(gone)
+    sched._admit(late)
+    assert len(sched._rows) == 2
+    gone.cancel()
+    late.armed = True
+    sched._drop_cancelled()
+    assert first[-1].finish_reason == "cancelled"
+    if sched._rows:  # kept for the next step
+        assert [r.req for r in sched._rows] == [late] and second[-1].finish_reason is None
+        sched._drop_cancelled()
+    assert sched._rows == [] and second[-1].finish_reason == "cancelled"
+    assert sched.metrics.finish_reasons["cancelled"] == 2

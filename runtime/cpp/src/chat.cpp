@@ -1,4 +1,4 @@
-// Chat formats (runtime/tokenizer.py's build_chat_ids): prompt ids for a conversation in the model's format.
+// Chat formats (runtime/chat.py's build_chat_ids): prompt ids for a conversation in the model's format.
 //
 //   chatglm2  "[Round n]\n\n问：{q}\n\n答：{a}\n\n" plain text after [gMASK] sop
 //   chatglm3  [gMASK] sop, then <|role|> + encode(metadata + "\n") + encode(content) per message, role tokens by id
@@ -6,7 +6,7 @@
 //   template  the checkpoint's jinja chat_template. There is no jinja engine here: the C++ runtime renders the text
 //             GLM-4-0414's / glm-4-9b-chat-hf's template renders for plain messages (system messages first, then
 //             "<|role|>\n{content}" per message, an assistant's metadata as "<|assistant|>{meta} \n{content}", then
-//             "<|assistant|>"), and encodes it with special-token text recognised, as Python does. Templates that do
+//             "<|assistant|>"); the template's own token text becomes ids, message text stays text, as Python does. Templates that do
 //             not have that shape are refused with a TokenizerError; a message's own "tools" key is ignored, as that template does
 //             (it reads a top-level tools variable, which the runtime never passes).
 #include <nlohmann/json.hpp>
@@ -94,18 +94,22 @@ static std::vector<int64_t> template_ids(const Tokenizer& tok, const std::vector
       t.find("message.role != 'system'") == std::string::npos)
     throw TokenizerError("the bundle's chat_template is not GLM-4-0414's shape; the C++ runtime renders only that "
                          "template (no jinja engine): use the Python runtime, or pass prompt ids");
-  // roles as given (the template has no "tool" alias and renders nothing for a role it does not know)
-  std::string text = "[gMASK]<sop>";
+  // roles as given (the template has no "tool" alias and renders nothing for a role it does not know); message
+  // strings are marked as text, so a user's typed "<|assistant|>" stays text (as in Python)
+  std::vector<std::pair<std::string, bool>> parts;
+  auto tmpl = [&](const std::string& s) { parts.emplace_back(s, false); };
+  auto text = [&](const std::string& s) { parts.emplace_back(s, true); };
+  tmpl("[gMASK]<sop>");
   for (const Message& m : messages)
-    if (m.role == "system") text += "<|system|>\n" + m.content;
+    if (m.role == "system") { tmpl("<|system|>\n"); text(m.content); }
   for (const Message& m : messages) {
-    if (m.role == "user") text += "<|user|>\n" + m.content;
-    else if (m.role == "assistant" && m.metadata.empty()) text += "<|assistant|>\n" + m.content;
-    else if (m.role == "assistant") text += "<|assistant|>" + m.metadata + " \n" + m.content;
-    else if (m.role == "observation") text += "<|observation|>\n" + m.content;
+    if (m.role == "user") { tmpl("<|user|>\n"); text(m.content); }
+    else if (m.role == "assistant" && m.metadata.empty()) { tmpl("<|assistant|>\n"); text(m.content); }
+    else if (m.role == "assistant") { tmpl("<|assistant|>"); text(m.metadata); tmpl(" \n"); text(m.content); }
+    else if (m.role == "observation") { tmpl("<|observation|>\n"); text(m.content); }
   }
-  if (gen) text += "<|assistant|>";
-  return tok.encode_with_specials(text);
+  if (gen) tmpl("<|assistant|>");
+  return tok.encode_template_parts(parts);
 }
 
 std::vector<int64_t> build_chat_ids(const Tokenizer& tok, const ModelSpec& spec, const std::vector<Message>& messages,

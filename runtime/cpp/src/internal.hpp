@@ -93,8 +93,16 @@ class Tokenizer {
   virtual std::vector<int64_t> encode_plain(const std::string& text) const = 0;
   virtual std::string decode_plain(const std::vector<int64_t>& ids) const = 0;
 
+  // Rendered chat-template text as (text, is_message_text) parts: token text in the template's own parts becomes
+  // its id; message text stays text, encoded with the template text around it in runs that end only at those ids
+  // (runtime/chat_template.py's encode_rendered: chat text is data).
+  std::vector<int64_t> encode_template_parts(const std::vector<std::pair<std::string, bool>>& parts) const;
+
  protected:
   void set_specials(const std::map<std::string, int64_t>& specials);
+  // token text a chat template may insert as one id (longest first), and its id: the special tokens by default
+  virtual const std::vector<std::string>& template_tokens() const { return specials_longest_first_; }
+  virtual int64_t template_token_id(const std::string& text) const { return special_ids.at(text); }
   std::vector<std::string> specials_longest_first_;
 };
 

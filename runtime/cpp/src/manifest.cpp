@@ -187,8 +187,10 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_checksums) {
                             "; the bundle is corrupt");
       }
       if (verify_checksums && rec.is_object() && rec.contains("sha256") && rec["sha256"].is_string()) {
-        if (sha256_file(p) != rec["sha256"].get<std::string>())
-          throw BundleError(p + ": checksum differs from the manifest; the bundle is corrupt");
+        const std::string got = sha256_file(p), want_sha = rec["sha256"].get<std::string>();
+        if (got != want_sha)  // spelled as runtime/integrity.py spells it
+          throw BundleError(p + ": checksum mismatch: sha256 " + got + ", the manifest records " + want_sha +
+                            "; the bundle is corrupt (re-export it; --no-verify-files loads it anyway)");
       }
     }
   }

@@ -74,6 +74,33 @@ static std::vector<std::pair<std::string, bool>> split_on(const std::string& tex
   return parts;
 }
 
+std::vector<int64_t> Tokenizer::encode_template_parts(const std::vector<std::pair<std::string, bool>>& parts) const {
+  std::vector<int64_t> ids;
+  std::string run;
+  auto flush = [&]() {
+    if (run.empty()) return;
+    auto more = encode(run);
+    ids.insert(ids.end(), more.begin(), more.end());
+    run.clear();
+  };
+  for (const auto& part : parts) {
+    if (part.second) {  // message text: never special
+      run += part.first;
+      continue;
+    }
+    for (const auto& piece : split_on(part.first, template_tokens())) {
+      if (piece.second) {
+        flush();
+        ids.push_back(template_token_id(piece.first));
+      } else {
+        run += piece.first;
+      }
+    }
+  }
+  flush();
+  return ids;
+}
+
 std::vector<int64_t> Tokenizer::encode_with_specials(const std::string& text) const {
   std::vector<int64_t> ids;
   if (text.empty()) return ids;
@@ -461,6 +488,9 @@ class JsonTokenizer : public Tokenizer {
     if (text.empty()) return {};
     return encode_parts(text, all_added_);
   }
+  // every added token, special or not: the tokenizers library splits them all out of template text
+  const std::vector<std::string>& template_tokens() const override { return all_added_; }
+  int64_t template_token_id(const std::string& text) const override { return vocab_.at(text); }
   std::string decode_plain(const std::vector<int64_t>& ids) const override {
     std::string bytes;
     const auto& t = byte_level();
