@@ -52,7 +52,7 @@ from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
-from calibration.fused import FUSED_PRECISIONS, convert_fused, has_fused
+from calibration.fused import convert_fused, keeps_fused, rewire_fused
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -293,7 +293,7 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = save_graph(proto, out_dir)
-    if has_fused(src.manifest) and opts.precision in FUSED_PRECISIONS:
+    if keeps_fused(src.manifest, opts.precision):
         del proto
         ranges = read_ranges(os.path.join(out_dir, RANGES_FILE), method=opts.method) if opts.precision == "int8" \
             else None
@@ -340,15 +340,21 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
     record.update(form_record(opts.precision, opts.block_size, opts.int4_symmetric))
     converter = make_converter(choice, chosen)
     proto = load_graph(src.model, with_weights=False)
+    replaced: Dict[str, Any] = {}
     progress.stage(f"writing {opts.precision} weights tensor by tensor")
     record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
                           for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
-                                                     progress).items()}
+                                                     progress, replaced=replaced).items()}
     if opts.precision != "fp16":
         record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(out_dir, DATA_FILE)) else [])
+    del proto
+    if keeps_fused(src.manifest, opts.precision):
+        progress.stage("rewiring the fused onnxruntime graph onto the quantized tensors")
+        record["fused_graph"] = rewire_fused(src.dir, src.manifest, set(reader.inits), out_dir, replaced,
+                                             opts.precision)
     return record
 
 

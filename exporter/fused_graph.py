@@ -42,7 +42,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from runtime import graph_contract as gc
-from runtime.manifest import DATA_FILE, FUSED_MODEL_FILE
+from runtime.manifest import DATA_FILE, FUSED_MODEL_FILE, MODEL_FILE
 from runtime.spec import ModelSpec
 
 MS_DOMAIN = "com.microsoft"
@@ -233,6 +233,28 @@ def write_fused_graph(bundle_dir: str, spec: ModelSpec, portable_file: str = "mo
     path = os.path.join(bundle_dir, out_file)
     onnx.save_model(model, path)
     return path
+
+
+def write_fused_streamed(bundle_dir: str, spec: ModelSpec, float_headers, replaced, precision: str) -> Dict:
+    """``bundle_dir/model.fused.onnx`` over the portable graph ``calibration.stream_write.write_streamed`` has just
+    written (any precision PRECISION_TABLE gives a fused graph): the float fused graph built over the portable
+    graph's float initializer headers ``float_headers`` (no data), then rewired onto the written tensors, quantized
+    layers included (``calibration.fused.rewire_onto_portable``; ``replaced`` as write_streamed filled it). Nothing
+    is quantized again and no weight is read. Returns the manifest's ``graphs["fused"]`` entry."""
+    import onnx
+
+    from calibration.fused import rewire_onto_portable
+    from calibration.graph_io import contrib_ops
+
+    written = onnx.load(os.path.join(bundle_dir, MODEL_FILE), load_external_data=False)
+    weights = {h.name: h for h in float_headers}
+    model = rewire_onto_portable(fused_graph(spec, weights), set(weights), written, replaced, precision)
+    del written
+    onnx.save_model(model, os.path.join(bundle_dir, FUSED_MODEL_FILE))
+    record = fused_graph_record()
+    if replaced:
+        record.update(contrib_ops=contrib_ops(model), weights="shared with the portable graph (its quantized tensors)")
+    return record
 
 
 def node_count(path: str, optimized: bool = True, threads: Optional[int] = 1) -> int:

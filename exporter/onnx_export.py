@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from calibration.genai_files import write_genai_files
 from calibration.stream_write import inline_if_small
@@ -214,7 +214,7 @@ def export_bundle(
         check_layers_held(ckpt_dir, forms.spec, find_weight_files(ckpt_dir))
         return export_streamed(ckpt_dir, out_dir, precision, verify=verify, overwrite=overwrite,
                                rope_scaling=rope_scaling, opset=opset, progress=progress, options=stream_options,
-                               forms=forms, inputs=inputs)
+                               forms=forms, inputs=inputs, fused=fused)
     if streaming:
         log.info("exporting in memory (the whole model loaded): the streaming export does not handle %s yet", blocker)
     kv_dtype = _kv_dtype_of(precision)
@@ -227,13 +227,7 @@ def export_bundle(
         reference, plan = _trace_model(forms, tmp, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
         inline_if_small(tmp)
-        copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
-        if spec.tokenizer_kind == TOKENIZER_TIKTOKEN and "tokenizer.json" not in copied:
-            # GLM-4's tiktoken ranks as a tokenizer.json too, for tools that read only that (onnxruntime-genai)
-            write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
-            copied.append("tokenizer.json")
-        # config.json that optimum loads (the checkpoint's is kept as checkpoint_config.json), generation_config.json
-        copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
+        copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
         refusal = fused_graph_refusal(spec, forms.precision, forms.rewrite is not None) if fused else None
         fused = fused and refusal is None
         genai_files = []
@@ -275,6 +269,19 @@ def export_bundle(
         max_diffs=diffs,
         seconds=time.perf_counter() - start,
     )
+
+
+def copy_interop_side_files(ckpt_dir: str, tmp: str, spec, tokenizer_files) -> List[str]:
+    """The checkpoint's config and tokenizer files, plus what other tools need to load the bundle: a
+    ``tokenizer.json`` for GLM-4's tiktoken ranks (onnxruntime-genai reads only that) and the config.json /
+    generation_config.json optimum loads (the checkpoint's config kept as checkpoint_config.json). Returns the
+    file names written (both export flows call it)."""
+    copied = copy_side_files(ckpt_dir, tmp, tokenizer_files)
+    if spec.tokenizer_kind == TOKENIZER_TIKTOKEN and "tokenizer.json" not in copied:
+        write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
+        copied.append("tokenizer.json")
+    copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
+    return copied
 
 
 def _kv_dtype_of(precision: str) -> str:

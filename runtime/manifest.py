@@ -44,6 +44,10 @@ class PrecisionFacts:
     builder_flags: Tuple[str, ...]  # trt.BuilderFlag names a weakly typed build needs ("FP16", "INT8")
     runs_on: Tuple[str, ...]  # where a bundle of this precision runs (recorded in quantized manifests)
     needs_calibration: bool  # quantizing to it needs activation ranges from calibration text (or --ranges)
+    # the bundle can carry the fused onnxruntime graph (GRAPH_FUSED) at this precision: the one precision rule,
+    # read by exporter/graph_choice.py (exports) and calibration/fused.py (quantize keeps a source's fused graph).
+    # fp16: no, onnxruntime's x86 CPU kernels upcast fp16 MatMuls and the fp16 target (GPU, Jetson) is TensorRT
+    fused_graph: bool = False
 
     @property
     def takes_fp16_option(self) -> bool:
@@ -53,11 +57,13 @@ class PrecisionFacts:
 
 _BOTH = ("onnxruntime", "tensorrt")
 PRECISION_TABLE: Dict[str, PrecisionFacts] = {
-    "fp32": PrecisionFacts("float32", True, True, False, (), _BOTH, False),
-    "fp16": PrecisionFacts("float16", True, True, True, ("FP16",), _BOTH, False),
-    "int8": PrecisionFacts("float32", True, True, True, ("INT8",), _BOTH, True),  # static Q/DQ
-    "int8-dynamic": PrecisionFacts("float32", False, False, False, (), ("onnxruntime",), False),  # MatMulInteger
-    "int4": PrecisionFacts("float32", True, False, True, ("FP16",), ("onnxruntime",), False),  # MatMulNBits
+    "fp32": PrecisionFacts("float32", True, True, False, (), _BOTH, False, fused_graph=True),
+    "fp16": PrecisionFacts("float16", True, True, True, ("FP16",), _BOTH, False, fused_graph=False),
+    "int8": PrecisionFacts("float32", True, True, True, ("INT8",), _BOTH, True, fused_graph=True),  # static Q/DQ
+    "int8-dynamic": PrecisionFacts("float32", False, False, False, (), ("onnxruntime",), False,
+                                   fused_graph=True),  # MatMulInteger
+    "int4": PrecisionFacts("float32", True, False, True, ("FP16",), ("onnxruntime",), False,
+                           fused_graph=True),  # MatMulNBits
 }
 PRECISIONS = tuple(PRECISION_TABLE)  # fp32, fp16, int8, int8-dynamic, int4
 KV_DTYPE_OF_PRECISION = {name: facts.kv_dtype for name, facts in PRECISION_TABLE.items()}
