@@ -109,8 +109,8 @@ def rewire_onto_portable(fused, portable_names, written, replaced, precision: st
     own = [i for i in fused.graph.initializer if i.name not in portable_names]
     del fused.graph.initializer[:]
     fused.graph.initializer.extend(own)
-    have = {i.name for i in own}
-    for name in sorted(t for t in readers if t not in have and t not in made_outputs(nodes, fused)):
+    have = {i.name for i in own} | computed_names(nodes, fused)
+    for name in sorted(t for t in readers if t not in have):
         if name not in headers:
             raise QuantizationError(f"the fused graph reads {name!r}, which the {precision} portable graph does not "
                                     "hold")
@@ -124,7 +124,7 @@ def rewire_onto_portable(fused, portable_names, written, replaced, precision: st
     return fused
 
 
-def made_outputs(nodes, proto) -> set:
+def computed_names(nodes, proto) -> set:
     """Tensor names the graph computes or takes as inputs (everything a node may read that is no initializer)."""
     names = {o for n in nodes for o in n.output if o}
     names.update(v.name for v in proto.graph.input)

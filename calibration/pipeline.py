@@ -480,8 +480,9 @@ def evaluate(model_dir: str, reference_dir: str, sequences: Sequence[Sequence[in
 
 def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int = 128, max_samples: int = 0,
                      seed: int = 0, fmt: str = "auto", threads: Optional[int] = None,
-                     progress=None) -> acc.AccuracyReport:
-    """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them)."""
+                     progress=None, graph: str = GRAPH_PORTABLE) -> acc.AccuracyReport:
+    """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them); ``graph``: which
+    of ``model_dir``'s graphs is measured (the reference runs its portable graph)."""
     from runtime.tokenizer import load_tokenizer
 
     check_threads(threads, "--threads", QuantizationError)
@@ -489,7 +490,7 @@ def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int
     ref_manifest = read_manifest(reference_dir)
     tokenizer = load_tokenizer(reference_dir, ref_manifest.spec)
     sequences = load_eval_sequences(data, tokenizer, ref_manifest.spec, seq_len, max_samples, seed, fmt)
-    return _evaluate(model_dir, manifest, reference_dir, ref_manifest, sequences, threads, progress)
+    return _evaluate(model_dir, manifest, reference_dir, ref_manifest, sequences, threads, progress, graph=graph)
 
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize_bundle", "evaluate", "evaluate_bundles", "METHODS",

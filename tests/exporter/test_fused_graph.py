@@ -33,7 +33,14 @@ def _backend(bundle):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lengths", [(9,), (9, 5)], ids=["batch1", "batch2-leftpad"])
 def test_fused_prefill_and_cached_decode_match_transformers(tiny_models, case, lengths):
-    ckpt, bundle = tiny_models.case(case)
+    ckpt, bundle = tiny_models.case(case)  # the default export: streamed (exporter.stream_export)
+    assert "streamed_export" in read_manifest(bundle).extra
+    _check_against_transformers(ckpt, bundle, lengths)
+
+
+def _check_against_transformers(ckpt, bundle, lengths):
+    """The bundle's fused graph through the shared-buffer cache: prefill and 4 cached decode steps against
+    transformers within the fp32 tolerance, the buffer appended in place."""
     spec, be = _backend(bundle)
     ref = _reference(ckpt, spec)
     ids, mask = left_padded_batch(spec.vocab_size, lengths, seed=1)
@@ -53,6 +60,48 @@ def test_fused_prefill_and_cached_decode_match_transformers(tiny_models, case, l
         diff = np.abs(got_step - want_step).max()
         assert diff <= TOL, f"decode step {step + 1}: max diff {diff}"
     assert cache.tensors[0] is buffer and cache.length == ids.shape[1]  # appended in place, never reallocated
+
+
+@pytest.mark.parametrize("generation", ["chatglm3", "glm4"])
+def test_default_cli_export_writes_a_fused_graph_matching_transformers(tiny_models, tmp_path, generation):
+    """``glm-export onnx --model CKPT --out B`` with no other option: the streamed export, and its bundle carries
+    the fused graph, verified at export and recorded, which matches transformers batch 1 and batch 2 left-padded."""
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    ckpt = tiny_models.checkpoint("cli-" + generation, generation, "thudm")
+    out = str(tmp_path / "bundle")
+    res = CliRunner().invoke(main, ["onnx", "--model", ckpt, "--out", out, "--quiet"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    manifest = read_manifest(out)
+    assert "streamed_export" in manifest.extra  # the default path is the streaming one
+    assert manifest.extra["graphs_decided"] == {"fused": "written"}
+    assert manifest.graphs[GRAPH_FUSED]["file"] == FUSED_MODEL_FILE and FUSED_MODEL_FILE in manifest.files
+    diffs = manifest.verification["max_abs_diff"]
+    assert {f"fused.logits.{s}" for s in ("prefill", "decode1", "decode2", "decode3")} <= set(diffs)
+    assert max(diffs.values()) <= manifest.verification["allowed_max_abs_diff"]
+    for lengths in ((9,), (9, 5)):
+        _check_against_transformers(ckpt, out, lengths)
+    with GlmModel.load(out, threads=1) as model:
+        assert isinstance(model.backend, FusedOnnxRuntimeBackend)  # and the runtime picks it
+
+
+def test_streamed_fused_graph_is_the_in_memory_one(tiny_models):
+    """The streamed export's fused graph (built over the streamed portable graph's tensors) equals the whole-model
+    export's node for node and tensor for tensor (fp32 weights are bit for bit the same on both paths)."""
+    import onnx
+    from onnx import numpy_helper
+
+    ckpt, streamed = tiny_models.case("glm4_0414-hf")
+    in_memory = tiny_models.bundle("glm4_0414-hf-in-memory", ckpt, streaming=False)
+    a, b = (onnx.load(os.path.join(d, FUSED_MODEL_FILE)) for d in (streamed, in_memory))
+    assert [n.SerializeToString() for n in a.graph.node] == [n.SerializeToString() for n in b.graph.node]
+    wa = {i.name: numpy_helper.to_array(i) for i in a.graph.initializer}
+    wb = {i.name: numpy_helper.to_array(i) for i in b.graph.initializer}
+    assert sorted(wa) == sorted(wb)
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert read_manifest(streamed).graphs[GRAPH_FUSED] == read_manifest(in_memory).graphs[GRAPH_FUSED]
 
 
 @pytest.mark.parametrize("case", ["chatglm3-thudm-hd32", "glm4_0414-hf", "glm4-thudm", "chatglm2_32k-thudm-interp"])

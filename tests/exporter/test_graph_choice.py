@@ -30,6 +30,16 @@ def test_glm4_0414_sandwich_norms_fit_the_fused_graph(tmp_path):
     assert fused_graph_refusal(_spec(tmp_path, PUBLISHED_HF_CONFIGS["glm4-0414"]), "fp32", False) is None
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int8-dynamic", "int4"])
+def test_quantized_precisions_take_the_fused_graph(tmp_path, precision):
+    """The streamed export's direct precisions (and quantize of a bundle with a fused graph) carry it; the rule
+    is runtime.manifest.PRECISION_TABLE's, which calibration/fused.py reads too."""
+    from runtime.manifest import PRECISION_TABLE
+
+    assert fused_graph_refusal(_spec(tmp_path, PUBLISHED_CONFIGS["chatglm3"]), precision, False) is None
+    assert PRECISION_TABLE[precision].fused_graph and not PRECISION_TABLE["fp16"].fused_graph
+
+
 @pytest.mark.parametrize("change,precision,kept,reason", [
     ({}, "fp16", False, "precision fp16"),
     ({}, "fp32", True, "kept THUDM checkpoint quantization"),
