@@ -46,6 +46,7 @@ OURS = {
     "int4 sym": (["--precision", "int4", "--int4-symmetric"], "int4"),
 }
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}
+MID_VOCAB = 65040
 
 
 def _cli(*args):
@@ -81,7 +82,14 @@ def _genai_model(work: str, ckpt: str, precision: str, max_length: int, threads:
 def prepare(work: str, names, calib: str):
     ckpt, fp32 = os.path.join(work, "mid-glm"), os.path.join(work, "mid-glm-onnx")
     if not os.path.isdir(ckpt):
-        _cli("tiny", "--size", "mid", "--layout", "hf", "--generation", "glm4", "--out", ckpt)
+        from exporter.tiny.checkpoint import write_tiny_checkpoint
+
+        # the mid shape's vocabulary (65024) is ChatGLM2/3's published size, a signal that contradicts model_type
+        # glm (exporter/detect.py refuses the checkpoint): 16 rows more make it no published size
+        tmp = ckpt + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_tiny_checkpoint(tmp, generation="glm4", layout="hf", size="mid", vocab_size=MID_VOCAB)
+        os.rename(tmp, ckpt)
     if not os.path.isdir(fp32):
         _cli("onnx", "--model", ckpt, "--out", fp32, "--quiet")
     bundles = {}

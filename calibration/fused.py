@@ -1,12 +1,12 @@
 """The fused graph of a quantized bundle: the same linear layers quantized the same way as the portable graph.
 
 Where it stands: ``calibration.pipeline`` converts the source bundle's portable graph first; when the source also
-has a fused graph (``runtime.manifest.GRAPH_FUSED``) this module converts it with the same quantizer, the same
-chosen layers (matched by name: both graphs call the qkv weight of layer 3 ``layers.3.qkv.weight_t``) and, for
-static INT8, the same calibration ranges (an activation range belongs to a linear layer's input, so it is renamed
-from the portable graph's tensor to the fused graph's). The fused graph's weights are its own file pair
-(``model.fused.onnx`` + ``model.fused.onnx.data`` when large): quantized weights cannot be shared with the portable
-graph's, whose quantized form differs (Q/DQ for TensorRT).
+has a fused graph (``runtime.manifest.GRAPH_FUSED``) the whole-graph route (``QuantizeOptions(streaming=False)``,
+:func:`convert_fused`) converts it with the same quantizer, the same chosen layers (matched by name: both graphs
+call the qkv weight of layer 3 ``layers.3.qkv.weight_t``) and, for static INT8, the same calibration ranges (an
+activation range belongs to a linear layer's input, so it is renamed from the portable graph's tensor to the fused
+graph's). That route gives the fused graph its own weight files (``model.fused.onnx`` + ``model.fused.onnx.data``
+when large).
 
 The streamed routes (``glm-export onnx --precision int8|int8-dynamic|int4`` and the default, streaming
 ``glm-export quantize``) do not quantize anything twice: :func:`rewire_onto_portable` takes the float fused graph,
