@@ -63,3 +63,11 @@ cpp-asan: setup cpp-deps
 
 clean:
 	rm -rf out .pytest_cache
+
+# optimum pins transformers 4.57 (ours: 5.x), so its interop test runs in its own venv; not part of `make test`
+OPT_VENV ?= .venv-optimum
+.PHONY: test-optimum
+test-optimum: setup
+	test -x $(OPT_VENV)/bin/python || ($(PYTHON) -m venv $(OPT_VENV) && \
+	  $(OPT_VENV)/bin/pip install -q torch==2.13.0 'optimum-onnx[onnxruntime]')
+	GLM_EXPORT_OPTIMUM_PYTHON=$(abspath $(OPT_VENV))/bin/python $(PY) -m pytest -q tests/runtime/test_optimum_interop.py

@@ -134,15 +134,21 @@ def compare(backend, reference, spec, sequences: Sequence[Sequence[int]], score_
     return acc.report(time.perf_counter() - start)
 
 
-def open_backend(bundle_dir: str, threads: Optional[int] = None, manifest=None):
+def open_backend(bundle_dir: str, threads: Optional[int] = None, manifest=None, graph: str = "portable"):
     """(manifest, the runtime's onnxruntime backend) for a bundle (plain session.run: whole-sequence logits are
-    needed); ``manifest`` is read from the bundle unless given."""
+    needed); ``manifest`` is read from the bundle unless given. ``graph`` "fused": the bundle's fused graph, through
+    the fused backend's portable-contract ``run``."""
     import os
 
     from runtime.backends.onnxruntime import OnnxRuntimeBackend
-    from runtime.manifest import read_manifest
+    from runtime.manifest import GRAPH_FUSED, read_manifest
 
     manifest = manifest if manifest is not None else read_manifest(bundle_dir)
+    if graph == GRAPH_FUSED:
+        from runtime.backends.onnxruntime_fused import FusedOnnxRuntimeBackend
+
+        return manifest, FusedOnnxRuntimeBackend(os.path.join(bundle_dir, manifest.graph_file(GRAPH_FUSED)),
+                                                 manifest.spec, kv_dtype=manifest.kv_dtype, threads=threads)
     path = os.path.join(bundle_dir, manifest.model_file)
     return manifest, OnnxRuntimeBackend(path, manifest.spec, kv_dtype=manifest.kv_dtype, threads=threads,
                                         io_binding=False)

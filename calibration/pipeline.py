@@ -29,6 +29,8 @@ from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import BundleError
 from runtime.manifest import (
+    GRAPH_FUSED,
+    GRAPH_PORTABLE,
     KV_DTYPE_OF_PRECISION,
     PRECISION_TABLE,
     PRECISIONS,
@@ -50,6 +52,7 @@ from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
+from calibration.fused import convert_fused, keeps_fused, rewire_fused
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -290,6 +293,12 @@ def _convert(opts: QuantizeOptions, src: _Source, out_dir: str, split: DataSplit
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = save_graph(proto, out_dir)
+    if keeps_fused(src.manifest, opts.precision):
+        del proto
+        ranges = read_ranges(os.path.join(out_dir, RANGES_FILE), method=opts.method) if opts.precision == "int8" \
+            else None
+        progress.stage("quantizing the fused onnxruntime graph the same way")
+        record["fused_graph"] = convert_fused(opts, src.dir, src.manifest, out_dir, chosen, ranges)
     return record
 
 
@@ -331,15 +340,21 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
     record.update(form_record(opts.precision, opts.block_size, opts.int4_symmetric))
     converter = make_converter(choice, chosen)
     proto = load_graph(src.model, with_weights=False)
+    replaced: Dict[str, Any] = {}
     progress.stage(f"writing {opts.precision} weights tensor by tensor")
     record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
                           for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
-                                                     progress).items()}
+                                                     progress, replaced=replaced).items()}
     if opts.precision != "fp16":
         record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(out_dir, DATA_FILE)) else [])
+    del proto
+    if keeps_fused(src.manifest, opts.precision):
+        progress.stage("rewiring the fused onnxruntime graph onto the quantized tensors")
+        record["fused_graph"] = rewire_fused(src.dir, src.manifest, set(reader.inits), out_dir, replaced,
+                                             opts.precision)
     return record
 
 
@@ -366,6 +381,8 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
 
     record = _convert(opts, src, out_dir, split, progress, calibrator)
     graph_files = record.pop("files")
+    fused = record.pop("fused_graph", None)
+    graph_files += fused.pop("files") if fused else []
     copied = copy_side_files(src_dir, out_dir, manifest.tokenizer_files)
     extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []
     kv = KV_DTYPE_OF_PRECISION[opts.precision]
@@ -382,6 +399,7 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
         tokenizer_files=[f for f in copied if f != "config.json"],
         verification={},
         extra={"quantization": record},
+        graphs={GRAPH_FUSED: fused} if fused else {},
     )
 
     report = None
@@ -394,6 +412,12 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
                                      heldout="separate file" if opts.eval_data else "held out from calibration data",
                                      reference="fp32 source bundle",
                                      bounds=_enforce_bounds(opts, report))
+        if fused:
+            progress.stage("measuring the fused graph's accuracy on the same samples")
+            fused_report = _evaluate(out_dir, new, src_dir, manifest, split.heldout, opts.threads, progress,
+                                     prefix=len(tokenizer.prefix_ids()) if tokenizer is not None else None,
+                                     graph=GRAPH_FUSED)
+            new.extra["accuracy_fused"] = dict(fused_report.to_dict(), reference="fp32 source bundle")
     else:
         new.extra["accuracy"] = {"skipped": "--no-eval"}
     write_manifest(out_dir, new)  # once, complete: the evaluation ran from the manifest in memory
@@ -427,7 +451,7 @@ def _enforce_bounds(opts: QuantizeOptions, report: acc.AccuracyReport) -> Dict[s
 
 def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manifest: Manifest,
               sequences: Sequence[Sequence[int]], threads: Optional[int], progress,
-              prefix: Optional[int] = None) -> acc.AccuracyReport:
+              prefix: Optional[int] = None, graph: str = GRAPH_PORTABLE) -> acc.AccuracyReport:
     """``evaluate`` with both manifests read; ``prefix`` (the prompt prefix's length) from the model's tokenizer
     unless given."""
     if manifest.spec.to_dict() != ref_manifest.spec.to_dict():
@@ -436,7 +460,7 @@ def _evaluate(model_dir: str, manifest: Manifest, reference_dir: str, ref_manife
         from runtime.tokenizer import load_tokenizer
 
         prefix = len(load_tokenizer(model_dir, manifest.spec).prefix_ids())
-    backend = acc.open_backend(model_dir, threads, manifest=manifest)[1]
+    backend = acc.open_backend(model_dir, threads, manifest=manifest, graph=graph)[1]
     try:
         reference = acc.open_backend(reference_dir, threads, manifest=ref_manifest)[1]
         try:
@@ -456,8 +480,9 @@ def evaluate(model_dir: str, reference_dir: str, sequences: Sequence[Sequence[in
 
 def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int = 128, max_samples: int = 0,
                      seed: int = 0, fmt: str = "auto", threads: Optional[int] = None,
-                     progress=None) -> acc.AccuracyReport:
-    """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them)."""
+                     progress=None, graph: str = GRAPH_PORTABLE) -> acc.AccuracyReport:
+    """``glm-export eval``: every usable sample of ``data`` (or a seeded ``max_samples`` of them); ``graph``: which
+    of ``model_dir``'s graphs is measured (the reference runs its portable graph)."""
     from runtime.tokenizer import load_tokenizer
 
     check_threads(threads, "--threads", QuantizationError)
@@ -465,7 +490,7 @@ def evaluate_bundles(model_dir: str, reference_dir: str, data: str, seq_len: int
     ref_manifest = read_manifest(reference_dir)
     tokenizer = load_tokenizer(reference_dir, ref_manifest.spec)
     sequences = load_eval_sequences(data, tokenizer, ref_manifest.spec, seq_len, max_samples, seed, fmt)
-    return _evaluate(model_dir, manifest, reference_dir, ref_manifest, sequences, threads, progress)
+    return _evaluate(model_dir, manifest, reference_dir, ref_manifest, sequences, threads, progress, graph=graph)
 
 
 __all__ = ["QuantizeOptions", "QuantizeResult", "quantize_bundle", "evaluate", "evaluate_bundles", "METHODS",

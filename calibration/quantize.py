@@ -81,6 +81,7 @@ def static_int8(proto, linears: Sequence[Linear], ranges: CalibrationRanges):
         "MatMulConstBOnly": True,  # only MatMuls with a weight; QK^T and PV never
         "OpTypesToExcludeOutputQuantization": ["MatMul"],  # quantize inputs only; outputs stay float
         "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},  # one scale per output column of the (K, N) weight
+        "DefaultTensorType": 1,  # FLOAT: shape inference cannot type the fused graph's contrib-op outputs
     }
     with quiet_onnxruntime_quantization():
         quantizer = QDQQuantizer(proto, True, False, QuantType.QInt8, QuantType.QInt8, data,
@@ -127,7 +128,9 @@ def dynamic_int8(model_path: str, linears: Sequence[Linear], work_dir: str):
         with quiet_onnxruntime_quantization():
             quantize_dynamic(model_path, out, op_types_to_quantize=["MatMul"], per_channel=True,
                              weight_type=QuantType.QInt8, nodes_to_quantize=[lin.node for lin in linears],
-                             use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                             use_external_data_format=True,
+                             # DefaultTensorType: shape inference cannot type the fused graph's contrib-op outputs
+                             extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         return onnx.load(out, load_external_data=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -79,11 +79,14 @@ def tensor_bytes(init) -> int:
 
 
 def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray], converter,
-                   progress=None, desc: str = "writing weights") -> Dict[str, float]:
+                   progress=None, desc: str = "writing weights",
+                   replaced: Optional[Dict[str, Tuple[object, list]]] = None) -> Dict[str, float]:
     """Convert every placeholder initializer of ``proto`` and write the graph to ``out_dir``; see module doc.
 
     ``read(name, dtype)`` returns the float weight ``name`` (graph orientation); ``converter`` is a
-    ``calibration.stream_quant`` converter. Returns {"seconds", "bytes_in", "bytes_out"}.
+    ``calibration.stream_quant`` converter. ``replaced``, when given, is filled with node name -> (the original
+    node, the nodes that replaced it): what the fused graph (calibration.fused.rewire_onto_portable) needs to reuse
+    the quantized tensors written here. Returns {"seconds", "bytes_in", "bytes_out"}.
     """
     import onnx
 
@@ -116,6 +119,11 @@ def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray
         missing = set(replacements) - set(nodes)
         if missing:
             raise RuntimeError(f"converter replaced unknown nodes {sorted(missing)[:3]}")
+        if replaced is not None:
+            for name, new in replacements.items():
+                original = type(nodes[name])()
+                original.CopyFrom(nodes[name])
+                replaced[name] = (original, list(new))
         del proto.graph.node[:]
         proto.graph.node.extend(new_nodes)
     converter.finish(proto)

@@ -12,14 +12,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from calibration.genai_files import write_genai_files
 from calibration.stream_write import inline_if_small
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, ExportError, VerificationError
 from runtime.manifest import (
     DATA_FILE,
+    FUSED_MODEL_FILE,
+    GRAPH_FUSED,
     KV_DTYPE_OF_PRECISION,
     MODEL_FILE,
     Manifest,
@@ -28,10 +31,15 @@ from runtime.manifest import (
     write_manifest,
 )
 from runtime.progress import NullProgress
+from runtime.spec import TOKENIZER_TIKTOKEN
 from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.staging import staged_directory
 from exporter.checkpoint_forms import prepare_forms
+from exporter.fused_graph import fused_graph_record, run_fused, write_fused_graph
+from exporter.graph_choice import fused_graph_refusal
+from exporter.optimum_files import write_optimum_configs
+from exporter.tokenizer_json import write_tokenizer_json
 from exporter.model import GlmForExport, model_from_weights
 from exporter.resources import check_checkpoint_fits
 from exporter.weights import find_weight_files
@@ -170,6 +178,7 @@ def export_bundle(
     lora: Sequence[str] = (),
     lora_scale: float = 1.0,
     keep_checkpoint_quantization: bool = False,
+    fused: bool = True,
     streaming: bool = True,
     stream_options=None,
 ) -> ExportResult:
@@ -183,6 +192,11 @@ def export_bundle(
     bundle one weight at a time and verifies against a layer-streaming reference (exporter.stream_export, every
     precision, ``stream_options`` its settings); False, or a checkpoint form the streaming export does not handle
     (``CheckpointForms.streaming_blocker``), runs the whole-model flow below (fp32 / fp16).
+
+    ``fused``: also write the fused onnxruntime graph ``model.fused.onnx`` over the same weights
+    (exporter/fused_graph.py), verified like the portable one, when exporter/graph_choice.py says the model fits it
+    (the manifest's ``extra.graphs_decided`` records the decision); the onnxruntime runtime prefers it. Both the
+    streamed and the whole-model flow write it.
     """
     forms = prepare_forms(ckpt_dir, rope_scaling, generation, prefix_dir, lora, lora_scale,
                           keep_checkpoint_quantization, precision)
@@ -200,7 +214,7 @@ def export_bundle(
         check_layers_held(ckpt_dir, forms.spec, find_weight_files(ckpt_dir))
         return export_streamed(ckpt_dir, out_dir, precision, verify=verify, overwrite=overwrite,
                                rope_scaling=rope_scaling, opset=opset, progress=progress, options=stream_options,
-                               forms=forms, inputs=inputs)
+                               forms=forms, inputs=inputs, fused=fused)
     if streaming:
         log.info("exporting in memory (the whole model loaded): the streaming export does not handle %s yet", blocker)
     kv_dtype = _kv_dtype_of(precision)
@@ -213,13 +227,23 @@ def export_bundle(
         reference, plan = _trace_model(forms, tmp, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
         inline_if_small(tmp)
-        copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
+        copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
+        refusal = fused_graph_refusal(spec, forms.precision, forms.rewrite is not None) if fused else None
+        fused = fused and refusal is None
+        genai_files = []
+        if fused:
+            progress.stage("writing the fused onnxruntime graph over the same weights")
+            write_fused_graph(tmp, spec)
+            genai_files = write_genai_files(tmp, spec, FUSED_MODEL_FILE)  # onnxruntime_genai.Model(bundle) runs it
+        elif refusal is not None:
+            log.info("portable graph only: %s", refusal)
         verification: Dict = {}
         diffs: Dict[str, float] = {}
         if verify:
             progress.stage("verifying with onnxruntime: prefill + 3 cached decode steps, batch 2, left padding")
-            diffs, verification = _verify_graph(tmp, spec, plan, reference, forms.verify_precision, kv_dtype)
+            diffs, verification = _verify_graph(tmp, spec, plan, reference, forms.verify_precision, kv_dtype, fused)
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
+        graph_files += [FUSED_MODEL_FILE] + genai_files if fused else []
         manifest = Manifest(
             spec=spec,
             precision=forms.bundle_precision,
@@ -232,6 +256,8 @@ def export_bundle(
             files=record_files(tmp, graph_files + copied),
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification=verification,
+            graphs={GRAPH_FUSED: fused_graph_record()} if fused else {},
+            extra={"graphs_decided": {"fused": "written" if fused else (refusal or "not asked (export_bundle fused=False)")}},
         )
         write_manifest(tmp, manifest)
     file_bytes = {name: rec["bytes"] for name, rec in manifest.files.items()}
@@ -243,6 +269,19 @@ def export_bundle(
         max_diffs=diffs,
         seconds=time.perf_counter() - start,
     )
+
+
+def copy_interop_side_files(ckpt_dir: str, tmp: str, spec, tokenizer_files) -> List[str]:
+    """The checkpoint's config and tokenizer files, plus what other tools need to load the bundle: a
+    ``tokenizer.json`` for GLM-4's tiktoken ranks (onnxruntime-genai reads only that) and the config.json /
+    generation_config.json optimum loads (the checkpoint's config kept as checkpoint_config.json). Returns the
+    file names written (both export flows call it)."""
+    copied = copy_side_files(ckpt_dir, tmp, tokenizer_files)
+    if spec.tokenizer_kind == TOKENIZER_TIKTOKEN and "tokenizer.json" not in copied:
+        write_tokenizer_json(os.path.join(tmp, "tokenizer.model"), os.path.join(tmp, "tokenizer.json"))
+        copied.append("tokenizer.json")
+    copied += [n for n in write_optimum_configs(tmp, spec) if n not in copied]
+    return copied
 
 
 def _kv_dtype_of(precision: str) -> str:
@@ -275,9 +314,10 @@ def _trace_model(forms, tmp: str, kv_dtype: str, opset: int, verify: bool, progr
     return reference, plan
 
 
-def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str):
-    """Run the traced graph through the plan's steps and compare with ``reference``: (max diffs, the manifest's
-    verification record); VerificationError listing each output's max difference beyond the tolerance."""
+def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str, fused: bool = False):
+    """Run the traced graph (and the fused one, ``fused``) through the plan's steps and compare with ``reference``:
+    (max diffs, the manifest's verification record); VerificationError listing each output's max difference beyond
+    the tolerance."""
     import numpy as np
 
     from exporter.verify import max_diffs, run_onnx
@@ -287,6 +327,10 @@ def _verify_graph(tmp: str, spec, plan, reference, precision: str, kv_dtype: str
     got = run_onnx(session, spec, plan, kv_dtype=np.dtype(kv_dtype))
     del session
     diffs = max_diffs(plan, got, reference)
+    if fused:
+        got = run_fused(os.path.join(tmp, FUSED_MODEL_FILE), spec, plan)
+        # logits only: a left-padded row's cached keys are rotated at buffer positions (see fused_graph.py)
+        diffs.update({f"fused.{k}": v for k, v in max_diffs(plan, got, reference).items() if k != "present"})
     scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
     tol = allowed_diff("onnx_vs_torch", precision, scale)
     if not all(v <= tol for v in diffs.values()):

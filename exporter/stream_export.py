@@ -8,6 +8,11 @@ the layer-streaming PyTorch reference (``exporter.stream_reference``, reading th
 written bundle) against onnxruntime on the written bundle, prefill + 3 cached decode steps, batch 2 left-padded;
 manifest written; the staged directory renamed into place.
 
+Where exporter/graph_choice.py allows it (fp32 and the quantized precisions; not fp16) the fused onnxruntime graph
+``model.fused.onnx`` is written next, over the tensors just written (``exporter.fused_graph.write_fused_streamed``:
+quantized layers rewired onto the portable graph's quantized tensors, nothing quantized twice, no weight read) and
+verified against the same reference, logits within the same bound.
+
 fp32 and fp16 bundles are those of the whole-model export (``exporter.onnx_export``, kept as
 ``export_bundle(..., streaming=False)``), weights bit for bit. int4 / int8-dynamic / int8 bundles are those of
 ``glm-export onnx`` followed by ``glm-export quantize`` with the same settings (int8: up to the float rounding of
@@ -28,7 +33,8 @@ import numpy as np
 from runtime import __version__
 from runtime import graph_contract as gc
 from runtime.errors import ConfigError, VerificationError
-from runtime.manifest import DATA_FILE, KV_DTYPE_OF_PRECISION, MODEL_FILE, PRECISIONS, Manifest, copy_side_files
+from runtime.manifest import DATA_FILE, FUSED_MODEL_FILE, GRAPH_FUSED, KV_DTYPE_OF_PRECISION, MODEL_FILE, PRECISIONS
+from runtime.manifest import Manifest
 from runtime.manifest import record_files, write_manifest
 from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
@@ -110,18 +116,24 @@ class StagePeaks:
 def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify: bool = True,
                     overwrite: bool = False, rope_scaling: Optional[str] = None, opset: int = 17, progress=None,
                     options: Optional[StreamOptions] = None, plan_only: bool = False, forms=None,
-                    inputs: Sequence = ()):
+                    inputs: Sequence = (), fused: bool = True):
     """Export ``ckpt_dir`` to ``out_dir`` at ``precision``; see the module docstring. ``plan_only`` returns the
     memory plan (``exporter.memory_plan.MemoryPlan``) without writing anything. ``forms``: the checkpoint's
     ``exporter.checkpoint_forms.CheckpointForms`` where the caller prepared them (``export_bundle`` does: its spec,
     e.g. with --generation, and its manifest records are used), a plain checkpoint else; ``inputs``: the (option,
-    path) pairs the export reads, which ``--out`` may not touch (``exporter.staging``)."""
+    path) pairs the export reads, which ``--out`` may not touch (``exporter.staging``). ``fused``: also write the
+    fused onnxruntime graph where exporter/graph_choice.py allows it (over the tensors just written, quantized ones
+    included: exporter.fused_graph.write_fused_streamed), verified against the same reference."""
     import torch
 
     from calibration.stream_quant import ConverterChoice, form_record, make_converter
     from calibration.stream_write import read_only_once, write_streamed
     from calibration.targets import find_linears, select
+    from calibration.genai_files import write_genai_files
+    from exporter.fused_graph import run_fused, write_fused_streamed
+    from exporter.graph_choice import fused_graph_refusal
     from exporter.memory_plan import check_plan, plan_export
+    from exporter.onnx_export import copy_interop_side_files
     from exporter.onnx_export import ExportResult
     from exporter.stream_reference import StreamingReference
     from exporter.stream_source import CheckpointReader
@@ -178,8 +190,11 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             peaks.mark("calibration")
             record["calibration"] = choice.ranges.settings
         converter = make_converter(choice, chosen, source_precision="fp16" if precision == "fp16" else "fp32")
+        float_headers = [_header_copy(i) for i in proto.graph.initializer]  # names, dtypes, dims: no data
+        replaced: Dict[str, Any] = {}
         progress.stage(f"writing {precision} weights tensor by tensor")
-        figures = write_streamed(proto, tmp, read_only_once(reader.graph_array), converter, progress)
+        figures = write_streamed(proto, tmp, read_only_once(reader.graph_array), converter, progress,
+                                 replaced=replaced)
         peaks.mark("writing")
         if precision in QUANTIZED:
             from calibration.graph_io import contrib_ops, default_opset
@@ -188,7 +203,19 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             record["contrib_ops"] = contrib_ops(proto)
             record["opset"] = default_opset(proto)
         del proto
-        copied = copy_side_files(ckpt_dir, tmp, info.tokenizer_files)
+        copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
+        refusal = fused_graph_refusal(spec, precision, False) if fused else None
+        fused = fused and refusal is None
+        fused_record: Dict[str, Any] = {}
+        genai_files = []
+        if fused:
+            progress.stage("writing the fused onnxruntime graph over the same weights")
+            fused_record = write_fused_streamed(tmp, spec, float_headers, replaced, precision)
+            genai_files = write_genai_files(tmp, spec, FUSED_MODEL_FILE)  # onnxruntime_genai.Model(bundle) runs it
+            peaks.mark("fused graph")
+        elif refusal is not None:
+            log.info("portable graph only: %s", refusal)
+        del float_headers, replaced
 
         diffs: Dict[str, float] = {}
         verification: Dict[str, Any] = {}
@@ -204,6 +231,13 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             del session
             peaks.mark("verification session")
             diffs = max_diffs(vplan, got, reference)
+            del got
+            if fused:
+                got = run_fused(os.path.join(tmp, FUSED_MODEL_FILE), spec, vplan)
+                # logits only: a left-padded row's cached keys are rotated at buffer positions (see fused_graph.py)
+                diffs.update({f"fused.{k}": v for k, v in max_diffs(vplan, got, reference).items() if k != "present"})
+                del got
+                peaks.mark("fused verification session")
             scale = max(float(abs(r[gc.LOGITS]).max()) for r in reference)
             tol = allowed_diff(comparison, precision, scale)
             if not all(v <= tol for v in diffs.values()):
@@ -222,10 +256,12 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             if weights:
                 verification["weights"] = weights
         graph_files = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(tmp, DATA_FILE)) else [])
+        graph_files += [FUSED_MODEL_FILE] + genai_files if fused else []
         extra_files = ["calibration_ranges.json"] if precision == "int8" else []
         extra: Dict[str, Any] = {"streamed_export": dict(
             {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()},
-            memory_plan=mplan.to_dict(), peak_rss_after=peaks.peaks)}
+            memory_plan=mplan.to_dict(), peak_rss_after=peaks.peaks),
+            "graphs_decided": {"fused": "written" if fused else (refusal or "not asked (export_bundle fused=False)")}}
         if record:
             extra["quantization"] = record
             extra["accuracy"] = {"skipped": "direct export (measure with 'glm-export eval' against an fp32 bundle)"}
@@ -240,11 +276,20 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             files=record_files(tmp, graph_files + copied + extra_files),
             tokenizer_files=[f for f in copied if f != "config.json"],
             verification=verification, extra=extra,
+            graphs={GRAPH_FUSED: fused_record} if fused else {},
         )
         write_manifest(tmp, manifest)
     return ExportResult(bundle_dir=os.path.abspath(out_dir), manifest=manifest, num_params=spec.num_params,
                         file_bytes={n: r["bytes"] for n, r in manifest.files.items()}, max_diffs=diffs,
                         seconds=time.perf_counter() - start)
+
+
+def _header_copy(init):
+    from onnx import TensorProto
+
+    copy = TensorProto()
+    copy.CopyFrom(init)
+    return copy
 
 
 def check_quantized_weights(model_path: str, reader, chosen, precision: str) -> Dict[str, Any]:

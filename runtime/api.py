@@ -30,7 +30,7 @@ from runtime.backends.base import DecoderBackend
 from runtime.generate import DEFAULT_PREFILL_CHUNK, Generation
 from runtime.graph_check import check_session_matches_spec
 from runtime.graph_contract import SEQ, TOTAL
-from runtime.manifest import Manifest, read_manifest
+from runtime.manifest import GRAPH_FLAVOURS, GRAPH_FUSED, GRAPH_PORTABLE, Manifest, read_manifest
 from runtime.positions import PositionRule
 from runtime.sampling import GenerationConfig
 from runtime.user_input import check_text, check_threads
@@ -86,6 +86,19 @@ class TextStream:
         self.result = _results(self._run)[0]
 
 
+def choose_graph(manifest: Manifest, provider: str, graph: str = AUTO) -> str:
+    """Which of the bundle's graphs the onnxruntime backend runs: ``graph`` when given ("fused" or "portable"), else
+    the fused graph when the bundle has one, its cache is float32 (the fused graph's) and the provider is not
+    tensorrt (its contrib ops are onnxruntime's)."""
+    if graph == AUTO:
+        tensorrt = str(provider).lower().startswith("tensorrt")
+        fits = GRAPH_FUSED in manifest.graphs and manifest.kv_dtype == "float32"
+        return GRAPH_FUSED if fits and not tensorrt else GRAPH_PORTABLE
+    if graph not in GRAPH_FLAVOURS:
+        raise BackendError(f"unknown graph {graph!r}; choose one of: {', '.join(GRAPH_FLAVOURS)} or {AUTO!r}")
+    return graph
+
+
 class GlmModel:
     """An exported ChatGLM bundle, ready to generate."""
 
@@ -118,6 +131,7 @@ class GlmModel:
         prefill_chunk: Union[int, None, str] = AUTO,
         verify_checksums: bool = False,
         verify_files: bool = True,
+        graph: str = AUTO,
     ) -> "GlmModel":
         """Open a bundle written by ``glm-export onnx``.
 
@@ -137,7 +151,10 @@ class GlmModel:
         backend or provider is not available (naming what to install) or options do not fit the backend,
         EngineOptionError for TensorRT sizes that are invalid. Every file the manifest lists is checked against its
         sha256 (``verify_files``; each file is hashed once, then a verified stamp keyed by its size and times
-        skips it; False checks only presence and sizes); ``verify_checksums`` re-hashes every file regardless.
+        skips it; False checks only presence and sizes); ``verify_checksums`` re-hashes every file regardless. ``graph`` (onnxruntime
+        backend): "fused" (onnxruntime's contrib-op graph with the shared-buffer cache), "portable" (standard ops)
+        or "auto": fused when the bundle has one and the provider is cpu or cuda (bundles the fused graph cannot
+        express have none: manifest ``extra.graphs_decided``).
         """
         check_threads(threads, "threads")
         bundle_dir = os.fspath(bundle_dir)
@@ -151,6 +168,8 @@ class GlmModel:
                  if value is not None}
         if not io_binding:
             given["io_binding"] = ["io_binding"]
+        if graph != AUTO:
+            given["graph"] = ["graph"]
         check_backend_options(backend, given, provider)
         if backend == "tensorrt":  # check_backend_options refused a missing engine_dir
             return cls._load_engine(bundle_dir, cast(str, engine_dir), device, prefill_chunk, verify_checksums,
@@ -158,12 +177,15 @@ class GlmModel:
         provider = provider if provider is not None else "cpu"
         manifest = read_manifest(bundle_dir, check_files=True, verify_checksums=verify_checksums,
                                  verify_files=verify_files)
-        model_path = os.path.join(bundle_dir, manifest.model_file)
+        flavour = choose_graph(manifest, provider, graph)
+        model_path = os.path.join(bundle_dir, manifest.graph_file(flavour))
         if not os.path.isfile(model_path):
             raise BundleError(f"{model_path}: the bundle's graph is missing")
         from runtime.backends.onnxruntime import OnnxRuntimeBackend
+        from runtime.backends.onnxruntime_fused import FusedOnnxRuntimeBackend
 
-        runner = OnnxRuntimeBackend(
+        runner_class = FusedOnnxRuntimeBackend if flavour == GRAPH_FUSED else OnnxRuntimeBackend
+        runner = runner_class(
             model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
             io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )

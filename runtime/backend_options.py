@@ -12,6 +12,7 @@ The options, by ``GlmModel.load`` parameter:
     provider       backend onnxruntime only
     threads        backend onnxruntime only
     io_binding     backend onnxruntime only (given: turned off)
+    graph          backend onnxruntime only (given: not "auto"; the fused or the portable graph)
     trt_options    backend onnxruntime with provider tensorrt only (the CLI gives them as --max-batch, ...)
     device         a CUDA device: provider cuda/tensorrt or backend tensorrt, never provider cpu
 """
@@ -22,7 +23,7 @@ from typing import Mapping, Optional, Sequence
 from runtime.errors import BackendError
 
 BUILD_COMMAND = "'glm-export trt --model BUNDLE_DIR --out ENGINE_DIR'"
-ONNXRUNTIME_ONLY = ("trt_options", "provider", "threads", "io_binding")  # in the order messages list them
+ONNXRUNTIME_ONLY = ("trt_options", "provider", "threads", "io_binding", "graph")  # in the order messages list them
 
 
 class Spelling:

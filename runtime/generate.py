@@ -133,14 +133,16 @@ def prefill(
     chunk_size: Optional[int] = DEFAULT_PREFILL_CHUNK,
     first_chunk_end: int = 0,
     cache: Optional[KVCache] = None,
+    capacity: Optional[int] = None,
 ) -> Tuple[np.ndarray, KVCache]:
     """Run the (left-padded) prompts [batch, n] through the model, ``chunk_size`` columns per forward (None or 0: all
     at once), the first forward reaching at least column ``first_chunk_end`` (ChatGLM-6B's bidirectional context,
     ``BatchPositions.context_end``), from an empty cache or after ``cache`` (a reused prefix: ``attention_mask``
-    [batch, cache.length + n] then covers it too). position_ids: [batch, n] or [batch, 2, n].
+    [batch, cache.length + n] then covers it too). position_ids: [batch, n] or [batch, 2, n]. ``capacity``:
+    positions the whole generation needs (a shared-buffer cache is allocated once at that length).
     Returns the last position's logits [batch, vocab] and the cache."""
     batch, n = input_ids.shape
-    cache = backend.empty_cache(batch) if cache is None else cache
+    cache = backend.empty_cache(batch, capacity) if cache is None else cache
     past = cache.length
     logits = None
     for start, end in chunk_bounds(n, chunk_size, first_chunk_end):
@@ -287,7 +289,7 @@ class Generation:
 
         t0 = time.perf_counter()
         logits, cache = prefill(self.backend, ids, mask, positions, self.prefill_chunk,
-                                rows.context_end(n_max))  # [live_rows, vocab] f32
+                                rows.context_end(n_max), capacity=n_max + steps_max)  # [live_rows, vocab] f32
         tokens = self._choose(logits, live, rng, seen)  # [live_rows] int64: the token each row feeds next
         self.prefill_ms = (time.perf_counter() - t0) * 1000.0
 

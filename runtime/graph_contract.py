@@ -86,3 +86,27 @@ def graph_outputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec
         tensors.append(TensorSpec(present_key_name(i), kv_dtype, kv_shape))
         tensors.append(TensorSpec(present_value_name(i), kv_dtype, kv_shape))
     return tensors
+
+
+# ---- the fused onnxruntime graph (exporter/fused_graph.py): the same names, with a shared-buffer KV cache
+LOGITS_TO_KEEP = "logits_to_keep"  # int64 [1]: logits of the last k positions only; 0 keeps all
+MAX_LEN = "max_length"  # the shared KV buffer's length: the longest past + seq one generation needs
+KEPT = "kept_positions"
+
+
+def fused_graph_inputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec]:
+    """The portable inputs with past_key_values.* as the shared buffer [batch, kv_heads, max_length, head_dim]
+    (written in place: present.* is the same buffer), plus the optional ``logits_to_keep``."""
+    kv_shape = (BATCH, spec.num_kv_heads, MAX_LEN, spec.head_dim)
+    tensors = [t if not t.name.startswith("past_key_values.") else TensorSpec(t.name, kv_dtype, kv_shape)
+               for t in graph_inputs(spec, kv_dtype)]
+    tensors.append(TensorSpec(LOGITS_TO_KEEP, "int64", (1,)))
+    return tensors
+
+
+def fused_graph_outputs(spec: ModelSpec, kv_dtype: str = "float32") -> List[TensorSpec]:
+    kv_shape = (BATCH, spec.num_kv_heads, MAX_LEN, spec.head_dim)
+    tensors = [TensorSpec(LOGITS, "float32", (BATCH, KEPT, spec.vocab_size))]
+    for t in graph_outputs(spec, kv_dtype)[1:]:
+        tensors.append(TensorSpec(t.name, kv_dtype, kv_shape))
+    return tensors

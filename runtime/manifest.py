@@ -44,6 +44,10 @@ class PrecisionFacts:
     builder_flags: Tuple[str, ...]  # trt.BuilderFlag names a weakly typed build needs ("FP16", "INT8")
     runs_on: Tuple[str, ...]  # where a bundle of this precision runs (recorded in quantized manifests)
     needs_calibration: bool  # quantizing to it needs activation ranges from calibration text (or --ranges)
+    # the bundle can carry the fused onnxruntime graph (GRAPH_FUSED) at this precision: the one precision rule,
+    # read by exporter/graph_choice.py (exports) and calibration/fused.py (quantize keeps a source's fused graph).
+    # fp16: no, onnxruntime's x86 CPU kernels upcast fp16 MatMuls and the fp16 target (GPU, Jetson) is TensorRT
+    fused_graph: bool = False
 
     @property
     def takes_fp16_option(self) -> bool:
@@ -53,11 +57,13 @@ class PrecisionFacts:
 
 _BOTH = ("onnxruntime", "tensorrt")
 PRECISION_TABLE: Dict[str, PrecisionFacts] = {
-    "fp32": PrecisionFacts("float32", True, True, False, (), _BOTH, False),
-    "fp16": PrecisionFacts("float16", True, True, True, ("FP16",), _BOTH, False),
-    "int8": PrecisionFacts("float32", True, True, True, ("INT8",), _BOTH, True),  # static Q/DQ
-    "int8-dynamic": PrecisionFacts("float32", False, False, False, (), ("onnxruntime",), False),  # MatMulInteger
-    "int4": PrecisionFacts("float32", True, False, True, ("FP16",), ("onnxruntime",), False),  # MatMulNBits
+    "fp32": PrecisionFacts("float32", True, True, False, (), _BOTH, False, fused_graph=True),
+    "fp16": PrecisionFacts("float16", True, True, True, ("FP16",), _BOTH, False, fused_graph=False),
+    "int8": PrecisionFacts("float32", True, True, True, ("INT8",), _BOTH, True, fused_graph=True),  # static Q/DQ
+    "int8-dynamic": PrecisionFacts("float32", False, False, False, (), ("onnxruntime",), False,
+                                   fused_graph=True),  # MatMulInteger
+    "int4": PrecisionFacts("float32", True, False, True, ("FP16",), ("onnxruntime",), False,
+                           fused_graph=True),  # MatMulNBits
 }
 PRECISIONS = tuple(PRECISION_TABLE)  # fp32, fp16, int8, int8-dynamic, int4
 KV_DTYPE_OF_PRECISION = {name: facts.kv_dtype for name, facts in PRECISION_TABLE.items()}
@@ -67,6 +73,15 @@ KV_DTYPES = ("float32", "float16")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # ONNX external data, when the weights are not inline
 CONFIG_FILE = "config.json"  # the source checkpoint's, copied
+# Graph flavours a bundle can carry (``Manifest.graphs``). "portable" is ``model_file``: standard ONNX operators, the
+# past/present Concat cache (TensorRT and every ONNX consumer). "fused" is onnxruntime's contrib-op graph over the
+# same weights with a shared-buffer KV cache (exporter/fused_graph.py); the onnxruntime runtime prefers it.
+GRAPH_PORTABLE = "portable"
+GRAPH_FUSED = "fused"
+GRAPH_FLAVOURS = (GRAPH_PORTABLE, GRAPH_FUSED)
+FUSED_MODEL_FILE = "model.fused.onnx"
+KV_CONCAT = "concat"  # present = Concat(past, new): a new tensor each step
+KV_SHARED_BUFFER = "shared-buffer"  # past and present are one max-length buffer, appended in place
 # Weights up to this size are folded back into model.onnx (one file is handier for small models). Folding holds
 # the weights twice more in memory, so larger models keep model.onnx.data: that keeps the export's peak memory
 # under 2x the fp32 weight bytes (1.8x measured on the 288M model) and every model over 2 GB external.
@@ -88,6 +103,23 @@ class Manifest:
     verification: Dict[str, Any] = field(default_factory=dict)  # max diffs per output, tolerance, steps
     extra: Dict[str, Any] = field(default_factory=dict)  # stage-specific records (quantization, accuracy, ...)
     format_version: int = FORMAT_VERSION
+    # further graph flavours over the same weights: flavour -> {"file", "kv_cache", ...}; ``model_file`` is always
+    # the portable graph (older manifests have no "graphs": portable only)
+    graphs: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def graph_file(self, flavour: str) -> str:
+        """The bundle file holding the graph of ``flavour``; BundleError when the bundle has none."""
+        if flavour == GRAPH_PORTABLE:
+            return self.model_file
+        rec = self.graphs.get(flavour)
+        if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
+            have = ", ".join([GRAPH_PORTABLE] + sorted(self.graphs))
+            raise BundleError(f"{MANIFEST_NAME}: the bundle has no {flavour!r} graph (it has: {have}); "
+                              "re-export it with 'glm-export onnx' (the fused graph is written by default)")
+        name = rec["file"]
+        if os.path.basename(name) != name or name in ("", ".", ".."):
+            raise BundleError(f"{MANIFEST_NAME}: graph file {name!r} must be a plain file name inside the bundle")
+        return name
 
     @property
     def kv_dtype(self) -> str:
@@ -118,6 +150,7 @@ class Manifest:
             "tokenizer_files": self.tokenizer_files,
             "verification": self.verification,
             "extra": self.extra,
+            "graphs": self.graphs,
         }
 
     @classmethod
@@ -150,6 +183,7 @@ class Manifest:
                 verification=d.get("verification", {}),
                 extra=d.get("extra", {}),
                 format_version=version,
+                graphs=dict(d.get("graphs", {})),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
@@ -203,18 +237,22 @@ def read_manifest(bundle_dir: str, check_files: bool = True, verify_checksums: b
 
 
 def check_graph_references(bundle_dir: str, manifest: Manifest, where: str) -> None:
-    """The model file and every external-data file its graph names must be bundle files listed in the manifest
-    (so they stay inside the bundle and are covered by its checksums)."""
-    model = bundle_member(bundle_dir, manifest.model_file, "model_file", where)
-    if manifest.files and manifest.model_file not in manifest.files:
-        raise BundleError(f"{where}: model_file {manifest.model_file!r} is not listed in 'files'")
-    if not os.path.isfile(model):
-        return  # the loader reports a missing graph with its own message
-    for location in sorted(external_data_locations(model)):
-        bundle_member(bundle_dir, location, f"external data location in {manifest.model_file}", where)
-        if location not in manifest.files:
-            raise BundleError(f"{model}: external data {location!r} is not listed in the manifest's 'files', so "
-                              "it cannot be verified; re-export the bundle")
+    """Every graph file (the portable ``model_file`` and each flavour's in ``graphs``) and every external-data file
+    its graph names must be bundle files listed in the manifest (so they stay inside the bundle and are covered by
+    its checksums)."""
+    names = [("model_file", manifest.model_file)]
+    names += [(f"graphs.{flavour}.file", manifest.graph_file(flavour)) for flavour in sorted(manifest.graphs)]
+    for what, name in names:
+        graph = bundle_member(bundle_dir, name, what, where)
+        if manifest.files and name not in manifest.files:
+            raise BundleError(f"{where}: {what} {name!r} is not listed in 'files'")
+        if not os.path.isfile(graph):
+            continue  # the loader reports a missing graph with its own message
+        for location in sorted(external_data_locations(graph)):
+            bundle_member(bundle_dir, location, f"external data location in {name}", where)
+            if location not in manifest.files:
+                raise BundleError(f"{graph}: external data {location!r} is not listed in the manifest's 'files', "
+                                  "so it cannot be verified; re-export the bundle")
 
 
 def copy_side_files(src_dir: str, out_dir: str, tokenizer_files: Iterable[str]) -> List[str]:

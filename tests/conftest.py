@@ -47,7 +47,13 @@ class _Cache:
     def bundle(self, name, ckpt, **kwargs):
         from exporter.onnx_export import export_bundle
 
-        key = ("bundle", ckpt, _frozen(kwargs))
+        # keyed with export_bundle's defaults filled in: precision="fp32" given or not is the same bundle
+        import inspect
+
+        bound = inspect.signature(export_bundle).bind(ckpt, "", **kwargs)
+        bound.apply_defaults()
+        options = {k: v for k, v in bound.arguments.items() if k not in ("ckpt_dir", "out_dir")}
+        key = ("bundle", ckpt, _frozen(options))
         if key not in self.made:
             path = os.path.join(self.root, "bundle-" + name)
             export_bundle(ckpt, path, **kwargs)

@@ -56,6 +56,10 @@ def model_options(f: Callable) -> Callable:
         click.option("--device", type=click.IntRange(min=0), default=None,
                      help="CUDA device for --provider cuda/tensorrt or --backend tensorrt [default: 0]."),
         threads_option("onnxruntime intra-op threads, 1 to the cores here (default: onnxruntime's choice)."),
+        click.option("--graph", type=click.Choice(("auto", "fused", "portable")), default=None,
+                     help="onnxruntime: the bundle's fused graph (contrib ops, shared-buffer cache) or its portable "
+                          "one (standard ops) [default: auto: fused when the bundle has one, portable for "
+                          "--provider tensorrt]."),
         click.option("--prefill-chunk", type=click.IntRange(min=0), default=None,
                      help="Prompt tokens per prefill pass (bounds memory on long prompts; 0: all at once) "
                           "[default: 256 on onnxruntime, at most --max-input-len with --provider tensorrt; "
@@ -82,8 +86,8 @@ def model_options(f: Callable) -> Callable:
     return f
 
 
-MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "prefill_chunk", "max_batch",
-                 "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir", "verify_files")
+MODEL_OPTIONS = ("bundle", "backend", "engine_dir", "provider", "device", "threads", "graph", "prefill_chunk",
+                 "max_batch", "max_input_len", "max_seq_len", "trt_fp16", "trt_cache_dir", "verify_files")
 EP_OPTIONS = {"max_batch": "--max-batch", "max_input_len": "--max-input-len", "max_seq_len": "--max-seq-len",
               "trt_fp16": "--trt-fp16", "trt_cache_dir": "--trt-cache-dir"}
 

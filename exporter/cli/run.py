@@ -17,7 +17,10 @@ from exporter.cli.user_values import flush_stdout, require_stdout, stdin_lines, 
 
 # the CLI's spelling of GlmModel.load's parameters, for the runtime's one backend/option rule
 CLI_SPELLING_FLAGS = {"backend": "--backend", "engine_dir": "--engine", "provider": "--provider",
-                      "device": "--device", "threads": "--threads"}
+                      "device": "--device", "threads": "--threads", "graph": "--graph"}
+
+FP16_ON_CPU = ("note: onnxruntime's CPU provider upcasts fp16 MatMuls on x86 (this fp16 bundle runs at fp32 speed "
+               "with fp32-sized weights in memory); int8 (or int4) is the CPU choice, fp16 the GPU/Jetson one")
 
 
 def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]:
@@ -46,6 +49,8 @@ def load_kwargs(opts: Dict[str, Any], io_binding: bool = True) -> Dict[str, Any]
     if opts.get("device") is not None:
         provider = f"{provider}:{opts['device']}"
     kwargs.update(provider=provider, threads=opts.get("threads"), io_binding=io_binding)
+    if opts.get("graph"):
+        kwargs["graph"] = opts["graph"]
     if provider.startswith("tensorrt"):
         from runtime.tensorrt.ep_options import TrtProviderOptions
 
@@ -251,13 +256,18 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
         backend = model.backend_name
         provider = getattr(model.backend, "provider", None)
         prefill_chunk = model.prefill_chunk
+        graph = getattr(model.backend, "graph_flavour", "portable") if backend == "onnxruntime" else None
+        fp16_on_cpu = model.manifest.precision == "fp16" and backend == "onnxruntime" and provider == "cpu"
     rss = peak_rss_mib()
     if as_json:
         click.echo(json.dumps({"model": opts["bundle"], "backend": backend, "engine": opts["engine_dir"],
                                "provider": provider, "threads": opts["threads"],
                                "io_binding": io_binding if backend == "onnxruntime" else None,
-                               "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss}))
+                               "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss,
+                               "graph": graph, "note": FP16_ON_CPU if fp16_on_cpu else None}))
         return
+    if fp16_on_cpu:
+        click.echo(FP16_ON_CPU)
     click.echo(f"{'prompt':>6} {'batch':>5} {'prefill ms':>10} {'tok/s/seq':>9} {'tok/s':>8} "
                f"{'p50 ms':>7} {'p90 ms':>7}")
     for r in rows:

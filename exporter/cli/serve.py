@@ -40,7 +40,8 @@ def serve(bundle, host, port, max_batch, max_queue, api_key, model_name, provide
     from runtime.serve.scheduler import Scheduler
 
     name = model_name or os.path.basename(os.path.normpath(os.path.abspath(bundle)))
-    with GlmModel.load(bundle, provider=provider, threads=threads) as model:
+    # the scheduler joins rows into a Concat KV cache: the portable graph (runtime/serve/scheduler.py)
+    with GlmModel.load(bundle, provider=provider, threads=threads, graph="portable") as model:
         if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
             click.echo(f"warning: listening on {host} without --api-key: anyone who reaches the port can use it",
                        err=True)

@@ -7,7 +7,7 @@ TensorRT are interchangeable. A backend keeps the KV cache in whatever form is c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Protocol, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -51,8 +51,10 @@ class DecoderBackend(Backend, Protocol):
     num_layers: int
     kv_dtype: np.dtype
 
-    def empty_cache(self, batch: int) -> KVCache:
-        """A cache of zero length for ``batch`` rows (prefill from empty past)."""
+    def empty_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:
+        """A cache of zero length for ``batch`` rows (prefill from empty past). ``capacity``: how many positions
+        the generation will need at most (prompt + new tokens); a backend with a preallocated cache sizes it so,
+        the others ignore it."""
         ...
 
     def forward(

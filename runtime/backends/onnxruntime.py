@@ -188,7 +188,7 @@ class OnnxRuntimeBackend:
 
     # -------------------------------------------------------------------------------------------- DecoderBackend
 
-    def empty_cache(self, batch: int) -> KVCache:
+    def empty_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:  # Concat cache: no capacity
         past = empty_past(self.spec, batch, self.kv_dtype)  # each [batch, kv_heads, 0, head_dim]
         tensors = [past[n] for n in self._past_names]
         if self.io_binding:

@@ -193,7 +193,7 @@ class TensorRTBackend:
 
     # ------------------------------------------------------------------------------------------- DecoderBackend
 
-    def empty_cache(self, batch: int) -> KVCache:
+    def empty_cache(self, batch: int, capacity: Optional[int] = None) -> KVCache:  # Concat cache: no capacity
         return KVCache(self._sets[0], batch, 0)
 
     def forward(

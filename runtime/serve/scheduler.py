@@ -122,6 +122,11 @@ class Scheduler:
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, prefix_cache_bytes: int = 0,
                  metrics: Optional[Metrics] = None, idle_wait_s: float = 0.5):
+        if getattr(model.backend, "graph_flavour", None) == "fused":
+            # the scheduler joins rows of different lengths into a Concat-KV batch (kv_rows.py); the fused graph's
+            # shared buffer holds every row at the same columns, so serving runs the portable graph
+            raise BackendError("the serve scheduler joins rows into a Concat KV cache: load the bundle with "
+                               "graph='portable' (the fused graph's shared buffer cannot take joining rows)")
         if not supports_rows(model.backend):
             raise BackendError(f"the {model.backend_name} backend cannot join rows into a running batch; "
                                "serve with the onnxruntime backend")

@@ -79,13 +79,15 @@ def bundles(tiny_models, tmp_path_factory):
 
 
 _MODELS = {}
+PY_GRAPH = "portable"  # what glm-run executes: the manifest's model_file, never model.fused.onnx
 
 
 def py_model(path):
     from runtime.api import GlmModel
 
     if path not in _MODELS:
-        _MODELS[path] = GlmModel.load(path, threads=THREADS)
+        # the C++ runtime runs the bundle's portable graph (manifest model_file); compare it with the same graph
+        _MODELS[path] = GlmModel.load(path, threads=THREADS, graph=PY_GRAPH)
     return _MODELS[path]
 
 
@@ -206,7 +208,7 @@ def test_context_limit_and_rows_leaving_the_batch(bundles, tmp_path, precision):
 
     src = bundles.get("chatglm3-thudm-hd32", precision)
     path = edited_bundle(src, tmp_path / "short", lambda m: m["spec"].update(max_position_embeddings=40))
-    with GlmModel.load(path, threads=THREADS) as model:
+    with GlmModel.load(path, threads=THREADS, graph=PY_GRAPH) as model:
         ids = model.encode("你好，今天天气怎么样？")
         config = GenerationConfig(max_new_tokens=NEW_TOKENS, eos_token_ids=())
         py = model.generate(ids, config)
@@ -226,7 +228,7 @@ def test_chunked_prefill_equals_python(bundles):
     from runtime.sampling import GenerationConfig
 
     path = bundles.get("glm4-thudm")
-    with GlmModel.load(path, threads=THREADS, prefill_chunk=5) as model:
+    with GlmModel.load(path, threads=THREADS, prefill_chunk=5, graph=PY_GRAPH) as model:
         prompts = batch_prompts(model)
         py3 = model.generate(prompts, GenerationConfig(max_new_tokens=NEW_TOKENS))
     args = [a for p in prompts for a in ("--prompt-ids", ids_arg(p))]

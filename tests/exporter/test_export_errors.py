@@ -141,7 +141,9 @@ def test_existing_bundle_needs_overwrite(tmp_path, ckpt):
     result = CliRunner().invoke(main, ["onnx", "--model", str(ckpt), "--out", str(out), "--quiet", "--overwrite"])
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(out)) == sorted(["manifest.json", "model.onnx", "config.json", "tokenizer.model",
-                                              "tokenizer_config.json"])
+                                              "tokenizer_config.json", "model.fused.onnx", "model.genai.onnx",
+                                              "genai_config.json", "checkpoint_config.json",
+                                              "generation_config.json"])
     assert [n for n in os.listdir(out.parent) if n != "bundle"] == []
 
 

@@ -84,6 +84,9 @@ def test_prefix_in_checkpoint_matches_thudm_reference(base_ckpt, tmp_path, proje
     assert manifest["spec"]["prefix_len"] == PRE_SEQ_LEN
     record = manifest["source"]["prefix"]
     assert record["pre_seq_len"] == PRE_SEQ_LEN and record["prefix_projection"] is projection
+    # the fused graph cannot hold a fixed prefix: the bundle falls back to the portable graph and says why
+    assert manifest["graphs"] == {} and "P-tuning" in manifest["extra"]["graphs_decided"]["fused"]
+    assert not (tmp_path / "bundle" / "model.fused.onnx").exists()
     prefilled, mask = _compare_with_reference(bundle, str(ckpt))
     # the prefix matters: the same weights without it give other logits
     without = thudm_logits(str(base_ckpt), *left_padded_batch(701, (7, 4), seed=2))

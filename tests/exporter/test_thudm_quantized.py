@@ -124,6 +124,7 @@ def test_quantized_checkpoint_exports_dequantized_and_kept(float_ckpt, tmp_path,
     manifest = json.loads((kept / "manifest.json").read_text())
     assert manifest["precision"] == ("int4" if bits == 4 else "int8")
     assert manifest["source"]["checkpoint_quantization"]["kept"] is True
+    assert manifest["graphs"] == {} and "kept THUDM" in manifest["extra"]["graphs_decided"]["fused"]
 
     # 3. both bundles compute the same model, and the kept one runs through the runtime
     ids, mask = left_padded_batch(701, (6, 3), seed=4)
@@ -134,6 +135,7 @@ def test_quantized_checkpoint_exports_dequantized_and_kept(float_ckpt, tmp_path,
     from runtime import GenerationConfig, GlmModel
 
     with GlmModel.load(str(kept)) as m1, GlmModel.load(str(deq)) as m2:
+        assert getattr(m1.backend, "graph_flavour", "portable") == "portable"  # kept integers: portable graph only
         cfg = GenerationConfig(max_new_tokens=6)
         r1, r2 = m1.generate([5, 6, 7, 8], cfg), m2.generate([5, 6, 7, 8], cfg)
         assert len(r1.generated_ids) >= 1 and r1.generated_ids == r2.generated_ids

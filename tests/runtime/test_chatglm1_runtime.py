@@ -88,6 +88,9 @@ def test_32_greedy_tokens_equal_the_reference_batch_of_two_left_padded(v1):
     _, bundle, config, sd = v1
     prompts = _prompts(config, (9, 3))
     with GlmModel.load(bundle, threads=1) as model:
+        # 2D positions and the prefix-LM mask are not the fused graph's: the bundle has the portable graph only
+        assert model.manifest.graphs == {} and "chatglm1 block" in model.manifest.extra["graphs_decided"]["fused"]
+        assert getattr(model.backend, "graph_flavour", "portable") == "portable"
         results = model.generate(prompts, GenerationConfig(max_new_tokens=32))
     for prompt, result in zip(prompts, results):
         want = _cut(ref.greedy(prompt, config, sd, 32), config["eos_token_id"])

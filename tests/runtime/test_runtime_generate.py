@@ -334,17 +334,18 @@ def test_truncated_file_is_corrupt(bundle_copy):
         GlmModel.load(bundle_copy)
 
 
-def test_same_size_garbage_graph(bundle_copy):
-    path = os.path.join(bundle_copy, "model.onnx")
+@pytest.mark.parametrize("graph_file,graph", [("model.onnx", "portable"), ("model.fused.onnx", "fused")])
+def test_same_size_garbage_graph(bundle_copy, graph_file, graph):
+    path = os.path.join(bundle_copy, graph_file)
     size = os.path.getsize(path)
     with open(path, "wb") as f:
         f.write(b"\x07garbage" * (size // 8) + b"\x00" * (size % 8))
     with pytest.raises(BundleError, match="checksum"):
         GlmModel.load(bundle_copy, verify_checksums=True)
     with pytest.raises(BundleError, match="checksum mismatch"):  # verified by default
-        GlmModel.load(bundle_copy)
+        GlmModel.load(bundle_copy, graph=graph)
     with pytest.raises(BundleError, match="not a valid ONNX file"):  # unverified: the graph walk finds it
-        GlmModel.load(bundle_copy, verify_files=False)
+        GlmModel.load(bundle_copy, verify_files=False, graph=graph)
 
 
 def _edit_manifest(bundle_dir, edit):
@@ -591,7 +592,9 @@ def _fp16_kv_bundle(src, dst):
     kv = lambda ts: [TensorSpec(t.name, "float16" if t.name.startswith(("past_", "present.")) else t.dtype, t.shape)
                      for t in ts]  # noqa: E731
     manifest.inputs, manifest.outputs = kv(manifest.inputs), kv(manifest.outputs)
-    manifest.files = record_files(dst, list(manifest.files))
+    manifest.graphs = {}  # only the portable graph was changed; the fused graph keeps a float32 cache
+    os.remove(os.path.join(dst, "model.fused.onnx"))
+    manifest.files = record_files(dst, [f for f in manifest.files if f != "model.fused.onnx"])
     write_manifest(dst, manifest)
     return dst
 

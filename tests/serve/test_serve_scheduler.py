@@ -23,7 +23,7 @@ STEPS = 4
 @pytest.fixture(scope="module")
 def model(tiny_models):
     with GlmModel.load(tiny_models.bundle("serve", tiny_models.checkpoint("serve", "chatglm3", "thudm")),
-                       threads=1) as m:
+                       threads=1, graph="portable") as m:  # the scheduler joins Concat caches
         yield m
 
 
@@ -170,6 +170,19 @@ def test_prefix_cache_lookup_and_byte_bound():
     assert pc.lookup(list(range(100, 130))) is None
     assert PrefixCache(0).lookup([1, 2, 3]) is None
 
+
+def test_scheduler_refuses_the_fused_graph(tiny_models):
+    """The fused graph's shared buffer cannot take joined rows: Scheduler says to load the portable graph, and the
+    fused backend refuses kv_rows' cache_from_numpy (so no other caller joins rows into it either)."""
+    from runtime.errors import BackendError
+
+    bundle = tiny_models.bundle("serve", tiny_models.checkpoint("serve", "chatglm3", "thudm"))
+    with GlmModel.load(bundle, threads=1) as fused:
+        assert fused.backend.graph_flavour == "fused"  # auto picks it for an fp32 bundle on cpu
+        with pytest.raises(BackendError, match="graph='portable'"):
+            Scheduler(fused)
+        with pytest.raises(BackendError, match="graph='portable'"):
+            fused.backend.cache_from_numpy(fused.backend.cache_to_numpy(fused.backend.empty_cache(1, 4)), 0)
 
 
 class _CancelledOnSecondLook(ServeRequest):

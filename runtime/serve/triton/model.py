@@ -104,7 +104,8 @@ class TritonPythonModel:
         if args.get("model_instance_kind") == "GPU":
             provider = f"cuda:{int(args.get('model_instance_device_id', 0))}"
         threads = int(params["threads"]) if params.get("threads") else None
-        self.model = GlmModel.load(bundle, provider=provider, threads=threads)
+        # the scheduler joins rows into a Concat KV cache: the portable graph (runtime/serve/scheduler.py)
+        self.model = GlmModel.load(bundle, provider=provider, threads=threads, graph="portable")
         self.scheduler = Scheduler(self.model, max_batch=int(params.get("max_batch", 8)),
                                    max_queue=int(params.get("max_queue", 64)),
                                    prefix_cache_bytes=int(params.get("prefix_cache_mb", 256)) * 2**20).start()
