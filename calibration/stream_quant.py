@@ -7,14 +7,15 @@ MatMul or Gather), then the graph again (``finish``).
 
 What is reused, and how the bundles stay the same as the whole-graph conversion's:
 
-* INT4 (MatMulNBits), static INT8 (Q/DQ) and dynamic INT8 (DynamicQuantizeLinear + MatMulInteger) are produced by
-  the very functions the whole-graph path calls (``calibration.int4.int4_weight_only``,
-  ``calibration.quantize.static_int8`` / ``dynamic_int8``, i.e. onnxruntime's MatMulNBitsQuantizer, QDQQuantizer
-  and quantize_dynamic), each run on a one-node graph: the linear layer's MatMul with its weight, under the same
-  node, tensor and weight names. onnxruntime's rewriting of a MatMul depends only on that node, its weight and
-  (static INT8) its input's range, so the nodes and tensors come out exactly as in the whole graph, and the
-  weights bit-identical (tests/calibration/test_stream_quant.py compares both routes node by node and byte by
-  byte). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
+* INT4 (MatMulNBits): onnxruntime's own 4-bit kernel (``quantize_matmul_4bits``, what its MatMulNBitsQuantizer
+  calls) on each weight, the MatMulNBits node written as that quantizer writes it (``Int4Converter``: why by hand).
+* Static INT8 (Q/DQ) and dynamic INT8 (DynamicQuantizeLinear + MatMulInteger) are produced by
+  the very functions the whole-graph path calls (``calibration.quantize.static_int8`` / ``dynamic_int8``, i.e.
+  onnxruntime's QDQQuantizer and quantize_dynamic), each run on a one-node graph: the linear layer's MatMul with
+  its weight, under the same node, tensor and weight names. onnxruntime's rewriting of a MatMul depends only on
+  that node, its weight and (static INT8) its input's range, so the nodes and tensors come out exactly as in the
+  whole graph, and the weights bit-identical (tests/exporter/test_stream_export.py compares both routes node by
+  node and byte by byte, INT4 too). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
 * The fp16 embedding is ``calibration.embedding.embedding_to_fp16`` run on a one-Gather graph the same way.
 * fp16 from an fp32 graph is ``calibration.fp16.fp16_graph_edits`` on the weightless graph, then ``to_fp16`` per
   weight.
@@ -234,13 +235,66 @@ def _join_columns(pieces: List[Piece], lin: Linear, n: int) -> Piece:
     return Piece(tensors, (pieces[0].replace[0], nodes))
 
 
+def int4_blocks(weight: np.ndarray, block_size: int, symmetric: bool):
+    """(packed (N, blocks, block_size / 2) uint8, scales (N, blocks) fp32, zero points (N, ceil(blocks / 2)) uint8)
+    of a (K, N) fp32 weight: onnxruntime's own 4-bit kernel (``quantize_matmul_4bits``), called as its
+    MatMulNBitsQuantizer calls it (``DefaultWeightOnlyQuantizer.qbits_block_quant``, QOperator format: K zero-padded
+    to whole blocks, zero-filled outputs), so the bytes are the quantizer's."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)), "constant")
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    packed = np.zeros((cols, blocks, block_size // 2), dtype=np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // 2)), dtype=np.uint8)
+    scales = np.zeros((cols, blocks), dtype=np.float32)
+    quantize_matmul_4bits(packed, weight, scales, zero_points, block_size, cols, rows, symmetric)
+    return packed, scales, zero_points
+
+
+class Int4Converter(LinearConverter):
+    """INT4 (MatMulNBits) without onnxruntime's MatMulNBitsQuantizer around the kernel.
+
+    Why hand-written: the quantizer, even on a one-node graph, holds the weight several times over (the graph's
+    TensorProto, its onnx-ir copy, the padded array, the serialized outputs, reference cycles until a collection:
+    2.05 GB for a 0.58 GB writer on the 288 M model). Here only the fp32 weight and its packed blocks are alive. The
+    node and tensors are those ``quantize_matmul`` of onnxruntime.quantization.matmul_nbits_quantizer builds for a
+    2-D weight in QOperator format (same names, attributes, dtypes; the com.microsoft opset at version 1);
+    tests/exporter/test_stream_export.py compares the bundles with the whole-graph quantizer's byte for byte."""
+
+    def __init__(self, chosen: Sequence[Linear], block_size: int, symmetric: bool, accuracy_level: int,
+                 embedding_fp16: bool):
+        super().__init__(chosen, None, embedding_fp16)
+        self.block_size, self.symmetric, self.accuracy_level = block_size, symmetric, accuracy_level
+
+    def convert(self, header, array: np.ndarray) -> Piece:
+        from onnx import helper
+
+        if header.name not in self.chosen:
+            return super().convert(header, array)
+        node = self.nodes[header.name]
+        rows, cols = array.shape
+        packed, scales, zero_points = int4_blocks(array, self.block_size, self.symmetric)
+        del array
+        w = header.name
+        tensors = [(w + "_Q4", packed), (w + "_scales", scales)]
+        inputs = [node.input[0], w + "_Q4", w + "_scales"]
+        if not self.symmetric:
+            tensors.append((w + "_zero_points", zero_points))
+            inputs.append(w + "_zero_points")
+        attrs = {"K": rows, "N": cols, "bits": 4, "block_size": self.block_size}
+        if self.accuracy_level:  # the quantizer leaves out a zero accuracy_level (optional attribute)
+            attrs["accuracy_level"] = self.accuracy_level
+        new = helper.make_node("MatMulNBits", inputs=inputs, outputs=[node.output[0]],
+                               name=node.name + "_Q4" if node.name else "", domain="com.microsoft", **attrs)
+        self.opsets["com.microsoft"] = max(self.opsets.get("com.microsoft", 0), 1)
+        return Piece(tensors, (node.name, [new]))
+
+
 def int4_converter(chosen, block_size: int, symmetric: bool, accuracy_level: int, embedding_fp16: bool):
-    from calibration.int4 import int4_weight_only
-
-    def one(sub, lin):
-        return int4_weight_only(sub, [lin], block_size, symmetric, accuracy_level)
-
-    return LinearConverter(chosen, one, embedding_fp16)
+    return Int4Converter(chosen, block_size, symmetric, accuracy_level, embedding_fp16)
 
 
 def int8_converter(chosen, ranges, embedding_fp16: bool):
