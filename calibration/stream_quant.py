@@ -16,7 +16,8 @@ What is reused, and how the bundles stay the same as the whole-graph conversion'
   that node, its weight and (static INT8) its input's range, so the nodes and tensors come out exactly as in the
   whole graph, and the weights bit-identical (tests/exporter/test_stream_export.py compares both routes node by
   node and byte by byte, INT4 too). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
-* The fp16 embedding is ``calibration.embedding.embedding_to_fp16`` run on a one-Gather graph the same way.
+* The fp16 embedding: the nodes and bytes of ``calibration.embedding.embedding_to_fp16``, written directly
+  (``LinearConverter._embedding_fp16``: why).
 * fp16 from an fp32 graph is ``calibration.fp16.fp16_graph_edits`` on the weightless graph, then ``to_fp16`` per
   weight.
 
@@ -182,13 +183,32 @@ class LinearConverter(FloatConverter):
             del array
             return pieces[0] if len(pieces) == 1 else _join_columns(pieces, lin, n)
         if self.gather is not None and header.name == self.gather.input[0]:
-            from calibration.embedding import embedding_to_fp16
-
-            sub = one_node_graph(self.main, self.gather, [numpy_helper.from_array(array, header.name)], [])
-            del array
-            self.embedding = embedding_to_fp16(sub)
-            return self._piece(self.gather.name, sub)
+            return self._embedding_fp16(header.name, array)
         return Piece([(header.name, array)])
+
+    def _embedding_fp16(self, name: str, array: np.ndarray) -> Piece:
+        """What ``calibration.embedding.embedding_to_fp16`` makes of the Gather and its table, without its one-Gather
+        graph: that route holds the fp32 table about five times (TensorProto copies on the way in and out; 1.24 GB
+        for the 288 M model's 266 MB table, measured), this one holds the table and its fp16 copy. The same nodes
+        (the Gather writing ``<output>_fp16``, then the Cast named ``<gather>_to_fp32``) and the same fp16 bytes
+        (numpy's rounding, as ``calibration.fp16.to_fp16``; the range check by row blocks)."""
+        from onnx import TensorProto, helper
+
+        from calibration.fp16 import to_fp16
+
+        rows = max(1, CHUNK_BYTES // max(1, 4 * array.shape[1]))
+        table = np.empty(array.shape, dtype=np.float16)
+        for start in range(0, array.shape[0], rows):
+            table[start: start + rows] = to_fp16(array[start: start + rows], name, remedy="use --embedding fp32")
+        del array
+        gather = helper.make_node("Gather", [], [])
+        gather.CopyFrom(self.gather)
+        gathered = gather.output[0]
+        gather.output[0] = gathered + "_fp16"
+        cast = helper.make_node("Cast", [gather.output[0]], [gathered], name=gather.name + "_to_fp32",
+                                to=TensorProto.FLOAT)
+        self.embedding = name
+        return Piece([(name, table)], (gather.name, [gather, cast]))
 
     def _piece(self, node_name: str, out) -> Piece:
         from onnx import numpy_helper
