@@ -380,20 +380,23 @@ def make_converter(choice: ConverterChoice, chosen: Sequence[Linear], source_pre
     raise QuantizationError(f"no streaming converter for precision {p!r}")
 
 
-def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision: str) -> np.ndarray:
+def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision: str,
+                       columns: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """The (K, N) float32 weight a quantized bundle's tensors for ``lin`` stand for (``read``: name -> array), from
     the tensors the converters above write: MatMulNBits' packed nibbles, scales and zero points (low nibble first;
-    8 when symmetric), or an int8 (K, N) weight with per-column scales and zero points."""
+    8 when symmetric), or an int8 (K, N) weight with per-column scales and zero points. ``columns``: only output
+    columns [start, stop), (K, stop - start)."""
     w = lin.weight
+    cols = slice(*columns) if columns is not None else slice(None)
     if precision == "int4":
-        packed = read(w + "_Q4")  # (N, blocks, block_size / 2) uint8
-        scales = read(w + "_scales").astype(np.float32)  # (N, blocks)
+        packed = read(w + "_Q4")[cols]  # (N, blocks, block_size / 2) uint8
+        scales = read(w + "_scales")[cols].astype(np.float32)  # (N, blocks)
         n, blocks, half = packed.shape
         q = np.empty((n, blocks, 2 * half), dtype=np.float32)
         q[..., 0::2] = packed & 0x0F
         q[..., 1::2] = packed >> 4
         try:
-            zp_packed = read(w + "_zero_points")  # (N, ceil(blocks / 2)) uint8
+            zp_packed = read(w + "_zero_points")[cols]  # (N, ceil(blocks / 2)) uint8
             zp = np.empty((n, 2 * zp_packed.shape[1]), dtype=np.float32)
             zp[:, 0::2] = zp_packed & 0x0F
             zp[:, 1::2] = zp_packed >> 4
@@ -402,10 +405,36 @@ def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision
             zp = np.full((n, blocks), 8.0, dtype=np.float32)
         full = (q - zp[..., None]) * scales[..., None]  # (N, blocks, block_size)
         return full.reshape(n, -1)[:, : lin.shape[0]].T
-    q = read(w + "_quantized").astype(np.float32)  # (K, N), static and dynamic alike
-    scale = read(w + "_scale").astype(np.float32)  # (N,)
-    zero = read(w + "_zero_point").astype(np.float32)
+    q = read(w + "_quantized")[:, cols].astype(np.float32)  # (K, N), static and dynamic alike
+    scale, zero = read(w + "_scale"), read(w + "_zero_point")  # (N,) (a scalar would be per-tensor)
+    scale = (scale[cols] if scale.ndim else scale).astype(np.float32)
+    zero = (zero[cols] if zero.ndim else zero).astype(np.float32)
     return (q - zero) * scale
+
+
+def quantized_weight_error(want: np.ndarray, read: Callable[[str], np.ndarray], lin: Linear,
+                           precision: str) -> float:
+    """``weight_error`` of ``lin``'s quantized tensors (``read``: name -> array) against ``want``, the float weight
+    in checkpoint orientation (N, K), computed a block of output columns at a time: dequantizing a whole weight
+    and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
+    n, k = want.shape
+    width = max(1, CHUNK_BYTES // (4 * k))
+    tensors = {}
+
+    def cached(name: str) -> np.ndarray:  # each packed tensor read once (1/8 to 1/4 of the fp32 bytes)
+        if name not in tensors:
+            tensors[name] = read(name)
+        return tensors[name]
+
+    err = ref = 0.0
+    for start in range(0, n, width):
+        stop = min(n, start + width)
+        got = dequantized_weight(cached, lin, precision, columns=(start, stop))  # (K, cols)
+        block = want[start:stop].T
+        ref += float(np.sum(np.square(block, dtype=np.float64)))
+        err += float(np.sum(np.square(got - block, dtype=np.float64)))
+        del got, block
+    return float(np.sqrt(err / want.size)) / max(float(np.sqrt(ref / want.size)), 1e-30)
 
 
 def weight_error(want: np.ndarray, got: np.ndarray) -> float:

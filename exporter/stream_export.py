@@ -250,15 +250,19 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
 def check_quantized_weights(model_path: str, reader, chosen, precision: str) -> Dict[str, Any]:
     """Every quantized linear layer of the written bundle, dequantized, against the checkpoint's weight (read
     again): VerificationError naming the first layer beyond the tolerance table's ``stream_weight_rel_rms``."""
-    from calibration.stream_quant import dequantized_weight, weight_error
+    from calibration.stream_quant import quantized_weight_error
+    import torch
+
     from calibration.stream_write import BundleReader
+    from exporter.stream_source import canonical_name_of
 
     written = BundleReader(model_path)
     bound = allowed_diff("stream_weight_rel_rms", precision)
     worst, worst_name = 0.0, ""
     for lin in chosen:
-        err = weight_error(reader.graph_array(lin.weight, np.float32),
-                           dequantized_weight(lambda n: written.graph_array(n), lin, precision))
+        want = reader.canonical(canonical_name_of(lin.weight), torch.float32).numpy()  # (N, K): no transposed copy
+        err = quantized_weight_error(want, written.graph_array, lin, precision)
+        del want
         if not err <= bound:
             raise VerificationError(f"quantized weight {lin.weight} differs from the checkpoint's: relative RMS "
                                     f"error {err:.3g} > {bound:.3g}", {lin.weight: err})
