@@ -420,12 +420,13 @@ def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision
     return (q - zero) * scale
 
 
-def quantized_weight_error(want: np.ndarray, read: Callable[[str], np.ndarray], lin: Linear,
-                           precision: str) -> float:
-    """``weight_error`` of ``lin``'s quantized tensors (``read``: name -> array) against ``want``, the float weight
-    in checkpoint orientation (N, K), computed a block of output columns at a time: dequantizing a whole weight
-    and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
-    n, k = want.shape
+def quantized_weight_error(want, read: Callable[[str], np.ndarray], lin: Linear, precision: str) -> float:
+    """``weight_error`` of ``lin``'s quantized tensors (``read``: name -> array) against the float weight in
+    checkpoint orientation (N, K): ``want`` the array, or a function (start, stop) -> its rows [start, stop) as a
+    float32 array (then never read whole). Computed a block of output columns at a time: dequantizing a whole
+    weight and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
+    k, n = lin.shape
+    rows = want if callable(want) else (lambda a, b: want[a:b])
     width = max(1, CHUNK_BYTES // (4 * k))
     tensors = {}
 
@@ -438,11 +439,11 @@ def quantized_weight_error(want: np.ndarray, read: Callable[[str], np.ndarray], 
     for start in range(0, n, width):
         stop = min(n, start + width)
         got = dequantized_weight(cached, lin, precision, columns=(start, stop))  # (K, cols)
-        block = want[start:stop].T
+        block = rows(start, stop).T
         ref += float(np.sum(np.square(block, dtype=np.float64)))
         err += float(np.sum(np.square(got - block, dtype=np.float64)))
         del got, block
-    return float(np.sqrt(err / want.size)) / max(float(np.sqrt(ref / want.size)), 1e-30)
+    return float(np.sqrt(err / (n * k))) / max(float(np.sqrt(ref / (n * k))), 1e-30)
 
 
 def weight_error(want: np.ndarray, got: np.ndarray) -> float:

@@ -260,9 +260,9 @@ def check_quantized_weights(model_path: str, reader, chosen, precision: str) -> 
     bound = allowed_diff("stream_weight_rel_rms", precision)
     worst, worst_name = 0.0, ""
     for lin in chosen:
-        want = reader.canonical(canonical_name_of(lin.weight), torch.float32).numpy()  # (N, K): no transposed copy
-        err = quantized_weight_error(want, written.graph_array, lin, precision)
-        del want
+        name = canonical_name_of(lin.weight)  # read again a block of rows at a time, in checkpoint orientation
+        err = quantized_weight_error(lambda a, b, _n=name: reader.canonical_rows(_n, a, b, torch.float32).numpy(),
+                                     written.graph_array, lin, precision)
         if not err <= bound:
             raise VerificationError(f"quantized weight {lin.weight} differs from the checkpoint's: relative RMS "
                                     f"error {err:.3g} > {bound:.3g}", {lin.weight: err})

@@ -112,6 +112,21 @@ class CheckpointReader:
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return t if t.dtype == dtype else t.to(dtype)
 
+    def canonical_rows(self, name: str, start: int, stop: int, dtype):
+        """Rows [start, stop) of the canonical tensor ``name`` as torch ``dtype``, whatever its number of parts
+        (q/k/v of the hf layout: each part sliced where the range crosses it); only those rows are read."""
+        import torch
+
+        keys = self.table[name]
+        pieces, row = [], 0
+        for key, want in zip(keys, part_shapes(self.spec, self.shapes[name], len(keys))):
+            lo, hi = max(start, row), min(stop, row + want[0])
+            if lo < hi:
+                pieces.append(self._read(key, want, (lo - row, hi - row)))
+            row += want[0]
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return t if t.dtype == dtype else t.to(dtype)
+
     def graph_array(self, graph_name: str, dtype) -> np.ndarray:
         """Graph initializer ``graph_name`` as numpy ``dtype`` (float32 or float16; linear weights (in, out),
         contiguous): the same values, bit for bit, as the whole-model export's ``load_canonical_weights`` then

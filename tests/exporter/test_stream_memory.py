@@ -128,3 +128,34 @@ def test_column_blocked_weight_error_is_the_whole_weights(monkeypatch, precision
     blocked = quantized_weight_error(np.ascontiguousarray(w.T), tensors.__getitem__, lin, precision)
     assert 0 < whole < 0.2
     assert blocked == pytest.approx(whole, rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def hf_ckpt(tmp_path_factory):
+    from exporter.tiny.checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(str(tmp_path_factory.mktemp("mem-hf") / "ckpt"), generation="glm4", layout="hf",
+                                 dtype="bfloat16")
+
+
+@pytest.mark.parametrize("layout", ["thudm", "hf"])
+def test_canonical_rows_and_blocked_reads_across_parts(ckpt, hf_ckpt, monkeypatch, layout):
+    """canonical_rows gives the rows of the whole canonical tensor, also where a range crosses the q/k/v parts of
+    the hf layout; graph_array's row blocks cross them too."""
+    import torch
+
+    import exporter.stream_source as ss
+    from exporter.config import spec_from_checkpoint
+
+    path = ckpt if layout == "thudm" else hf_ckpt
+    spec, info = spec_from_checkpoint(path)
+    reader = ss.CheckpointReader(path, spec, info.layout)
+    whole = reader.canonical("layers.0.qkv.weight", torch.float32)
+    if layout == "hf":
+        assert len(reader.table["layers.0.qkv.weight"]) == 3
+    n = whole.shape[0]
+    for start, stop in ((0, n), (0, 5), (n // 2 - 3, n // 2 + 40), (n - 7, n)):
+        got = reader.canonical_rows("layers.0.qkv.weight", start, stop, torch.float32)
+        assert torch.equal(got, whole[start:stop])
+    monkeypatch.setattr(ss, "READ_BLOCK_BYTES", 4 * whole.shape[1] * 7)  # 7 rows a block
+    assert reader.graph_array("layers.0.qkv.weight_t", np.float32).tobytes() == whole.t().contiguous().numpy().tobytes()
