@@ -43,6 +43,9 @@ from calibration.targets import Linear
 # several copies of what they are given (dynamic INT8: about 6.6x a 266 MB LM head, measured), and per-column forms
 # (per-channel INT8 scales, INT4 blocks along K) give the same tensors for a block of columns as for the whole.
 CHUNK_BYTES = 64 * 1024**2
+# fp32 bytes of the column block the quantized-weight check dequantizes at a time (about eight temporaries of it
+# are alive: the rows read, the unpacked nibbles, the dequantized block, the difference, float64 squares)
+CHECK_BYTES = 16 * 1024**2
 # axis along which each quantized tensor of a linear layer (named weight + suffix) runs over the output columns N
 _COLUMN_AXIS = {"_quantized": 1, "_scale": 0, "_zero_point": 0, "_Q4": 0, "_scales": 0, "_zero_points": 0}
 
@@ -427,7 +430,7 @@ def quantized_weight_error(want, read: Callable[[str], np.ndarray], lin: Linear,
     weight and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
     k, n = lin.shape
     rows = want if callable(want) else (lambda a, b: want[a:b])
-    width = max(1, CHUNK_BYTES // (4 * k))
+    width = max(1, CHECK_BYTES // (4 * k))
     tensors = {}
 
     def cached(name: str) -> np.ndarray:  # each packed tensor read once (1/8 to 1/4 of the fp32 bytes)

@@ -159,3 +159,26 @@ def test_canonical_rows_and_blocked_reads_across_parts(ckpt, hf_ckpt, monkeypatc
         assert torch.equal(got, whole[start:stop])
     monkeypatch.setattr(ss, "READ_BLOCK_BYTES", 4 * whole.shape[1] * 7)  # 7 rows a block
     assert reader.graph_array("layers.0.qkv.weight_t", np.float32).tobytes() == whole.t().contiguous().numpy().tobytes()
+
+
+def test_bundle_reader_blocked_reads(tmp_path, monkeypatch):
+    """BundleReader maps and copies a tensor a block at a time: the same arrays as reading each whole."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    import calibration.stream_write as sw
+
+    rng = np.random.default_rng(0)
+    arrays = {"a": rng.normal(size=(37, 11)).astype(np.float32), "b": rng.normal(size=(5,)).astype(np.float16),
+              "c": np.array(3.5, dtype=np.float32), "d": rng.integers(0, 255, size=(9, 3, 4)).astype(np.uint8)}
+    writer = sw.ExternalDataWriter(str(tmp_path / "model.onnx.data"))
+    inits = [writer.add(name, a) for name, a in arrays.items()]
+    writer.close()
+    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=inits)
+    onnx.save_model(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    monkeypatch.setattr(sw, "READ_BLOCK_BYTES", 24)  # a few elements a block
+    reader = sw.BundleReader(str(tmp_path / "model.onnx"))
+    for name, want in arrays.items():
+        got = reader.graph_array(name)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.tobytes() == want.tobytes(), name
