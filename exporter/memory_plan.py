@@ -44,7 +44,7 @@ BASE_NO_TORCH = int(0.10 * GB)  # quantize from a bundle, no torch
 TRACE_FACTOR = 1.7
 # bytes alive per fp32 byte of the largest weight while it is converted: the converted array and one read block
 # (fp16: the array is half), INT4's packed blocks, INT8's quantized copy ...
-WRITE_FACTORS = {"fp32": 1.2, "fp16": 0.7, "int4": 1.3, "int8": 1.5, "int8-dynamic": 1.5}
+WRITE_FACTORS = {"fp32": 1.2, "fp16": 0.7, "int4": 1.3, "int8": 1.5, "int8-dynamic": 1.0}
 # ... and, for the INT8 forms, onnxruntime's copies of one column block (calibration.stream_quant.CHUNK_BYTES;
 # dynamic INT8: 6.6x, measured on a 266 MB weight); INT4 calls the kernel directly (no copies)
 QUANTIZER_COPIES = {"int8": 7.0, "int8-dynamic": 7.0}
