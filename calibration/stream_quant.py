@@ -7,15 +7,17 @@ MatMul or Gather), then the graph again (``finish``).
 
 What is reused, and how the bundles stay the same as the whole-graph conversion's:
 
-* INT4 (MatMulNBits), static INT8 (Q/DQ) and dynamic INT8 (DynamicQuantizeLinear + MatMulInteger) are produced by
-  the very functions the whole-graph path calls (``calibration.int4.int4_weight_only``,
-  ``calibration.quantize.static_int8`` / ``dynamic_int8``, i.e. onnxruntime's MatMulNBitsQuantizer, QDQQuantizer
-  and quantize_dynamic), each run on a one-node graph: the linear layer's MatMul with its weight, under the same
-  node, tensor and weight names. onnxruntime's rewriting of a MatMul depends only on that node, its weight and
-  (static INT8) its input's range, so the nodes and tensors come out exactly as in the whole graph, and the
-  weights bit-identical (tests/calibration/test_stream_quant.py compares both routes node by node and byte by
-  byte). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
-* The fp16 embedding is ``calibration.embedding.embedding_to_fp16`` run on a one-Gather graph the same way.
+* INT4 (MatMulNBits): onnxruntime's own 4-bit kernel (``quantize_matmul_4bits``, what its MatMulNBitsQuantizer
+  calls) on each weight, the MatMulNBits node written as that quantizer writes it (``Int4Converter``: why by hand).
+* Static INT8 (Q/DQ) and dynamic INT8 (DynamicQuantizeLinear + MatMulInteger) are produced by
+  the very functions the whole-graph path calls (``calibration.quantize.static_int8`` / ``dynamic_int8``, i.e.
+  onnxruntime's QDQQuantizer and quantize_dynamic), each run on a one-node graph: the linear layer's MatMul with
+  its weight, under the same node, tensor and weight names. onnxruntime's rewriting of a MatMul depends only on
+  that node, its weight and (static INT8) its input's range, so the nodes and tensors come out exactly as in the
+  whole graph, and the weights bit-identical (tests/exporter/test_stream_export.py compares both routes node by
+  node and byte by byte, INT4 too). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
+* The fp16 embedding: the nodes and bytes of ``calibration.embedding.embedding_to_fp16``, written directly
+  (``LinearConverter._embedding_fp16``: why).
 * fp16 from an fp32 graph is ``calibration.fp16.fp16_graph_edits`` on the weightless graph, then ``to_fp16`` per
   weight.
 
@@ -41,6 +43,9 @@ from calibration.targets import Linear
 # several copies of what they are given (dynamic INT8: about 6.6x a 266 MB LM head, measured), and per-column forms
 # (per-channel INT8 scales, INT4 blocks along K) give the same tensors for a block of columns as for the whole.
 CHUNK_BYTES = 64 * 1024**2
+# fp32 bytes of the column block the quantized-weight check dequantizes at a time (about eight temporaries of it
+# are alive: the rows read, the unpacked nibbles, the dequantized block, the difference, float64 squares)
+CHECK_BYTES = 16 * 1024**2
 # axis along which each quantized tensor of a linear layer (named weight + suffix) runs over the output columns N
 _COLUMN_AXIS = {"_quantized": 1, "_scale": 0, "_zero_point": 0, "_Q4": 0, "_scales": 0, "_zero_points": 0}
 
@@ -181,13 +186,32 @@ class LinearConverter(FloatConverter):
             del array
             return pieces[0] if len(pieces) == 1 else _join_columns(pieces, lin, n)
         if self.gather is not None and header.name == self.gather.input[0]:
-            from calibration.embedding import embedding_to_fp16
-
-            sub = one_node_graph(self.main, self.gather, [numpy_helper.from_array(array, header.name)], [])
-            del array
-            self.embedding = embedding_to_fp16(sub)
-            return self._piece(self.gather.name, sub)
+            return self._embedding_fp16(header.name, array)
         return Piece([(header.name, array)])
+
+    def _embedding_fp16(self, name: str, array: np.ndarray) -> Piece:
+        """What ``calibration.embedding.embedding_to_fp16`` makes of the Gather and its table, without its one-Gather
+        graph: that route holds the fp32 table about five times (TensorProto copies on the way in and out; 1.24 GB
+        for the 288 M model's 266 MB table, measured), this one holds the table and its fp16 copy. The same nodes
+        (the Gather writing ``<output>_fp16``, then the Cast named ``<gather>_to_fp32``) and the same fp16 bytes
+        (numpy's rounding, as ``calibration.fp16.to_fp16``; the range check by row blocks)."""
+        from onnx import TensorProto, helper
+
+        from calibration.fp16 import to_fp16
+
+        rows = max(1, CHUNK_BYTES // max(1, 4 * array.shape[1]))
+        table = np.empty(array.shape, dtype=np.float16)
+        for start in range(0, array.shape[0], rows):
+            table[start: start + rows] = to_fp16(array[start: start + rows], name, remedy="use --embedding fp32")
+        del array
+        gather = helper.make_node("Gather", [], [])
+        gather.CopyFrom(self.gather)
+        gathered = gather.output[0]
+        gather.output[0] = gathered + "_fp16"
+        cast = helper.make_node("Cast", [gather.output[0]], [gathered], name=gather.name + "_to_fp32",
+                                to=TensorProto.FLOAT)
+        self.embedding = name
+        return Piece([(name, table)], (gather.name, [gather, cast]))
 
     def _piece(self, node_name: str, out) -> Piece:
         from onnx import numpy_helper
@@ -197,7 +221,15 @@ class LinearConverter(FloatConverter):
         if out.producer_name != self.main.producer_name:
             self.producer = (out.producer_name, out.producer_version)
         tensors = [(i.name, numpy_helper.to_array(i)) for i in out.graph.initializer]
-        return Piece(tensors, (node_name, list(out.graph.node)))
+        # copies of the nodes: a reference to a node of ``out`` keeps all of ``out`` (its quantized weights
+        # included) alive in protobuf's arena, and these nodes stay in the graph until the end (the streamed int4
+        # export grew by about a layer's quantized bytes per layer, measured)
+        nodes = []
+        for node in out.graph.node:
+            copy = type(node)()
+            copy.CopyFrom(node)
+            nodes.append(copy)
+        return Piece(tensors, (node_name, nodes))
 
     def finish(self, proto) -> None:
         from onnx import helper
@@ -234,13 +266,66 @@ def _join_columns(pieces: List[Piece], lin: Linear, n: int) -> Piece:
     return Piece(tensors, (pieces[0].replace[0], nodes))
 
 
+def int4_blocks(weight: np.ndarray, block_size: int, symmetric: bool):
+    """(packed (N, blocks, block_size / 2) uint8, scales (N, blocks) fp32, zero points (N, ceil(blocks / 2)) uint8)
+    of a (K, N) fp32 weight: onnxruntime's own 4-bit kernel (``quantize_matmul_4bits``), called as its
+    MatMulNBitsQuantizer calls it (``DefaultWeightOnlyQuantizer.qbits_block_quant``, QOperator format: K zero-padded
+    to whole blocks, zero-filled outputs), so the bytes are the quantizer's."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    rows, cols = weight.shape
+    blocks = -(-rows // block_size)
+    if blocks * block_size != rows:
+        weight = np.pad(weight, ((0, blocks * block_size - rows), (0, 0)), "constant")
+    weight = np.ascontiguousarray(weight, dtype=np.float32)
+    packed = np.zeros((cols, blocks, block_size // 2), dtype=np.uint8)
+    zero_points = np.zeros((cols, -(-blocks // 2)), dtype=np.uint8)
+    scales = np.zeros((cols, blocks), dtype=np.float32)
+    quantize_matmul_4bits(packed, weight, scales, zero_points, block_size, cols, rows, symmetric)
+    return packed, scales, zero_points
+
+
+class Int4Converter(LinearConverter):
+    """INT4 (MatMulNBits) without onnxruntime's MatMulNBitsQuantizer around the kernel.
+
+    Why hand-written: the quantizer, even on a one-node graph, holds the weight several times over (the graph's
+    TensorProto, its onnx-ir copy, the padded array, the serialized outputs, reference cycles until a collection:
+    2.05 GB for a 0.58 GB writer on the 288 M model). Here only the fp32 weight and its packed blocks are alive. The
+    node and tensors are those ``quantize_matmul`` of onnxruntime.quantization.matmul_nbits_quantizer builds for a
+    2-D weight in QOperator format (same names, attributes, dtypes; the com.microsoft opset at version 1);
+    tests/exporter/test_stream_export.py compares the bundles with the whole-graph quantizer's byte for byte."""
+
+    def __init__(self, chosen: Sequence[Linear], block_size: int, symmetric: bool, accuracy_level: int,
+                 embedding_fp16: bool):
+        super().__init__(chosen, None, embedding_fp16)
+        self.block_size, self.symmetric, self.accuracy_level = block_size, symmetric, accuracy_level
+
+    def convert(self, header, array: np.ndarray) -> Piece:
+        from onnx import helper
+
+        if header.name not in self.chosen:
+            return super().convert(header, array)
+        node = self.nodes[header.name]
+        rows, cols = array.shape
+        packed, scales, zero_points = int4_blocks(array, self.block_size, self.symmetric)
+        del array
+        w = header.name
+        tensors = [(w + "_Q4", packed), (w + "_scales", scales)]
+        inputs = [node.input[0], w + "_Q4", w + "_scales"]
+        if not self.symmetric:
+            tensors.append((w + "_zero_points", zero_points))
+            inputs.append(w + "_zero_points")
+        attrs = {"K": rows, "N": cols, "bits": 4, "block_size": self.block_size}
+        if self.accuracy_level:  # the quantizer leaves out a zero accuracy_level (optional attribute)
+            attrs["accuracy_level"] = self.accuracy_level
+        new = helper.make_node("MatMulNBits", inputs=inputs, outputs=[node.output[0]],
+                               name=node.name + "_Q4" if node.name else "", domain="com.microsoft", **attrs)
+        self.opsets["com.microsoft"] = max(self.opsets.get("com.microsoft", 0), 1)
+        return Piece(tensors, (node.name, [new]))
+
+
 def int4_converter(chosen, block_size: int, symmetric: bool, accuracy_level: int, embedding_fp16: bool):
-    from calibration.int4 import int4_weight_only
-
-    def one(sub, lin):
-        return int4_weight_only(sub, [lin], block_size, symmetric, accuracy_level)
-
-    return LinearConverter(chosen, one, embedding_fp16)
+    return Int4Converter(chosen, block_size, symmetric, accuracy_level, embedding_fp16)
 
 
 def int8_converter(chosen, ranges, embedding_fp16: bool):
@@ -306,20 +391,23 @@ def make_converter(choice: ConverterChoice, chosen: Sequence[Linear], source_pre
     raise QuantizationError(f"no streaming converter for precision {p!r}")
 
 
-def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision: str) -> np.ndarray:
+def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision: str,
+                       columns: Optional[Tuple[int, int]] = None) -> np.ndarray:
     """The (K, N) float32 weight a quantized bundle's tensors for ``lin`` stand for (``read``: name -> array), from
     the tensors the converters above write: MatMulNBits' packed nibbles, scales and zero points (low nibble first;
-    8 when symmetric), or an int8 (K, N) weight with per-column scales and zero points."""
+    8 when symmetric), or an int8 (K, N) weight with per-column scales and zero points. ``columns``: only output
+    columns [start, stop), (K, stop - start)."""
     w = lin.weight
+    cols = slice(*columns) if columns is not None else slice(None)
     if precision == "int4":
-        packed = read(w + "_Q4")  # (N, blocks, block_size / 2) uint8
-        scales = read(w + "_scales").astype(np.float32)  # (N, blocks)
+        packed = read(w + "_Q4")[cols]  # (N, blocks, block_size / 2) uint8
+        scales = read(w + "_scales")[cols].astype(np.float32)  # (N, blocks)
         n, blocks, half = packed.shape
         q = np.empty((n, blocks, 2 * half), dtype=np.float32)
         q[..., 0::2] = packed & 0x0F
         q[..., 1::2] = packed >> 4
         try:
-            zp_packed = read(w + "_zero_points")  # (N, ceil(blocks / 2)) uint8
+            zp_packed = read(w + "_zero_points")[cols]  # (N, ceil(blocks / 2)) uint8
             zp = np.empty((n, 2 * zp_packed.shape[1]), dtype=np.float32)
             zp[:, 0::2] = zp_packed & 0x0F
             zp[:, 1::2] = zp_packed >> 4
@@ -328,10 +416,37 @@ def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision
             zp = np.full((n, blocks), 8.0, dtype=np.float32)
         full = (q - zp[..., None]) * scales[..., None]  # (N, blocks, block_size)
         return full.reshape(n, -1)[:, : lin.shape[0]].T
-    q = read(w + "_quantized").astype(np.float32)  # (K, N), static and dynamic alike
-    scale = read(w + "_scale").astype(np.float32)  # (N,)
-    zero = read(w + "_zero_point").astype(np.float32)
+    q = read(w + "_quantized")[:, cols].astype(np.float32)  # (K, N), static and dynamic alike
+    scale, zero = read(w + "_scale"), read(w + "_zero_point")  # (N,) (a scalar would be per-tensor)
+    scale = (scale[cols] if scale.ndim else scale).astype(np.float32)
+    zero = (zero[cols] if zero.ndim else zero).astype(np.float32)
     return (q - zero) * scale
+
+
+def quantized_weight_error(want, read: Callable[[str], np.ndarray], lin: Linear, precision: str) -> float:
+    """``weight_error`` of ``lin``'s quantized tensors (``read``: name -> array) against the float weight in
+    checkpoint orientation (N, K): ``want`` the array, or a function (start, stop) -> its rows [start, stop) as a
+    float32 array (then never read whole). Computed a block of output columns at a time: dequantizing a whole
+    weight and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
+    k, n = lin.shape
+    rows = want if callable(want) else (lambda a, b: want[a:b])
+    width = max(1, CHECK_BYTES // (4 * k))
+    tensors = {}
+
+    def cached(name: str) -> np.ndarray:  # each packed tensor read once (1/8 to 1/4 of the fp32 bytes)
+        if name not in tensors:
+            tensors[name] = read(name)
+        return tensors[name]
+
+    err = ref = 0.0
+    for start in range(0, n, width):
+        stop = min(n, start + width)
+        got = dequantized_weight(cached, lin, precision, columns=(start, stop))  # (K, cols)
+        block = rows(start, stop).T
+        ref += float(np.sum(np.square(block, dtype=np.float64)))
+        err += float(np.sum(np.square(got - block, dtype=np.float64)))
+        del got, block
+    return float(np.sqrt(err / (n * k))) / max(float(np.sqrt(ref / (n * k))), 1e-30)
 
 
 def weight_error(want: np.ndarray, got: np.ndarray) -> float:

@@ -28,6 +28,7 @@ from runtime.progress import NullProgress
 
 log = logging.getLogger("glm_export")
 ALIGN = 64  # bytes; each tensor starts aligned for memory-mapped readers
+READ_BLOCK_BYTES = 32 * 1024**2  # BundleReader maps and copies this much of a tensor at a time
 
 
 def placeholder(name: str, data_type: int, dims: List[int]):
@@ -203,9 +204,15 @@ class BundleReader:
             offset = int(info.get("offset", 0))
             if offset + count * np.dtype(np_dtype).itemsize > os.path.getsize(self.data_path):
                 raise BundleError(f"{self.data_path}: too short for initializer {name}; the bundle is truncated")
-            view = np.memmap(self.data_path, dtype=np_dtype, mode="r", offset=offset, shape=tuple(init.dims))
-            array = np.array(view)  # a copy; the mapping goes with ``view``
-            del view
+            array = np.empty(tuple(init.dims), dtype=np_dtype)
+            flat = array.reshape(-1)
+            step = max(1, READ_BLOCK_BYTES // np.dtype(np_dtype).itemsize)
+            for start in range(0, count, step):  # a block at a time: a mapping's touched pages stay resident until
+                stop = min(count, start + step)  # it goes, so one whole-tensor mapping doubled the tensor's bytes
+                view = np.memmap(self.data_path, dtype=np_dtype, mode="r",
+                                 offset=offset + start * np.dtype(np_dtype).itemsize, shape=(stop - start,))
+                flat[start:stop] = view
+                del view
         if dtype is not None and array.dtype != np.dtype(dtype):
             array = array.astype(dtype)
         return array

@@ -7,15 +7,19 @@ when the machine's available memory or the output file system cannot hold it, in
 The estimate is the largest of the phases, each held on top of the process's fixed cost (Python, torch, onnx and
 onnxruntime loaded):
 
-* writing: the working set of the largest weight (read in the checkpoint dtype, converted to fp32, transposed,
-  and the converter's copies: onnxruntime's quantizers copy it several times);
+* trace (direct export): TorchScript's tracer running the weightless model, which makes a dense copy of each
+  weight as its matmul runs (the largest: the LM head) and holds the graph;
+* writing: the working set of the largest weight (read a block of rows at a time into its converted form, and the
+  converter's copies: onnxruntime's INT8 quantizers copy their 64 MB column block several times; INT4 calls
+  onnxruntime's kernel on the weight itself, its packed blocks an eighth of it);
 * reference (verification, INT8 calibration): one decoder layer in fp32 plus its source copy;
-* verification session: onnxruntime holding the written bundle (its weight bytes times a factor per precision);
+* verification session: onnxruntime holding the written bundle (its weight bytes times a factor per precision;
+  fp16: the fp16 weights plus the fp32 cast of one weight at a time, see exporter.stream_export.verification_session);
 * ``quantize`` with its accuracy report (the default): onnxruntime holding the new bundle and the fp32 source
   together, which ``--no-eval`` avoids (the report is then made separately with ``glm-export eval`` where an fp32
   session fits).
 
-The coefficients (``PHASE_FACTORS``, ``BASE_BYTES``) are fitted to the peaks measured with bench/stream_memory.py
+The coefficients (``*_FACTOR(S)``, ``BASE_BYTES``) are fitted to the peaks measured with bench/stream_memory.py
 (README "Scale"); that script also prints the estimate beside each measurement.
 
 Available memory: ``MemAvailable`` of /proc/meminfo, lowered by a cgroup limit (v2 memory.max - memory.current,
@@ -33,16 +37,21 @@ from runtime.errors import GlmExportError
 
 GB = 1024**3
 ENV_MEMORY = "GLM_EXPORT_MEMORY_AVAILABLE"
-BASE_BYTES = int(0.40 * GB)  # interpreter + torch + onnx + onnxruntime: the 3 M-parameter model peaks at 0.38 GB
-BASE_NO_TORCH = int(0.12 * GB)  # quantize from a bundle, no torch (measured 0.11-0.18 GB on the 3 M model)
-# copies of the largest fp32 weight alive while it is converted (trace, read, transpose) ...
-WRITE_FACTORS = {"fp32": 2.0, "fp16": 2.0, "int4": 1.5, "int8": 1.5, "int8-dynamic": 1.5}
-# ... and, for the quantized forms, onnxruntime's copies of one column block (calibration.stream_quant.CHUNK_BYTES;
-# dynamic INT8: 6.6x, measured on a 266 MB weight)
-QUANTIZER_COPIES = 7.0
-# onnxruntime's resident bytes per byte of the bundle's weights, when it runs the verification
-# (fp16: onnxruntime keeps fp32 copies of fp16 weights on x86 CPUs, so about 2x the fp16 bytes)
-SESSION_FACTORS = {"fp32": 1.0, "fp16": 2.0, "int4": 1.3, "int8": 1.3, "int8-dynamic": 1.3}
+BASE_BYTES = int(0.40 * GB)  # interpreter + torch + onnx + onnxruntime: the 3 M-parameter model peaks at 0.37 GB
+BASE_NO_TORCH = int(0.10 * GB)  # quantize from a bundle, no torch
+# the tracer's dense copies of the largest weight (in the traced dtype) and the graph it builds (measured on the
+# 288 M model: 0.44 GB over the start for a 266 MB LM head)
+TRACE_FACTOR = 1.7
+# bytes alive per fp32 byte of the largest weight while it is converted: the converted array and one read block
+# (fp16: the array is half), INT4's packed blocks, INT8's quantized copy ...
+WRITE_FACTORS = {"fp32": 1.2, "fp16": 0.7, "int4": 1.3, "int8": 1.5, "int8-dynamic": 1.0}
+# ... and, for the INT8 forms, onnxruntime's copies of one column block (calibration.stream_quant.CHUNK_BYTES;
+# dynamic INT8: 6.6x, measured on a 266 MB weight); INT4 calls the kernel directly (no copies)
+QUANTIZER_COPIES = {"int8": 7.0, "int8-dynamic": 7.0}
+# onnxruntime's resident bytes per byte of the bundle's weights, when it runs the verification (fp16: plus the
+# fp32 cast of the largest weight, FP16_CAST_FACTOR x its fp32 bytes)
+SESSION_FACTORS = {"fp32": 1.0, "fp16": 1.0, "int4": 1.3, "int8": 1.3, "int8-dynamic": 0.95}
+FP16_CAST_FACTOR = 1.0
 REFERENCE_FACTOR = 2.5  # one layer in fp32: the source copy, the fp32 copy, the transposed copy
 MARGIN = 1.05  # the plan asks this much more than its estimate
 
@@ -111,13 +120,17 @@ def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool 
     from calibration.stream_quant import CHUNK_BYTES
 
     phases = {"writing": int(WRITE_FACTORS[precision] * biggest
-                             + (QUANTIZER_COPIES * min(biggest, CHUNK_BYTES) if quantized else 0))}
+                             + QUANTIZER_COPIES.get(precision, 0.0) * min(biggest, CHUNK_BYTES))}
+    if not from_bundle:
+        phases["trace"] = int(TRACE_FACTOR * biggest * (0.5 if precision == "fp16" else 1.0))
     if (verify and not from_bundle) or calibrate:
         phases["reference"] = int(REFERENCE_FACTOR * layer)
     if verify and not from_bundle:
-        phases["verification session"] = int(SESSION_FACTORS[precision] * out)
+        phases["verification session"] = int(SESSION_FACTORS[precision] * out
+                                              + (FP16_CAST_FACTOR * biggest if precision == "fp16" else 0))
     if verify and from_bundle:  # quantize's accuracy report runs the new bundle and the fp32 source side by side
-        phases["accuracy sessions"] = int(SESSION_FACTORS[precision] * out
+        # (the report's session is a default one: an fp16 bundle's weights held as fp32 copies there, 2x)
+        phases["accuracy sessions"] = int((2.0 if precision == "fp16" else SESSION_FACTORS[precision]) * out
                                           + SESSION_FACTORS["fp32"] * 4 * spec.num_params)
     scratch = 2 * biggest if precision == "int8-dynamic" else 0
     torch_loaded = not from_bundle or calibrate

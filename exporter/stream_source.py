@@ -34,7 +34,8 @@ from exporter.weights import (
     skipped_keys,
 )
 
-LINEAR_SUFFIX = ".weight_t"  # graph name of a linear layer's (in, out) weight (exporter.model.Linear)
+LINEAR_SUFFIX = ".weight_t"
+READ_BLOCK_BYTES = 32 * 1024**2  # graph_array converts this many bytes (in the requested dtype) of rows at a time  # graph name of a linear layer's (in, out) weight (exporter.model.Linear)
 
 
 def graph_shapes(spec: ModelSpec) -> Dict[str, Tuple[int, ...]]:
@@ -111,6 +112,21 @@ class CheckpointReader:
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return t if t.dtype == dtype else t.to(dtype)
 
+    def canonical_rows(self, name: str, start: int, stop: int, dtype):
+        """Rows [start, stop) of the canonical tensor ``name`` as torch ``dtype``, whatever its number of parts
+        (q/k/v of the hf layout: each part sliced where the range crosses it); only those rows are read."""
+        import torch
+
+        keys = self.table[name]
+        pieces, row = [], 0
+        for key, want in zip(keys, part_shapes(self.spec, self.shapes[name], len(keys))):
+            lo, hi = max(start, row), min(stop, row + want[0])
+            if lo < hi:
+                pieces.append(self._read(key, want, (lo - row, hi - row)))
+            row += want[0]
+        t = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=0)
+        return t if t.dtype == dtype else t.to(dtype)
+
     def graph_array(self, graph_name: str, dtype) -> np.ndarray:
         """Graph initializer ``graph_name`` as numpy ``dtype`` (float32 or float16; linear weights (in, out),
         contiguous): the same values, bit for bit, as the whole-model export's ``load_canonical_weights`` then
@@ -118,10 +134,29 @@ class CheckpointReader:
         import torch
 
         torch_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[np.dtype(dtype)]
-        t = self.canonical(canonical_name_of(graph_name), torch_dtype)
-        if graph_name.endswith(LINEAR_SUFFIX):
-            t = t.t().contiguous()
-        return t.numpy()
+        name = canonical_name_of(graph_name)
+        shape = self.shapes[name]
+        linear = graph_name.endswith(LINEAR_SUFFIX)
+        # Filled a block of checkpoint rows at a time, each converted (exact or elementwise, so the bytes are those
+        # of converting and transposing the whole) and written transposed into place: the whole tensor in the
+        # checkpoint dtype, its converted copy and the transposed copy were alive together before (2.5x the fp32
+        # bytes of the LM head, the largest tensor), now the result and one block.
+        out = np.empty((shape[1], shape[0]) if linear else shape, dtype=dtype)
+        keys = self.table[name]
+        row = 0
+        for key, want in zip(keys, part_shapes(self.spec, shape, len(keys))):
+            width = max(1, READ_BLOCK_BYTES // (out.itemsize * max(1, int(np.prod(want[1:])))))
+            for start in range(0, want[0], width):
+                stop = min(want[0], start + width)
+                t = self._read(key, want, (start, stop))
+                block = (t if t.dtype == torch_dtype else t.to(torch_dtype)).numpy()
+                if linear:
+                    out[:, row + start: row + stop] = block.T
+                else:
+                    out[row + start: row + stop] = block
+                del t, block
+            row += want[0]
+        return out
 
 
 class BundleTensors(BundleReader):

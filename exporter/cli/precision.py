@@ -91,8 +91,11 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
     with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
         from exporter.stream_calibrate import bundle_calibrator_for
 
+        # only static INT8 calibrates; asking for the calibrator imports torch (0.2 GB resident), which the other
+        # precisions never need
+        calibrate = not in_memory and precision == "int8" and not ranges_file
         result = quantize_bundle(model_dir, tmp, opts, progress=TqdmProgress(enabled=not quiet and not as_json),
-                                 source=source, calibrator=None if in_memory else bundle_calibrator_for(source.spec),
+                                 source=source, calibrator=bundle_calibrator_for(source.spec) if calibrate else None,
                                  plan=None if in_memory else plan.summary())
     result.bundle_dir = out_dir
     if as_json:

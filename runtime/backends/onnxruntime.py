@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -97,11 +97,13 @@ def provider_config(
 
 
 def new_session(model_path: str, threads: Optional[int] = None, providers: Sequence[str] = ("CPUExecutionProvider",),
-                provider_options: Optional[List[Dict[str, str]]] = None) -> Any:
+                provider_options: Optional[List[Dict[str, str]]] = None,
+                configure: Optional[Callable[[Any], None]] = None) -> Any:
     """An ``onnxruntime.InferenceSession`` over ``model_path``: the one place sessions are built (the backend, the
     exporter's verification and the tests use it). Errors only in onnxruntime's log, sequential execution, one
     inter-op thread, ``threads`` intra-op threads (onnxruntime's default when None). onnxruntime's own exceptions
-    propagate: the caller knows which typed error a failure is."""
+    propagate: the caller knows which typed error a failure is. ``configure(options)``, when given, adjusts the
+    ``SessionOptions`` last."""
     ort = _import_ort()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only; the library logs, it does not print
@@ -109,6 +111,8 @@ def new_session(model_path: str, threads: Optional[int] = None, providers: Seque
     opts.inter_op_num_threads = 1
     if threads is not None:
         opts.intra_op_num_threads = threads
+    if configure is not None:
+        configure(opts)
     return ort.InferenceSession(model_path, sess_options=opts, providers=list(providers),
                                 provider_options=provider_options)
 

@@ -211,7 +211,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(work):
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
     assert plan["precision"] == "int4" and plan["peak_bytes"] > plan["output_bytes"] > 0
-    assert set(plan["phases"]) == {"writing", "reference", "verification session"}
+    assert set(plan["phases"]) == {"trace", "writing", "reference", "verification session"}
     assert not os.path.exists(out)
 
 
