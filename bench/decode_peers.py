@@ -4,7 +4,7 @@
                                  [--precisions fp32,int8,int4] [--long-prompt 2048] [--no-eager] [--portable]
 
 One ChatGLM-shaped 288 M-parameter checkpoint in transformers' `glm` layout (`glm-export tiny --size mid --layout hf
---generation glm4`) is the source of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to
+--generation glm4`'s shape, with a vocabulary of 65040, see MID_VOCAB) is the source of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to
 static and dynamic INT8 and to INT4 with and without zero points; the runtime runs their fused graph), transformers'
 GlmForCausalLM (fp32 eager, once, for the greedy ids) and onnxruntime-genai's CPU models at fp32 / int8 / int4 (its
 builder, fed a copy of the checkpoint whose `architectures` says ChatGLMModel, as ../shared/peers.md describes; its
