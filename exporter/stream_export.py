@@ -295,9 +295,9 @@ def _header_copy(init):
 def check_quantized_weights(model_path: str, reader, chosen, precision: str) -> Dict[str, Any]:
     """Every quantized linear layer of the written bundle, dequantized, against the checkpoint's weight (read
     again): VerificationError naming the first layer beyond the tolerance table's ``stream_weight_rel_rms``."""
-    from calibration.stream_quant import quantized_weight_error
     import torch
 
+    from calibration.stream_quant import quantized_weight_error
     from calibration.stream_write import BundleReader
     from exporter.stream_source import canonical_name_of
 
