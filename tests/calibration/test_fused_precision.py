@@ -12,7 +12,6 @@ from calibration.accuracy import AccuracyReport, check_bounds
 from runtime import GenerationConfig, GlmModel
 from runtime.manifest import FUSED_MODEL_FILE, GRAPH_FUSED
 from runtime.tolerances import ACCURACY_BOUNDS
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 CASES = {
     "int8": dict(precision="int8"),

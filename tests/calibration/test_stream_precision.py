@@ -11,7 +11,6 @@ import pytest
 
 from calibration.accuracy import accuracy_bounds, check_bounds
 from runtime.manifest import DATA_FILE, FUSED_MODEL_FILE, GRAPH_FUSED
-from trained_fixture import trained  # noqa: F401  (pytest fixture)
 
 BOUNDS = accuracy_bounds()
 # the op that carries each precision's quantized linear layers
