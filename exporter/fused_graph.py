@@ -105,7 +105,7 @@ def fused_graph(spec: ModelSpec, weights: Dict[str, object], kv_dtype: str = "fl
         raise ValueError("the fused graph is built for float32 activations and cache")
     g = _Graph()
     s = spec
-    nh, nkv, d, h = s.num_heads, s.num_kv_heads, s.head_dim, s.hidden_size
+    nh, nkv, d = s.num_heads, s.num_kv_heads, s.head_dim
     if s.rotary_dim > d or s.rotary_dim % 2:
         raise ValueError(f"rotary_dim {s.rotary_dim} does not fit head_dim {d}")
     cos, sin = rotary_tables(spec)

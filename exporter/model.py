@@ -158,12 +158,16 @@ class GlmForExport(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k_all, v_all = layer(x, cos, sin, mask_bias, past[2 * i], past[2 * i + 1])
             presents += [k_all, v_all]
-        x = self.final_norm(x)
-        if s.tie_word_embeddings:
-            logits = torch.matmul(x, self.embed.weight.t()).float()  # (B, S, vocab)
-        else:
-            logits = self.lm_head(x).float()
-        return (logits, *presents)
+        return (head_logits(self, x), *presents)
+
+
+def head_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, S, hidden) last hidden states -> (B, S, vocab) fp32 logits: the model's final norm, then its LM head (or
+    the tied embedding). Shared by both export models (this one and exporter/model_v1.py)."""
+    x = model.final_norm(x)
+    if model.spec.tie_word_embeddings:
+        return torch.matmul(x, model.embed.weight.t()).float()
+    return model.lm_head(x).float()
 
 
 def inv_frequencies(spec: ModelSpec) -> torch.Tensor:

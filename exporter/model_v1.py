@@ -35,7 +35,7 @@ from runtime.spec import (
     ModelSpec,
 )
 
-from exporter.model import Linear
+from exporter.model import Linear, head_logits
 
 # the variant values this module implements; a spec asking for another combination is refused at build time
 _V1_FIELDS = {
@@ -155,7 +155,6 @@ class GlmV1ForExport(nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past: torch.Tensor):
         """input_ids: (B, S) int64; position_ids: (B, 2, S) int64 (position, block position); attention_mask:
         (B, T) int64, T = past + S; past: 2 * layers tensors (B, heads, P, D)."""
-        s = self.spec
         x = self.embed(input_ids)  # (B, S, hidden)
         q_len, total = input_ids.shape[1], attention_mask.shape[1]
         rotary = []
@@ -178,9 +177,4 @@ class GlmV1ForExport(nn.Module):
         for i, layer in enumerate(self.layers):
             x, k_all, v_all = layer(x, rotary, mask_bias, past[2 * i], past[2 * i + 1])
             presents += [k_all, v_all]
-        x = self.final_norm(x)
-        if s.tie_word_embeddings:
-            logits = torch.matmul(x, self.embed.weight.t()).float()  # (B, S, vocab)
-        else:
-            logits = self.lm_head(x).float()
-        return (logits, *presents)
+        return (head_logits(self, x), *presents)

@@ -13,7 +13,7 @@ their bytes. Only the scheduler thread touches it, so it takes no lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
 

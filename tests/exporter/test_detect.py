@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from exporter.cli import main
 from exporter.config import spec_from_checkpoint
 from exporter.tiny.published import PUBLISHED_CONFIGS, PUBLISHED_HF_CONFIGS
-from runtime.errors import ConfigError, UnsupportedModelError
+from runtime.errors import ConfigError
 
 # ChatGLM2-6B's config.json as first published: no model_type; auto_map names the remote code
 CHATGLM2_ORIGINAL_AUTO_MAP = {

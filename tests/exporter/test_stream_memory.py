@@ -36,7 +36,6 @@ def test_trace_without_parameter_values_is_the_same_graph(ckpt, tmp_path, dtype)
 
 
 def _one_matmul(k, n, seed=0):
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     from calibration.targets import Linear
