@@ -95,13 +95,20 @@ def _relist_graph(bundle):
     edit_json(bundle / "manifest.json", lambda d: d["files"].update(record_files(str(bundle), ["model.onnx"])))
 
 
+def _weights_to_external(bundle, location):
+    """model.onnx re-saved with every weight in the external data file ``location`` (beside it)."""
+    import onnx
+
+    model = onnx.load(str(bundle / "model.onnx"))
+    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location=location,
+                    size_threshold=0)
+
+
 def test_external_data_locations_must_stay_inside(bundle, tmp_path):
     import onnx
     from onnx.external_data_helper import _get_all_tensors
 
-    model = onnx.load(str(bundle / "model.onnx"))
-    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location="w.data",
-                    size_threshold=0)
+    _weights_to_external(bundle, "w.data")
     model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     for t in _get_all_tensors(model):
         for e in t.external_data:
@@ -115,11 +122,7 @@ def test_external_data_locations_must_stay_inside(bundle, tmp_path):
 
 
 def test_external_data_must_be_listed_so_it_is_verified(bundle):
-    import onnx
-
-    model = onnx.load(str(bundle / "model.onnx"))
-    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location="w.data",
-                    size_threshold=0)
+    _weights_to_external(bundle, "w.data")
     _relist_graph(bundle)
     code, output = _run(bundle)
     assert_one_line_error(code, output, "'w.data'", "not listed")
@@ -130,13 +133,9 @@ def test_external_data_must_be_listed_so_it_is_verified(bundle):
 
 def test_a_flipped_byte_in_external_data_is_refused(bundle):
     """A bundle whose weights are in model.onnx.data: that file is checked like the graph."""
-    import onnx
-
     from runtime.manifest import record_files
 
-    model = onnx.load(str(bundle / "model.onnx"))
-    onnx.save_model(model, str(bundle / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
-                    size_threshold=0)
+    _weights_to_external(bundle, "model.onnx.data")
     edit_json(bundle / "manifest.json", lambda d: d["files"].update(
         record_files(str(bundle), ["model.onnx", "model.onnx.data"])))
     assert _run(bundle)[0] == 0
