@@ -144,15 +144,14 @@ static bool write_stamp(const std::string& bundle_dir, const json& files) {
   return false;
 }
 
-void verify_digests(const std::string& bundle_dir, const std::vector<std::pair<std::string, std::string>>& digests,
-                    bool use_stamp) {
+void verify_digests(const std::string& bundle_dir, const std::vector<RecordedDigest>& digests, bool use_stamp) {
   const json stamped = use_stamp ? read_stamp(bundle_dir) : json::object();
   json fresh = json::object();
   int64_t hashed = 0;
-  for (const auto& nd : digests) {
-    const std::string& name = nd.first;
-    const std::string& want = nd.second;
-    const std::string path = bundle_member(bundle_dir, name, "files entry", join_path(bundle_dir, "manifest.json"));
+  for (const RecordedDigest& rec : digests) {
+    const std::string& name = rec.name;
+    const std::string& want = rec.sha256;
+    const std::string& path = rec.path;
     json key;
     if (!stat_key(path, key)) throw BundleError(path + ": cannot read it (" + std::strerror(errno) + ")");
     auto entry = stamped.find(name);

@@ -45,11 +45,16 @@ std::string sha256_hex(const std::string& data);
 
 // ------------------------------------------------------------------------------------------------ integrity.cpp
 
-// runtime/integrity.py's verify_files: each (name, recorded sha256) of the bundle is hashed unless the verified
+// runtime/integrity.py's verify_files: each listed file of the bundle (its path already checked by read_manifest)
+// is hashed unless the verified
 // stamp (.glm-export-verified.json in the bundle, else in the user's cache) covers it with the same digest and
 // stat; a mismatch throws BundleError naming the file and both digests. The stamp is shared with the Python runtime.
-void verify_digests(const std::string& bundle_dir, const std::vector<std::pair<std::string, std::string>>& digests,
-                    bool use_stamp);
+struct RecordedDigest {
+  std::string name;    // as the manifest lists it (the stamp's key)
+  std::string path;    // bundle_member's checked path
+  std::string sha256;  // the manifest's digest
+};
+void verify_digests(const std::string& bundle_dir, const std::vector<RecordedDigest>& digests, bool use_stamp);
 
 // ------------------------------------------------------------------------------------------------ utf8.cpp
 

@@ -175,7 +175,7 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_files, bool ve
     throw BundleError(path + ": malformed manifest (ValueError: " + msg + ")");
   }
   // every listed file must exist with its recorded size; then its checksum (verify_files), as the Python runtime
-  std::vector<std::pair<std::string, std::string>> digests;  // (name, recorded sha256)
+  std::vector<RecordedDigest> digests;
   auto files = d.find("files");
   if (files != d.end() && files->is_object()) {
     for (auto it = files->begin(); it != files->end(); ++it) {
@@ -189,7 +189,7 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_files, bool ve
                             "; the bundle is corrupt");
       }
       if (rec.is_object() && rec.contains("sha256") && rec["sha256"].is_string())
-        digests.emplace_back(it.key(), rec["sha256"].get<std::string>());
+        digests.push_back({it.key(), p, rec["sha256"].get<std::string>()});
     }
   }
   auto tok_files = d.find("tokenizer_files");
@@ -202,7 +202,7 @@ Manifest read_manifest(const std::string& bundle_dir, bool verify_files, bool ve
   // onnxruntime, which refuses a location outside the model's directory)
   bundle_member(bundle_dir, m.model_file, "model_file", path);
   if (files != d.end() && files->is_object() && !files->empty() && !files->contains(m.model_file))
-    throw BundleError(path + ": model_file '" + m.model_file + "' is not listed in 'files'");
+    throw BundleError(path + ": model_file " + py_str_repr(m.model_file) + " is not listed in 'files'");
   return m;
 }
 
