@@ -4,7 +4,7 @@
                                  [--precisions fp32,int8,int4] [--long-prompt 2048] [--no-eager] [--portable]
 
 One ChatGLM-shaped 288 M-parameter checkpoint in transformers' `glm` layout (`glm-export tiny --size mid --layout hf
---generation glm4`'s shape, with a vocabulary of 65040, see MID_VOCAB) is the source of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to
+--generation glm4`'s shape, 65000 rows: the tiny writer keeps a GLM-4 off ChatGLM3's published 65024) is the source of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to
 static and dynamic INT8 and to INT4 with and without zero points; the runtime runs their fused graph), transformers'
 GlmForCausalLM (fp32 eager, once, for the greedy ids) and onnxruntime-genai's CPU models at fp32 / int8 / int4 (its
 builder, fed a copy of the checkpoint whose `architectures` says ChatGLMModel, as ../shared/peers.md describes; its
@@ -46,7 +46,6 @@ OURS = {
     "int4 sym": (["--precision", "int4", "--int4-symmetric"], "int4"),
 }
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}
-MID_VOCAB = 65040
 
 
 def _cli(*args):
@@ -84,11 +83,9 @@ def prepare(work: str, names, calib: str):
     if not os.path.isdir(ckpt):
         from exporter.tiny.checkpoint import write_tiny_checkpoint
 
-        # the mid shape's vocabulary (65024) is ChatGLM2/3's published size, a signal that contradicts model_type
-        # glm (exporter/detect.py refuses the checkpoint): 16 rows more make it no published size
         tmp = ckpt + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        write_tiny_checkpoint(tmp, generation="glm4", layout="hf", size="mid", vocab_size=MID_VOCAB)
+        write_tiny_checkpoint(tmp, generation="glm4", layout="hf", size="mid")
         os.rename(tmp, ckpt)
     if not os.path.isdir(fp32):
         _cli("onnx", "--model", ckpt, "--out", fp32, "--quiet")
