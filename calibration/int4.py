@@ -20,6 +20,7 @@ from typing import Sequence
 from calibration.errors import QuantizationError
 from calibration.quantize import quiet_onnxruntime_quantization
 from calibration.targets import Linear
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
@@ -53,8 +54,8 @@ def check_int4(block_size: int, accuracy_level: int) -> None:
 def int4_weight_only(
     proto,
     linears: Sequence[Linear],
-    block_size: int = 32,
-    symmetric: bool = False,
+    block_size: int = INT4_BLOCK_SIZE,
+    symmetric: bool = INT4_SYMMETRIC,
     accuracy_level: int = 4,
 ):
     """``proto`` (weights loaded) with the chosen linear layers as MatMulNBits; returns the new ModelProto.

@@ -53,6 +53,7 @@ from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, 
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
 from calibration.fused import convert_fused, keeps_fused, rewire_fused
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -73,8 +74,8 @@ class QuantizeOptions:
     ranges: Optional[str] = None  # static int8: use this ranges file instead of calibrating
     calib_batch: int = 4
     decode_steps: int = 8
-    block_size: int = 32  # int4
-    int4_symmetric: bool = False
+    block_size: int = INT4_BLOCK_SIZE  # int4
+    int4_symmetric: bool = INT4_SYMMETRIC
     int4_accuracy_level: int = 4
     embedding: str = "fp16"  # int8 / int8-dynamic / int4: the embedding table in fp16 (or "fp32")
     evaluate: bool = True

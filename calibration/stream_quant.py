@@ -37,6 +37,7 @@ import numpy as np
 
 from calibration.errors import QuantizationError
 from calibration.targets import Linear
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 
 # A weight larger than this (fp32 bytes) is quantized in blocks of output columns: onnxruntime's quantizers hold
@@ -365,8 +366,8 @@ class ConverterChoice:
     """What ``make_converter`` needs besides the graph: quantization settings (calibration.pipeline options)."""
 
     precision: str
-    block_size: int = 32
-    int4_symmetric: bool = False
+    block_size: int = INT4_BLOCK_SIZE
+    int4_symmetric: bool = INT4_SYMMETRIC
     int4_accuracy_level: int = 4
     embedding_fp16: bool = True
     ranges: object = None
@@ -455,7 +456,7 @@ def weight_error(want: np.ndarray, got: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(got - want, dtype=np.float64)))) / max(denom, 1e-30)
 
 
-def form_record(precision: str, block_size: int = 32, symmetric: bool = False) -> Dict[str, object]:
+def form_record(precision: str, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = INT4_SYMMETRIC) -> Dict[str, object]:
     """The ``extra["quantization"]`` form entries of a precision (the same as the whole-graph converters')."""
     if precision == "int4":
         return {"form": "MatMulNBits", "runs_on": ["onnxruntime"],

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 from runtime.errors import GlmExportError
+from calibration.defaults import INT4_BLOCK_SIZE
 
 GB = 1024**3
 ENV_MEMORY = "GLM_EXPORT_MEMORY_AVAILABLE"
@@ -108,7 +109,7 @@ def _stored_bytes(name: str, numel: int, rows: int, precision: str, embedding_fp
     return numel + 8 * (numel // rows)  # int8 + per-channel scale and zero point
 
 
-def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool = True, block_size: int = 32,
+def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool = True, block_size: int = INT4_BLOCK_SIZE,
                 calibrate: bool = False, from_bundle: bool = False) -> MemoryPlan:
     """The plan of writing ``precision`` for ``spec`` (from a checkpoint, or from an fp32 bundle)."""
     from exporter.stream_source import graph_shapes

@@ -41,6 +41,7 @@ from runtime.tolerances import allowed_diff, tolerance
 
 from exporter.config import spec_from_checkpoint
 from exporter.staging import staged_directory
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 log = logging.getLogger("glm_export")
 QUANTIZED = ("int8", "int8-dynamic", "int4")
@@ -51,8 +52,8 @@ class StreamOptions:
     """Quantization settings of a direct export (the meaning of each is calibration.pipeline.QuantizeOptions')."""
 
     keep_float: Sequence[str] = ()
-    block_size: int = 32
-    int4_symmetric: bool = False
+    block_size: int = INT4_BLOCK_SIZE
+    int4_symmetric: bool = INT4_SYMMETRIC
     int4_accuracy_level: int = 4
     embedding: str = "fp16"
     calib_data: Optional[str] = None

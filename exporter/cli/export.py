@@ -5,7 +5,7 @@ import json
 
 import click
 
-from exporter.cli.options import json_option, memory_plan_options, overwrite_option, quiet_option
+from exporter.cli.options import int4_form_options, json_option, memory_plan_options, overwrite_option, quiet_option
 
 
 @click.command()
@@ -58,8 +58,7 @@ def tiny(out_dir, generation, layout, size, dtype, weights_format, seed, overwri
               help="THUDM int4/int8 checkpoints: keep their integers and scales (as MatMulNBits) "
                    "instead of dequantizing to float.")
 @click.option("--keep-float", multiple=True, help="int8/int8-dynamic/int4: linear layers left in float (see quantize).")
-@click.option("--block-size", default=32, show_default=True, type=int, help="int4: weights per quantization block.")
-@click.option("--int4-symmetric", is_flag=True, help="int4: no zero points.")
+@int4_form_options
 @click.option("--int4-accuracy-level", default=4, show_default=True, type=int, help="int4: MatMulNBits compute type.")
 @click.option("--embedding", default="fp16", show_default=True, help="int8/int8-dynamic/int4: embedding fp16 | fp32.")
 @click.option("--calib-data", default=None, help="int8: calibration text (see quantize).")

@@ -138,3 +138,17 @@ def size_options(f: Callable) -> Callable:
 
 def pop_sizes(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return {k: kwargs.pop(k) for k in SIZE_OPTIONS}
+
+
+# ---------------------------------------------------------------------------------------------------- onnx, quantize
+
+
+def int4_form_options(f: Callable) -> Callable:
+    """``--block-size`` and ``--int4-symmetric/--int4-asymmetric``: the INT4 form (defaults: calibration/defaults.py,
+    where the measurements behind them are)."""
+    from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
+
+    f = click.option("--int4-symmetric/--int4-asymmetric", default=INT4_SYMMETRIC, show_default=True,
+                     help="int4: blocks without zero points (symmetric) or with them.")(f)
+    return click.option("--block-size", default=INT4_BLOCK_SIZE, show_default=True, type=int,
+                        help="int4: weights per quantization block along K.")(f)

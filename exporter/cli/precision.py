@@ -11,7 +11,8 @@ import json
 
 import click
 
-from exporter.cli.options import json_option, memory_plan_options, overwrite_option, quiet_option, threads_option
+from exporter.cli.options import (int4_form_options, json_option, memory_plan_options, overwrite_option, quiet_option,
+                                  threads_option)
 
 PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (weight-only MatMulNBits)."
 
@@ -37,8 +38,7 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
 @click.option("--calib-batch", default=4, show_default=True, type=int, help="Sequences per calibration batch.")
 @click.option("--decode-steps", default=8, show_default=True, type=int,
               help="Cached single-token decode steps calibrated after each prefill.")
-@click.option("--block-size", default=32, show_default=True, type=int, help="int4: weights per quantization block.")
-@click.option("--int4-symmetric", is_flag=True, help="int4: no zero points (default: asymmetric blocks).")
+@int4_form_options
 @click.option("--int4-accuracy-level", default=4, show_default=True, type=int,
               help="int4: MatMulNBits compute type (0 auto, 1 fp32, 4 int8: fastest on CPU).")
 @click.option("--embedding", default="fp16", show_default=True,

@@ -16,12 +16,12 @@ from runtime.tolerances import ACCURACY_BOUNDS
 CASES = {
     "int8": dict(precision="int8"),
     "int8-dynamic": dict(precision="int8-dynamic"),
-    "int4": dict(precision="int4"),
-    "int4-sym": dict(precision="int4", int4_symmetric=True),
+    "int4": dict(precision="int4"),  # the default form: symmetric, block 128
+    "int4-asym": dict(precision="int4", int4_symmetric=False, block_size=32),
 }
 # the op that carries each precision's linear layers in the fused graph
 LINEAR_OP = {"int8": "QuantizeLinear", "int8-dynamic": "MatMulInteger", "int4": "MatMulNBits",
-             "int4-sym": "MatMulNBits"}
+             "int4-asym": "MatMulNBits"}
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -42,10 +42,15 @@ def test_quantized_fused_graph_within_bounds(trained, name):
                                                            load_external_data=False).graph.node)
     assert ops["GroupQueryAttention"] == manifest.spec.num_layers
     assert ops[LINEAR_OP[name]] >= len(manifest.extra["quantization"]["quantized_linears"])
-    if name == "int4-sym":
+    if name.startswith("int4"):
         nbits = [n for n in onnx.load(os.path.join(result.bundle_dir, FUSED_MODEL_FILE)).graph.node
                  if n.op_type == "MatMulNBits"]
-        assert all(len(n.input) < 4 or not n.input[3] for n in nbits)  # no zero points
+        zero_points = [len(n.input) >= 4 and bool(n.input[3]) for n in nbits]
+        blocks = {dict((a.name, a.i) for a in n.attribute)["block_size"] for n in nbits}
+        if name == "int4":  # the default: symmetric blocks of 128
+            assert not any(zero_points) and blocks == {128}
+        else:
+            assert all(zero_points) and blocks == {32}
 
 
 def test_quantized_fused_greedy_equals_portable(trained):

@@ -226,12 +226,13 @@ def test_keep_float_leaves_chosen_layers_in_float(trained):
 def test_int4_within_bounds_and_recorded_as_contrib(trained):
     result = trained.quantized("int4", precision="int4")
     r = result.accuracy
-    _show("int4 block 32", r)
+    _show("int4 (default: symmetric, block 128)", r)
     assert r.ppl_ratio <= BOUNDS["int4"]["max_ppl_ratio"]
     assert check_bounds("int4", r, BOUNDS) == []
     q = result.manifest.extra["quantization"]
     assert q["contrib_ops"] == ["com.microsoft.MatMulNBits"]
-    assert q["runs_on"] == ["onnxruntime"] and q["settings"]["block_size"] == 32
+    assert q["runs_on"] == ["onnxruntime"] and q["settings"]["block_size"] == 128
+    assert q["settings"]["int4_symmetric"] is True and q["weights"].endswith("symmetric")
 
 
 def test_int4_block_size_option(trained):
