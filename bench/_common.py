@@ -25,13 +25,15 @@ def common_args(description: str) -> argparse.ArgumentParser:
 def interleaved_medians(
     measures: Mapping[str, Callable[[], Mapping[str, float]]], rounds: int
 ) -> Dict[str, Dict[str, float]]:
-    """Run every measure once per round, in order, for ``rounds`` rounds; the median of each figure per name.
+    """Run every measure once per round for ``rounds`` rounds, the order reversed every other round (so no contender
+    always runs first or right after the same neighbour); the median of each figure per name.
 
     ``measures`` maps a name to a call returning that run's figures ({"decode_tps": ..., ...}).
     """
     runs: Dict[str, Dict[str, List[float]]] = {name: {} for name in measures}
-    for _ in range(rounds):
-        for name, measure in measures.items():
+    order = list(measures.items())
+    for r in range(rounds):
+        for name, measure in (order if r % 2 == 0 else order[::-1]):
             for key, value in measure().items():
                 runs[name].setdefault(key, []).append(value)
     return {name: {k: statistics.median(v) for k, v in figures.items()} for name, figures in runs.items()}

@@ -1,11 +1,12 @@
 """Quantization defaults, each chosen once from a measurement (docs/precision.md has the figures) and imported by
 the CLI, the library calls and the memory plan alike. No imports: the CLI reads these at start-up.
 
-INT4: symmetric blocks of 128 along K. On the 288 M mid-size model (onnxruntime CPU, 2 threads, batch 1, interleaved
-rounds) block 128 decodes 8-10% faster than block 32 (scales are a quarter of the bytes read per token at block 32,
-1/16 at 128) and symmetric 5-10% faster than zero points; on the trained fixture the perplexity cost is +0.19%
-(block 32: +0.05%) against a +10% bound. Block 128 symmetric is still finer than THUDM's own INT4 form (one scale per
-output row, no zero point). ``--block-size 32`` (onnxruntime-genai's setting) and ``--int4-asymmetric`` remain.
+INT4: symmetric blocks of 128 along K. On the 288 M mid-size model (onnxruntime CPU, 2 threads, batch 1,
+interleaved rounds) block 128 decodes 8-10% faster than block 32 (an fp32 scale per block is 4 of every 20 bytes
+read per token at block 32, 4 of 68 at 128) and symmetric blocks 5-10% faster than zero points; on the trained
+fixture the perplexity cost is +0.19% (block 32: +0.05%) against a +10% bound. Block 128 symmetric is still finer
+than THUDM's own INT4 form (one scale per output row, no zero point). ``--block-size 32`` (onnxruntime-genai's
+setting) and ``--int4-asymmetric`` remain.
 """
 from __future__ import annotations
 
