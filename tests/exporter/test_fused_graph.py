@@ -139,6 +139,33 @@ def test_chunked_prefill_batch2_and_buffer_growth_match_one_shot(tiny_models):
     assert np.abs(chunked - whole)[mask > 0].max() <= TOL
 
 
+def test_decode_binding_is_reused_and_its_logits_are_copies(tiny_models):
+    """forward binds a cache's buffers once (the same IOBinding every step, logits into one preallocated buffer) and
+    returns copies: a step's logits stay what they were after the next step, and equal forward_all's last row from
+    the same cache state; growing the buffer makes a new binding."""
+    _, bundle = tiny_models.case("glm4-thudm")
+    spec, be = _backend(bundle)
+    ids, mask = left_padded_batch(spec.vocab_size, (6, 3), seed=6)
+    _, cache = be.forward_all(ids, mask, positions_from_mask(mask), be.empty_cache(2, capacity=8))
+    m1 = extend_mask(mask)
+    first, cache = be.forward(np.array([[3], [4]]), m1, positions_from_mask(m1)[:, -1:], cache)
+    binding, kept = cache.binding, first.copy()
+    assert binding is not None and cache.logits is not None
+    m2 = extend_mask(m1)
+    # the same state two ways: forward_all (a fresh binding) on a copy of the cache, then forward (the kept one)
+    twin = be._from_host([a.copy() for a in be._host_arrays(cache)], cache.length)
+    want, _ = be.forward_all(np.array([[5], [6]]), m2, positions_from_mask(m2)[:, -1:], twin)
+    second, cache = be.forward(np.array([[5], [6]]), m2, positions_from_mask(m2)[:, -1:], cache)
+    assert cache.binding is binding
+    assert np.array_equal(first, kept)  # not overwritten by the second step
+    assert not np.shares_memory(second, cache.logits)
+    assert np.abs(second - want[:, -1]).max() <= TOL
+    m3 = extend_mask(m2)  # length 9 > capacity 8: the buffer grows, with a binding of its own
+    third, grown = be.forward(np.array([[7], [8]]), m3, positions_from_mask(m3)[:, -1:], cache)
+    assert grown.capacity >= 9 and grown.binding is not None and grown.binding is not binding
+    assert np.isfinite(third).all()
+
+
 def test_finished_rows_leave_the_shared_buffer(tiny_models):
     """select_rows keeps the chosen rows' cache: the remaining row decodes as if alone."""
     _, bundle = tiny_models.case("chatglm3-thudm-hd32")
