@@ -52,7 +52,7 @@ from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
-from calibration.fused import convert_fused, keeps_fused, rewire_fused
+from calibration.fused import GRAPHS_WITH_FUSED, convert_fused, keeps_fused, rewire_fused
 from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
@@ -342,10 +342,11 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
     converter = make_converter(choice, chosen)
     proto = load_graph(src.model, with_weights=False)
     replaced: Dict[str, Any] = {}
+    graphs = GRAPHS_WITH_FUSED if keeps_fused(src.manifest, opts.precision) else 1
     progress.stage(f"writing {opts.precision} weights tensor by tensor")
     record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
                           for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
-                                                     progress, replaced=replaced).items()}
+                                                     progress, replaced=replaced, graphs=graphs).items()}
     if opts.precision != "fp16":
         record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
     record["contrib_ops"] = contrib_ops(proto)

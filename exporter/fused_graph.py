@@ -48,7 +48,7 @@ from runtime.spec import ModelSpec
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 LOGITS_TO_KEEP = gc.LOGITS_TO_KEEP
-_NEG = float(np.finfo(np.float32).max)  # attention_bias of a pad key: -FLT_MAX (softmax of an all-pad row stays finite)
+_NEG = -float(np.finfo(np.float32).max)  # attention_bias of a pad key: -FLT_MAX (softmax of an all-pad row stays finite)
 
 
 def rotary_rows(spec: ModelSpec) -> int:
@@ -111,11 +111,12 @@ def fused_graph(spec: ModelSpec, weights: Dict[str, object], kv_dtype: str = "fl
     cos, sin = rotary_tables(spec)
     g.const("rotary.cos_cache", cos)  # (P, R/2)
     g.const("rotary.sin_cache", sin)
-    one_f = g.const("const.one_f", np.array(1.0, np.float32))
+    zero_f = g.const("const.zero_f", np.array(0.0, np.float32))
     neg_f = g.const("const.neg_max", np.array(_NEG, np.float32))
     axes12 = g.const("const.axes12", np.array([1, 2], np.int64))
     idx0 = g.const("const.idx0", np.array([0], np.int64))
     idx1 = g.const("const.idx1", np.array([1], np.int64))
+    at1 = g.const("const.at1", np.array(1, np.int64))  # a scalar index: Gather then yields a scalar
     int_max = g.const("const.int64_max", np.array([np.iinfo(np.int64).max], np.int64))
 
     # ---- shared per-step tensors: lengths, padding bias
@@ -123,8 +124,8 @@ def fused_graph(spec: ModelSpec, weights: Dict[str, object], kv_dtype: str = "fl
     mask_shape = g.node("Shape", [gc.ATTENTION_MASK], name="shape_mask")  # [B, T]
     batch = g.node("Gather", [ids_shape, idx0], name="batch", axis=0)  # [1]
     seq = g.node("Gather", [ids_shape, idx1], name="seq", axis=0)  # [1]
-    total1 = g.node("Gather", [mask_shape, idx1], name="total", axis=0)  # [1] = past + S
-    total_i32 = g.node("Cast", [g.node("Squeeze", [total1], name="total_scalar")], name="total_i32",
+    total = g.node("Gather", [mask_shape, at1], name="total", axis=0)  # scalar = past + S
+    total_i32 = g.node("Cast", [total], name="total_i32",
                        to=TensorProto.INT32)  # scalar: an upper bound of every row's length (query_seqlens given)
     # seqlens_k: every row's cache length - 1 = total - 1 (left padding: all rows span the same buffer positions;
     # onnxruntime-genai's shared-buffer mode passes masks of the current length too, tested)
@@ -135,11 +136,11 @@ def fused_graph(spec: ModelSpec, weights: Dict[str, object], kv_dtype: str = "fl
     # prefill) is accepted, which GroupQueryAttention refuses without it
     seq_i32 = g.node("Cast", [seq], name="seq_i32", to=TensorProto.INT32)  # [1]
     query_seqlens = g.node("Expand", [seq_i32, batch], name="query_seqlens")  # [B] int32
-    mask_f = g.node("Cast", [gc.ATTENTION_MASK], name="mask_f", to=TensorProto.FLOAT)  # (B, T)
-    bias2 = g.node("Mul", [g.node("Sub", [mask_f, one_f], name="mask_minus_1"), neg_f], name="pad_bias")  # 0 | -max
+    real = g.node("Cast", [gc.ATTENTION_MASK], name="mask_bool", to=TensorProto.BOOL)  # (B, T)
+    bias2 = g.node("Where", [real, zero_f, neg_f], name="pad_bias")  # (B, T): 0 for a real key, -max for a pad
     bias4 = g.node("Unsqueeze", [bias2, axes12], name="pad_bias_4d")  # (B, 1, 1, T)
-    bias_shape = g.node("Concat", [batch, idx1, seq, total1], name="bias_shape", axis=0)
-    attn_bias = g.node("Expand", [bias4, bias_shape], name="attention_bias")  # (B, 1, S, T)
+    bias_shape = g.node("Concat", [idx1, idx1, seq, idx1], name="bias_shape", axis=0)  # [1, 1, S, 1]: Expand
+    attn_bias = g.node("Expand", [bias4, bias_shape], name="attention_bias")  # broadcasts to (B, 1, S, T)
 
     def w(name):
         if name not in weights:

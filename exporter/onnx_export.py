@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from calibration.genai_files import write_genai_files
+from calibration.fused import GRAPHS_WITH_FUSED
 from calibration.stream_write import inline_if_small
 from runtime import __version__
 from runtime import graph_contract as gc
@@ -226,10 +227,10 @@ def export_bundle(
     with staged_directory(out_dir, overwrite, inputs=inputs) as tmp:
         reference, plan = _trace_model(forms, tmp, kv_dtype, opset, verify, progress)
         progress.stage("writing the bundle")
-        inline_if_small(tmp)
-        copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
         refusal = fused_graph_refusal(spec, forms.precision, forms.rewrite is not None) if fused else None
         fused = fused and refusal is None
+        inline_if_small(tmp, GRAPHS_WITH_FUSED if fused else 1)
+        copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
         genai_files = []
         if fused:
             progress.stage("writing the fused onnxruntime graph over the same weights")

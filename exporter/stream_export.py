@@ -130,6 +130,7 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
     from calibration.stream_quant import ConverterChoice, form_record, make_converter
     from calibration.stream_write import read_only_once, write_streamed
     from calibration.targets import find_linears, select
+    from calibration.fused import GRAPHS_WITH_FUSED
     from calibration.genai_files import write_genai_files
     from exporter.fused_graph import run_fused, write_fused_streamed
     from exporter.graph_choice import fused_graph_refusal
@@ -194,8 +195,10 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
         float_headers = [_header_copy(i) for i in proto.graph.initializer]  # names, dtypes, dims: no data
         replaced: Dict[str, Any] = {}
         progress.stage(f"writing {precision} weights tensor by tensor")
+        refusal = fused_graph_refusal(spec, precision, False) if fused else None
+        fused = fused and refusal is None
         figures = write_streamed(proto, tmp, read_only_once(reader.graph_array), converter, progress,
-                                 replaced=replaced)
+                                 replaced=replaced, graphs=GRAPHS_WITH_FUSED if fused else 1)
         peaks.mark("writing")
         if precision in QUANTIZED:
             from calibration.graph_io import contrib_ops, default_opset
@@ -205,8 +208,6 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
             record["opset"] = default_opset(proto)
         del proto
         copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
-        refusal = fused_graph_refusal(spec, precision, False) if fused else None
-        fused = fused and refusal is None
         fused_record: Dict[str, Any] = {}
         genai_files = []
         if fused:

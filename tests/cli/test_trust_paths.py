@@ -263,8 +263,11 @@ main()
 def test_signals_clean_up_like_ctrl_c(tmp_path, sig):
     out = tmp_path / "ck"
     env = dict(os.environ, PYTHONPATH=ROOT)
+    # the child gets SIGINT's default disposition: a suite started in the background of a non-interactive shell
+    # inherits SIGINT ignored (POSIX), and Python then leaves it ignored, as a user who ignores it would want
     p = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(out)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, env=env)
+                         stderr=subprocess.PIPE, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().strip() == b"READY"
         assert any(".tmp-" in n for n in os.listdir(tmp_path))
