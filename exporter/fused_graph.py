@@ -48,7 +48,7 @@ from runtime.spec import ModelSpec
 MS_DOMAIN = "com.microsoft"
 OPSET = 17
 LOGITS_TO_KEEP = gc.LOGITS_TO_KEEP
-_NEG = -float(np.finfo(np.float32).max)  # attention_bias of a pad key: -FLT_MAX (softmax of an all-pad row stays finite)
+_NEG = -float(np.finfo(np.float32).max)  # attention_bias of a pad key (softmax of an all-pad row stays finite)
 
 
 def rotary_rows(spec: ModelSpec) -> int:
