@@ -113,7 +113,9 @@ class Manifest:
             return self.model_file
         rec = self.graphs.get(flavour)
         if not isinstance(rec, dict) or not isinstance(rec.get("file"), str):
-            have = ", ".join([GRAPH_PORTABLE] + sorted(self.graphs))
+            # names as written unless they hold spaces or control characters (then quoted): one line, always
+            have = ", ".join(n if n.isprintable() and not any(c.isspace() for c in n) else repr(n)
+                             for n in [GRAPH_PORTABLE] + sorted(self.graphs))
             raise BundleError(f"{MANIFEST_NAME}: the bundle has no {flavour!r} graph (it has: {have}); "
                               "re-export it with 'glm-export onnx' (the fused graph is written by default)")
         name = rec["file"]

@@ -234,3 +234,14 @@ def test_a_deeply_nested_manifest_is_one_line(bundle):
     (bundle / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     code, output = _run(bundle)
     assert_one_line_error(code, output, "manifest.json", "nested too deeply")
+
+
+def test_a_graph_name_with_a_newline_stays_one_line(bundle):
+    """The missing-graph error lists the bundle's graph names on one line, quoting any that hold spaces or control
+    characters (the fuzz test found a manifest whose graphs held a name "\n")."""
+    manifest = read_manifest(str(bundle))
+    manifest.graphs = {"\n": {"file": 3}, "fused": {"file": 3}}
+    with pytest.raises(BundleError) as err:
+        manifest.graph_file("fused")
+    message = str(err.value)
+    assert "\n" not in message and "(it has: portable, '\\n', fused)" in message
