@@ -39,9 +39,6 @@ def has_fused(manifest: Manifest) -> bool:
     return GRAPH_FUSED in manifest.graphs
 
 
-GRAPHS_WITH_FUSED = 3  # graph files over one bundle's weights when it has a fused graph: portable, fused, genai's
-
-
 def keeps_fused(manifest: Manifest, precision: str) -> bool:
     """``glm-export quantize`` writes a fused graph: the source bundle has one (the export's graph_choice allowed
     it) and ``precision`` takes one (runtime.manifest.PRECISION_TABLE)."""

@@ -44,6 +44,7 @@ from runtime.progress import NullProgress
 from runtime.user_input import check_threads
 
 from calibration import accuracy as acc
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 from calibration.embedding import embedding_to_fp16
 from calibration.data import DataSplit, check_counts, load_eval_sequences, load_split
 from calibration.errors import AccuracyBoundError, CalibrationDataError, QuantizationError
@@ -52,8 +53,7 @@ from calibration.int4 import check_int4
 from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, check_method, graph_checksums, read_ranges
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
-from calibration.fused import GRAPHS_WITH_FUSED, convert_fused, keeps_fused, rewire_fused
-from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
+from calibration.fused import convert_fused, keeps_fused, rewire_fused
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -342,18 +342,18 @@ def _convert_streamed(opts: QuantizeOptions, src: _Source, out_dir: str, split: 
     converter = make_converter(choice, chosen)
     proto = load_graph(src.model, with_weights=False)
     replaced: Dict[str, Any] = {}
-    graphs = GRAPHS_WITH_FUSED if keeps_fused(src.manifest, opts.precision) else 1
+    fused = keeps_fused(src.manifest, opts.precision)
     progress.stage(f"writing {opts.precision} weights tensor by tensor")
     record["streamed"] = {k: round(v, 2) if isinstance(v, float) else v
                           for k, v in write_streamed(proto, out_dir, read_only_once(reader.graph_array), converter,
-                                                     progress, replaced=replaced, graphs=graphs).items()}
+                                                     progress, replaced=replaced, fused=fused).items()}
     if opts.precision != "fp16":
         record["embedding"] = "fp16 (cast to fp32 after the Gather)" if converter.embedding else "fp32"
     record["contrib_ops"] = contrib_ops(proto)
     record["opset"] = default_opset(proto)
     record["files"] = [MODEL_FILE] + ([DATA_FILE] if os.path.exists(os.path.join(out_dir, DATA_FILE)) else [])
     del proto
-    if keeps_fused(src.manifest, opts.precision):
+    if fused:
         progress.stage("rewiring the fused onnxruntime graph onto the quantized tensors")
         record["fused_graph"] = rewire_fused(src.dir, src.manifest, set(reader.inits), out_dir, replaced,
                                              opts.precision)

@@ -29,6 +29,7 @@ from runtime.progress import NullProgress
 log = logging.getLogger("glm_export")
 ALIGN = 64  # bytes; each tensor starts aligned for memory-mapped readers
 READ_BLOCK_BYTES = 32 * 1024**2  # BundleReader maps and copies this much of a tensor at a time
+_GRAPHS_WITH_FUSED = 3  # graph files over one bundle's weights when it has a fused graph: portable, fused, genai's
 
 
 def placeholder(name: str, data_type: int, dims: List[int]):
@@ -81,13 +82,13 @@ def tensor_bytes(init) -> int:
 
 def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray], converter,
                    progress=None, desc: str = "writing weights",
-                   replaced: Optional[Dict[str, Tuple[object, list]]] = None, graphs: int = 1) -> Dict[str, float]:
+                   replaced: Optional[Dict[str, Tuple[object, list]]] = None, fused: bool = False) -> Dict[str, float]:
     """Convert every placeholder initializer of ``proto`` and write the graph to ``out_dir``; see module doc.
 
     ``read(name, dtype)`` returns the float weight ``name`` (graph orientation); ``converter`` is a
     ``calibration.stream_quant`` converter. ``replaced``, when given, is filled with node name -> (the original
     node, the nodes that replaced it): what the fused graph (calibration.fused.rewire_onto_portable) needs to reuse
-    the quantized tensors written here. ``graphs``: how many graph files of the bundle will use these weights (see
+    the quantized tensors written here. ``fused``: the bundle will also hold the fused graph over these weights (see
     :func:`inline_if_small`). Returns {"seconds", "bytes_in", "bytes_out"}.
     """
     import onnx
@@ -132,23 +133,24 @@ def write_streamed(proto, out_dir: str, read: Callable[[str, object], np.ndarray
     graph_path = os.path.join(out_dir, MODEL_FILE)
     onnx.save_model(proto, graph_path)
     bytes_out = writer.offset
-    inline_if_small(out_dir, graphs)
+    inline_if_small(out_dir, fused)
     return {"seconds": time.perf_counter() - start, "bytes_in": bytes_in, "bytes_out": bytes_out}
 
 
-def inline_if_small(out_dir: str, graphs: int = 1) -> None:
+def inline_if_small(out_dir: str, fused: bool = False) -> None:
     """Fold model.onnx.data back into model.onnx when the weights are small (runtime.manifest.INLINE_LIMIT, well
     under protobuf's 2 GB); here rather than in the exporter so quantize needs no torch. The exporter calls it too.
-    ``graphs``: the graph files that will use these weights (the portable graph, and the fused graph and its
-    onnxruntime-genai twin where they are written). Inline weights cannot be shared, so each graph would carry its
-    own copy: the data file is folded only while all those copies together stay under the limit (a 250 MB INT4
+    ``fused``: the fused graph and its onnxruntime-genai twin will use these weights too. Inline weights cannot be
+    shared, so each graph file would carry its own copy: the data file is folded only while all those copies
+    together stay under the limit (a 250 MB INT4
     bundle keeps one shared data file instead of becoming three 250 MB graphs; a tiny bundle stays one file each)."""
     import onnx
 
     from calibration.graph_io import clear_external_data_locations
 
     data_path = os.path.join(out_dir, DATA_FILE)
-    if os.path.getsize(data_path) * max(1, graphs) > INLINE_LIMIT:
+    graphs = _GRAPHS_WITH_FUSED if fused else 1
+    if os.path.getsize(data_path) * graphs > INLINE_LIMIT:
         return
     graph_path = os.path.join(out_dir, MODEL_FILE)
     proto = onnx.load(graph_path, load_external_data=True)

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 from calibration.genai_files import write_genai_files
-from calibration.fused import GRAPHS_WITH_FUSED
 from calibration.stream_write import inline_if_small
 from runtime import __version__
 from runtime import graph_contract as gc
@@ -229,7 +228,7 @@ def export_bundle(
         progress.stage("writing the bundle")
         refusal = fused_graph_refusal(spec, forms.precision, forms.rewrite is not None) if fused else None
         fused = fused and refusal is None
-        inline_if_small(tmp, GRAPHS_WITH_FUSED if fused else 1)
+        inline_if_small(tmp, fused)
         copied = copy_interop_side_files(ckpt_dir, tmp, spec, info.tokenizer_files)
         genai_files = []
         if fused:

@@ -39,9 +39,10 @@ from runtime.manifest import record_files, write_manifest
 from runtime.progress import NullProgress
 from runtime.tolerances import allowed_diff, tolerance
 
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
+
 from exporter.config import spec_from_checkpoint
 from exporter.staging import staged_directory
-from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 log = logging.getLogger("glm_export")
 QUANTIZED = ("int8", "int8-dynamic", "int4")
@@ -130,7 +131,6 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
     from calibration.stream_quant import ConverterChoice, form_record, make_converter
     from calibration.stream_write import read_only_once, write_streamed
     from calibration.targets import find_linears, select
-    from calibration.fused import GRAPHS_WITH_FUSED
     from calibration.genai_files import write_genai_files
     from exporter.fused_graph import run_fused, write_fused_streamed
     from exporter.graph_choice import fused_graph_refusal
@@ -198,7 +198,7 @@ def export_streamed(ckpt_dir: str, out_dir: str, precision: str = "fp32", verify
         refusal = fused_graph_refusal(spec, precision, False) if fused else None
         fused = fused and refusal is None
         figures = write_streamed(proto, tmp, read_only_once(reader.graph_array), converter, progress,
-                                 replaced=replaced, graphs=GRAPHS_WITH_FUSED if fused else 1)
+                                 replaced=replaced, fused=fused)
         peaks.mark("writing")
         if precision in QUANTIZED:
             from calibration.graph_io import contrib_ops, default_opset
