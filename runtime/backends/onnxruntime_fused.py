@@ -120,27 +120,28 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         return cache.binding
 
     def _step(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
-              cache: SharedKVCache, keep: np.ndarray) -> Tuple[np.ndarray, SharedKVCache]:
-        """One forward into ``cache``'s buffers -> (logits [batch, kept, vocab], cache). With ``keep`` 1 on a CPU
-        cache the logits are a view of ``cache.logits``, overwritten by the next forward (callers copy)."""
+              cache: SharedKVCache, last_only: bool) -> Tuple[np.ndarray, SharedKVCache]:
+        """One forward into ``cache``'s buffers -> (logits [batch, 1 if ``last_only`` else seq, vocab], cache). Last
+        positions on a CPU cache go through its decode binding: the logits are then a view of ``cache.logits``,
+        overwritten by the next forward (callers copy)."""
         if self.session is None:
             raise BackendError("the backend was closed")
         new_len = cache.length + int(input_ids.shape[1])
         if new_len > cache.capacity:
             cache = self._grown(cache, new_len)
-        last_only = keep is _LAST_ONLY and self.device_type == "cpu"
-        if last_only:
+        decode = last_only and self.device_type == "cpu"
+        if decode:
             binding = self._decode_binding(cache, self.spec.vocab_size)
         else:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(LOGITS_TO_KEEP, keep)
+            binding.bind_cpu_input(LOGITS_TO_KEEP, _LAST_ONLY if last_only else _ALL_POSITIONS)
             binding.bind_output(LOGITS, "cpu")
             self._bound_cache(binding, cache)
         binding.bind_cpu_input(INPUT_IDS, as_int64(input_ids))
         binding.bind_cpu_input(ATTENTION_MASK, as_int64(attention_mask))
         binding.bind_cpu_input(POSITION_IDS, as_int64(position_ids))
         self.session.run_with_iobinding(binding)
-        logits = cache.logits if last_only else binding.get_outputs()[0].numpy()  # (B, kept, V)
+        logits = cache.logits if decode else binding.get_outputs()[0].numpy()  # (B, kept, V)
         cache.length = new_len
         return logits, cache
 
@@ -149,7 +150,7 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         check_feed_shapes(input_ids, attention_mask, position_ids, cache)
         if not isinstance(cache, SharedKVCache):
             raise ValueError("the fused backend takes the caches its empty_cache made")
-        logits, cache = self._step(input_ids, attention_mask, position_ids, cache, _LAST_ONLY)
+        logits, cache = self._step(input_ids, attention_mask, position_ids, cache, last_only=True)
         return np.array(logits[:, -1, :], dtype=np.float32), cache  # a copy: the buffer is the next step's
 
     def forward_all(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray,
@@ -158,7 +159,7 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         check_feed_shapes(input_ids, attention_mask, position_ids, cache)
         if not isinstance(cache, SharedKVCache):
             raise ValueError("the fused backend takes the caches its empty_cache made")
-        return self._step(input_ids, attention_mask, position_ids, cache, _ALL_POSITIONS)
+        return self._step(input_ids, attention_mask, position_ids, cache, last_only=False)
 
     def select_rows(self, cache: KVCache, rows: np.ndarray) -> KVCache:
         assert isinstance(cache, SharedKVCache)
@@ -187,7 +188,7 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
         total = past_len + ids.shape[1]
         bufs = [np.ascontiguousarray(np.pad(p, ((0, 0), (0, 0), (0, total - past_len), (0, 0)))) for p in pasts]
         cache = self._from_host(bufs, past_len)
-        logits, cache = self._step(ids, feeds[ATTENTION_MASK], feeds[POSITION_IDS], cache, _ALL_POSITIONS)
+        logits, cache = self._step(ids, feeds[ATTENTION_MASK], feeds[POSITION_IDS], cache, last_only=False)
         out = {LOGITS: logits}
         out.update(zip(self._present_names, self.cache_to_numpy(cache)))
         return out
