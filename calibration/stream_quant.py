@@ -15,7 +15,8 @@ What is reused, and how the bundles stay the same as the whole-graph conversion'
   its weight, under the same node, tensor and weight names. onnxruntime's rewriting of a MatMul depends only on
   that node, its weight and (static INT8) its input's range, so the nodes and tensors come out exactly as in the
   whole graph, and the weights bit-identical (tests/exporter/test_stream_export.py compares both routes node by
-  node and byte by byte, INT4 too). Each one-node graph holds one weight: onnxruntime's copies of it are the peak, not the model's.
+  node and byte by byte, INT4 too). Each one-node graph holds one weight: onnxruntime's copies of it are the peak,
+  not the model's.
 * The fp16 embedding: the nodes and bytes of ``calibration.embedding.embedding_to_fp16``, written directly
   (``LinearConverter._embedding_fp16``: why).
 * fp16 from an fp32 graph is ``calibration.fp16.fp16_graph_edits`` on the weightless graph, then ``to_fp16`` per
@@ -35,9 +36,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 from calibration.errors import QuantizationError
 from calibration.targets import Linear
-from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 
 # A weight larger than this (fp32 bytes) is quantized in blocks of output columns: onnxruntime's quantizers hold
@@ -425,10 +426,11 @@ def dequantized_weight(read: Callable[[str], np.ndarray], lin: Linear, precision
 
 
 def quantized_weight_error(want, read: Callable[[str], np.ndarray], lin: Linear, precision: str) -> float:
-    """``weight_error`` of ``lin``'s quantized tensors (``read``: name -> array) against the float weight in
-    checkpoint orientation (N, K): ``want`` the array, or a function (start, stop) -> its rows [start, stop) as a
-    float32 array (then never read whole). Computed a block of output columns at a time: dequantizing a whole
-    weight and taking float64 squares held about six fp32 copies of it (the LM head was the export's peak)."""
+    """Relative RMS error (||got - want|| / ||want||) of ``lin``'s quantized tensors (``read``: name -> array)
+    against the float weight in checkpoint orientation (N, K): ``want`` the array, or a function (start, stop) -> its
+    rows [start, stop) as a float32 array (then never read whole). Computed a block of output columns at a time:
+    dequantizing a whole weight and taking float64 squares held about six fp32 copies of it (the LM head was the
+    export's peak)."""
     k, n = lin.shape
     rows = want if callable(want) else (lambda a, b: want[a:b])
     width = max(1, CHECK_BYTES // (4 * k))
@@ -450,17 +452,13 @@ def quantized_weight_error(want, read: Callable[[str], np.ndarray], lin: Linear,
     return float(np.sqrt(err / (n * k))) / max(float(np.sqrt(ref / (n * k))), 1e-30)
 
 
-def weight_error(want: np.ndarray, got: np.ndarray) -> float:
-    """Relative RMS error of a dequantized weight: ||got - want|| / ||want||."""
-    denom = float(np.sqrt(np.mean(np.square(want, dtype=np.float64))))
-    return float(np.sqrt(np.mean(np.square(got - want, dtype=np.float64)))) / max(denom, 1e-30)
-
-
-def form_record(precision: str, block_size: int = INT4_BLOCK_SIZE, symmetric: bool = INT4_SYMMETRIC) -> Dict[str, object]:
+def form_record(precision: str, block_size: int = INT4_BLOCK_SIZE,
+                symmetric: bool = INT4_SYMMETRIC) -> Dict[str, object]:
     """The ``extra["quantization"]`` form entries of a precision (the same as the whole-graph converters')."""
     if precision == "int4":
         return {"form": "MatMulNBits", "runs_on": ["onnxruntime"],
-                "weights": f"int4 blocks of {block_size} along K, " + ("symmetric" if symmetric else "with zero points")}
+                "weights": f"int4 blocks of {block_size} along K, "
+                           + ("symmetric" if symmetric else "with zero points")}
     if precision == "int8-dynamic":
         return {"form": "dynamic (DynamicQuantizeLinear + MatMulInteger)", "weights": "int8 per-channel symmetric",
                 "activations": "uint8 per-tensor, computed at run time", "runs_on": ["onnxruntime"]}

@@ -111,7 +111,7 @@ def test_row_blocked_reads_are_the_whole_tensor(ckpt, monkeypatch, name, dtype):
 @pytest.mark.parametrize("precision", ["int4", "int8"])
 def test_column_blocked_weight_error_is_the_whole_weights(monkeypatch, precision):
     import calibration.stream_quant as sq
-    from calibration.stream_quant import dequantized_weight, int4_blocks, quantized_weight_error, weight_error
+    from calibration.stream_quant import dequantized_weight, int4_blocks, quantized_weight_error
 
     _, w, lin = _one_matmul(64, 40, seed=1)
     if precision == "int4":
@@ -122,8 +122,10 @@ def test_column_blocked_weight_error_is_the_whole_weights(monkeypatch, precision
         tensors = {lin.weight + "_quantized": np.round(w / scale).astype(np.int8),
                    lin.weight + "_scale": scale.astype(np.float32),
                    lin.weight + "_zero_point": np.zeros(40, dtype=np.int8)}
-    whole = weight_error(w, dequantized_weight(tensors.__getitem__, lin, precision))
-    monkeypatch.setattr(sq, "CHUNK_BYTES", 4 * 64 * 6)  # 6 columns a block
+    got = dequantized_weight(tensors.__getitem__, lin, precision)  # the whole weight at once, (K, N)
+    whole = float(np.sqrt(np.mean(np.square(got - w, dtype=np.float64)))
+                  / np.sqrt(np.mean(np.square(w, dtype=np.float64))))  # relative RMS error
+    monkeypatch.setattr(sq, "CHECK_BYTES", 4 * 64 * 6)  # 6 columns a block
     blocked = quantized_weight_error(np.ascontiguousarray(w.T), tensors.__getitem__, lin, precision)
     assert 0 < whole < 0.2
     assert blocked == pytest.approx(whole, rel=1e-9)
