@@ -4,14 +4,16 @@
                                  [--precisions fp32,int8,int4] [--long-prompt 2048] [--no-eager] [--portable]
 
 One ChatGLM-shaped 288 M-parameter checkpoint in transformers' `glm` layout (`glm-export tiny --size mid --layout hf
---generation glm4`'s shape, 65000 rows: the tiny writer keeps a GLM-4 off ChatGLM3's published 65024) is the source of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to
-static and dynamic INT8 and to INT4: the default form (symmetric, blocks of 128), onnxruntime-genai's (symmetric,
-blocks of 32) and blocks of 32 with zero points; the runtime runs their fused graph), transformers'
-GlmForCausalLM (fp32 eager, once, for the greedy ids) and onnxruntime-genai's CPU models at fp32 / int8 / int4 (its
-builder, fed a copy of the checkpoint whose `architectures` says ChatGLMModel, as ../shared/peers.md describes; its
-`max_length` set to what the run needs and `intra_op_num_threads` to --threads). Batch 1, greedy, the same prompt.
+--generation glm4`'s shape, 65000 rows: the tiny writer keeps a GLM-4 off ChatGLM3's published 65024) is the source
+of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to static and dynamic INT8 and to INT4: the
+default form (symmetric, blocks of 128), onnxruntime-genai's (symmetric, blocks of 32) and blocks of 32 with zero
+points; the runtime runs their fused graph), transformers' GlmForCausalLM (fp32 eager, once, for the greedy ids)
+and onnxruntime-genai's CPU models at fp32 / int8 / int4 (its builder, fed a copy of the checkpoint whose
+`architectures` says ChatGLMModel, as ../shared/peers.md describes; its `max_length` set to what the run needs and
+`intra_op_num_threads` to --threads). Batch 1, greedy, the same prompt.
 
-Per precision the tools are loaded together and run interleaved, round after round; medians are compared as ratios
+Per precision the tools are loaded together and run interleaved, round after round (the order reversed every other
+round); medians are compared as ratios
 (this machine's absolute speed varies with its neighbours, the ratios much less). Also printed: each precision's
 share of this machine's memory-bandwidth bound (decode reads every linear weight once per token; bandwidth measured
 here with numpy sums over 1 GiB on --threads threads), node counts after onnxruntime's optimizer, and with

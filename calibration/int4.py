@@ -1,10 +1,11 @@
 """INT4 weight-only quantization in the form onnxruntime runs fast: com.microsoft MatMulNBits.
 
 Where it stands: applied directly to the fp32 graph (no calibration: weights only). Each chosen linear layer's
-(K, N) weight is quantized in blocks of ``block_size`` consecutive input rows (K) per output column (the last block zero-padded), with one fp32
-scale (and, unless symmetric, one 4-bit zero point) per block, by onnxruntime.quantization's MatMulNBitsQuantizer;
-the MatMul becomes a MatMulNBits. ``accuracy_level`` is MatMulNBits' compute type: 0 lets onnxruntime choose,
-1 fp32, 4 quantizes activations to INT8 per block (fastest on CPU).
+(K, N) weight is quantized in blocks of ``block_size`` consecutive input rows (K) per output column (the last block
+zero-padded), with one fp32 scale (and, unless symmetric, one 4-bit zero point) per block, by
+onnxruntime.quantization's MatMulNBitsQuantizer; the MatMul becomes a MatMulNBits. ``accuracy_level`` is
+MatMulNBits' compute type: 0 lets onnxruntime choose, 1 fp32, 4 quantizes activations to INT8 per block (fastest on
+CPU).
 
 The embedding is not a MatMul and stays float (fp16 by default, see ``calibration.embedding``). The LM head is a
 linear layer like the others: quantized unless kept with --keep-float lm_head; docs/precision.md gives the measured
@@ -17,10 +18,10 @@ import importlib
 import logging
 from typing import Sequence
 
+from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 from calibration.errors import QuantizationError
 from calibration.quantize import quiet_onnxruntime_quantization
 from calibration.targets import Linear
-from calibration.defaults import INT4_BLOCK_SIZE, INT4_SYMMETRIC
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional
 
 from runtime.errors import GlmExportError
+
 from calibration.defaults import INT4_BLOCK_SIZE
 
 GB = 1024**3
