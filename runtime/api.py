@@ -185,12 +185,13 @@ class GlmModel:
         from runtime.backends.onnxruntime_fused import FusedOnnxRuntimeBackend
 
         runner_class = FusedOnnxRuntimeBackend if flavour == GRAPH_FUSED else OnnxRuntimeBackend
+        kv_dtype = manifest.fused_kv_dtype if flavour == GRAPH_FUSED else manifest.kv_dtype
         runner = runner_class(
-            model_path, manifest.spec, kv_dtype=manifest.kv_dtype, provider=provider, threads=threads,
+            model_path, manifest.spec, kv_dtype=kv_dtype, provider=provider, threads=threads,
             io_binding=io_binding, manifest=manifest, trt_options=trt_options,
         )
         try:
-            check_session_matches_spec(runner.session, manifest.spec, manifest.kv_dtype, model_path)
+            check_session_matches_spec(runner.session, manifest.spec, kv_dtype, model_path)
         except BundleError:
             runner.close()
             raise

@@ -11,7 +11,7 @@ from runtime.errors import BundleError
 from runtime.graph_contract import LOGITS
 from runtime.spec import ModelSpec
 
-_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)"}
+_ORT_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)"}
 
 
 def check_session_matches_spec(session: Any, spec: ModelSpec, kv_dtype: str, model_path: str) -> None:

@@ -68,6 +68,8 @@ PRECISION_TABLE: Dict[str, PrecisionFacts] = {
 PRECISIONS = tuple(PRECISION_TABLE)  # fp32, fp16, int8, int8-dynamic, int4
 KV_DTYPE_OF_PRECISION = {name: facts.kv_dtype for name, facts in PRECISION_TABLE.items()}
 KV_DTYPES = ("float32", "float16")
+# the fused graph's cache (graphs["fused"]["kv_cache_dtype"]; absent: float32): int8 is calibration/kv_cache.py's
+FUSED_KV_DTYPES = ("float32", "int8")
 
 # The bundle's file layout, shared by the exporter and the precision stage.
 MODEL_FILE = "model.onnx"
@@ -134,6 +136,17 @@ class Manifest:
                     raise BundleError(f"{MANIFEST_NAME} gives {name} dtype {t.dtype!r}; expected float32 or float16")
                 return t.dtype
         raise BundleError(f"{MANIFEST_NAME} lists no input {name}")
+
+    @property
+    def fused_kv_dtype(self) -> str:
+        """numpy dtype name of the fused graph's shared-buffer cache: "float32" (no ``kv_cache_dtype`` recorded) or
+        "int8"; BundleError for anything else."""
+        rec = self.graphs.get(GRAPH_FUSED)
+        value = rec.get("kv_cache_dtype", "float32") if isinstance(rec, dict) else "float32"
+        if not isinstance(value, str) or value not in FUSED_KV_DTYPES:
+            raise BundleError(f"{MANIFEST_NAME}: graphs.{GRAPH_FUSED}.kv_cache_dtype is {value!r}; expected one of: "
+                              f"{', '.join(FUSED_KV_DTYPES)}")
+        return value
 
     def to_dict(self) -> Dict[str, Any]:
         return {

@@ -181,7 +181,11 @@ class FusedOnnxRuntimeBackend(OnnxRuntimeBackend):
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """The portable contract: pasts of their own length in, every position's logits and presents of length
-        past + seq out (for evaluation and tests; it copies the cache in and out)."""
+        past + seq out (for evaluation and tests; it copies the cache in and out). Presents are in the cache's
+        dtype; an int8 cache (calibration/kv_cache.py) takes only empty pasts here (a float past has no int8 form
+        without the graph's scales)."""
+        if self.kv_dtype == np.int8 and any(np.asarray(feeds[n]).shape[2] for n in self._past_names):
+            raise BackendError("the int8-cache fused graph's run() takes an empty past; step it with forward()")
         pasts = [np.asarray(feeds[n], dtype=self.kv_dtype) for n in self._past_names]
         ids = feeds[INPUT_IDS]
         past_len = pasts[0].shape[2]
