@@ -148,7 +148,7 @@ def open_backend(bundle_dir: str, threads: Optional[int] = None, manifest=None, 
         from runtime.backends.onnxruntime_fused import FusedOnnxRuntimeBackend
 
         return manifest, FusedOnnxRuntimeBackend(os.path.join(bundle_dir, manifest.graph_file(GRAPH_FUSED)),
-                                                 manifest.spec, kv_dtype=manifest.kv_dtype, threads=threads)
+                                                 manifest.spec, kv_dtype=manifest.fused_kv_dtype, threads=threads)
     path = os.path.join(bundle_dir, manifest.model_file)
     return manifest, OnnxRuntimeBackend(path, manifest.spec, kv_dtype=manifest.kv_dtype, threads=threads,
                                         io_binding=False)

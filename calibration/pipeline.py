@@ -54,6 +54,7 @@ from calibration.ranges import METHODS, RANGES_FILE, GraphChecksums, calibrate, 
 from calibration.ranges import write_ranges
 from calibration.targets import find_linears, select
 from calibration.fused import convert_fused, keeps_fused, rewire_fused
+from calibration.kv_cache import KV_CACHE_DTYPES, write_int8_kv_cache
 
 TARGET_PRECISIONS = tuple(p for p in PRECISIONS if p != "fp32")  # fp16, int8, int8-dynamic, int4
 DEFAULT_METHOD = "minmax"  # the default of NVIDIA's own LLM INT8 calibration ("max"); measured in docs/precision.md
@@ -86,6 +87,9 @@ class QuantizeOptions:
     # manifest); without it such a bundle is an AccuracyBoundError and nothing is written
     accept_accuracy_loss: bool = False
     streaming: bool = True  # one weight at a time (calibration.stream_quant); False: whole graph in memory
+    # the fused graph's KV cache: "float32", or "int8" with scales calibrated on the calibration text
+    # (calibration/kv_cache.py; the portable graph keeps its float cache)
+    kv_cache: str = "float32"
 
     def settings(self) -> Dict[str, Any]:
         """The options that shaped the result, for the manifest (paths as given)."""
@@ -95,6 +99,8 @@ class QuantizeOptions:
                      "decode_steps", "ranges"} | ({"percentile"} if self.method == "percentile" else set())
         if self.precision == "int4":
             keys |= {"block_size", "int4_symmetric", "int4_accuracy_level"}
+        if self.kv_cache != "float32":
+            keys |= {"kv_cache", "calib_samples", "calib_seq_len", "calib_seed"}
         d = {k: v for k, v in asdict(self).items() if k in keys}
         d["keep_float"] = list(self.keep_float)
         return d
@@ -148,6 +154,15 @@ def check_options(opts: QuantizeOptions) -> None:
                                    "or --eval-data FILE (or --no-eval to skip the measurement)")
     if opts.evaluate and opts.eval_samples == 0:
         raise CalibrationDataError("--eval-samples 0 leaves nothing to evaluate; use --no-eval to skip it")
+    if opts.kv_cache not in KV_CACHE_DTYPES:
+        raise QuantizationError(f"--kv-cache must be one of {', '.join(KV_CACHE_DTYPES)}, got {opts.kv_cache!r}")
+    if opts.kv_cache != "float32":
+        if not PRECISION_TABLE[opts.precision].fused_graph:
+            raise QuantizationError(f"--kv-cache {opts.kv_cache} is the fused onnxruntime graph's, and a "
+                                    f"--precision {opts.precision} bundle has none (int8, int8-dynamic or int4 do)")
+        if not opts.calib_data:
+            raise CalibrationDataError(f"--kv-cache {opts.kv_cache} calibrates the cache scales on your text: give "
+                                       "--calib-data FILE")
 
 
 def check_source(bundle_dir: str) -> Manifest:
@@ -165,7 +180,11 @@ def check_quantize(src_dir: str, opts: QuantizeOptions) -> Manifest:
     """Every check ``quantize_bundle`` needs before any work: the options, then the source bundle. Returns the
     source manifest, for ``quantize_bundle(..., source=...)`` (the CLI checks before it creates --out)."""
     check_options(opts)
-    return check_source(src_dir)
+    manifest = check_source(src_dir)
+    if opts.kv_cache != "float32" and not keeps_fused(manifest, opts.precision):
+        raise QuantizationError(f"{src_dir}: --kv-cache {opts.kv_cache} rewrites the fused graph, and this bundle has "
+                                "none; re-export it with 'glm-export onnx' (the fused graph is written by default)")
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ the flow
@@ -385,6 +404,8 @@ def quantize_bundle(src_dir: str, out_dir: str, opts: QuantizeOptions, progress=
     graph_files = record.pop("files")
     fused = record.pop("fused_graph", None)
     graph_files += fused.pop("files") if fused else []
+    if fused and opts.kv_cache == "int8":  # before the checksums: the fused graph file changes
+        fused.update(write_int8_kv_cache(out_dir, spec, split.calibration, opts.threads, progress))
     copied = copy_side_files(src_dir, out_dir, manifest.tokenizer_files)
     extra_files = [RANGES_FILE] if os.path.isfile(os.path.join(out_dir, RANGES_FILE)) else []
     kv = KV_DTYPE_OF_PRECISION[opts.precision]

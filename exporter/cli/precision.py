@@ -43,6 +43,9 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
               help="int4: MatMulNBits compute type (0 auto, 1 fp32, 4 int8: fastest on CPU).")
 @click.option("--embedding", default="fp16", show_default=True,
               help="int8/int8-dynamic/int4: store the embedding table as fp16 | fp32.")
+@click.option("--kv-cache", default="float32", show_default=True,
+              help="The fused graph's KV cache: float32 | int8 (a quarter of the memory, faster at long contexts; "
+                   "scales calibrated on --calib-data; the portable graph keeps float32).")
 @click.option("--eval/--no-eval", "evaluate", default=True, show_default=True,
               help="Measure perplexity, top-1 agreement and KL against the fp32 bundle and record them.")
 @click.option("--eval-data", default=None, help="Evaluate on this file instead of held-out calibration text.")
@@ -59,7 +62,7 @@ PRECISION_HELP = "fp16 | int8 (static Q/DQ, calibrated) | int8-dynamic | int4 (w
 @quiet_option
 def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samples, calib_seq_len, calib_seed,
              method, percentile, keep_float, ranges_file, calib_batch, decode_steps, block_size,
-             int4_symmetric, int4_accuracy_level, embedding, evaluate, eval_data, eval_samples, threads,
+             int4_symmetric, int4_accuracy_level, embedding, kv_cache, evaluate, eval_data, eval_samples, threads,
              accept_accuracy_loss, overwrite, dry_run, memory_available, in_memory, as_json, quiet):
     """Convert an fp32 bundle to fp16, INT8 (static or dynamic) or INT4, and record what it cost in accuracy."""
     from calibration.pipeline import QuantizeOptions, check_quantize, quantize_bundle
@@ -73,7 +76,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
         decode_steps=decode_steps, block_size=block_size, int4_symmetric=int4_symmetric,
         int4_accuracy_level=int4_accuracy_level, embedding=embedding, evaluate=evaluate, eval_data=eval_data,
         eval_samples=eval_samples, threads=threads, accept_accuracy_loss=accept_accuracy_loss,
-        streaming=not in_memory,
+        streaming=not in_memory, kv_cache=kv_cache,
     )
     inputs = input_pairs(model=model_dir, calib_data=calib_data, ranges=ranges_file, eval_data=eval_data)
     check_destination(out_dir, overwrite, inputs=inputs)  # before any work

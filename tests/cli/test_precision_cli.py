@@ -91,6 +91,19 @@ def test_unknown_precision_and_stacked_quantization(tmp_path, trained):
     assert "give --calib-data FILE or --eval-data FILE (or --no-eval" in text
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--precision", "int4", "--no-eval"], "--kv-cache int8 calibrates the cache scales on your text: give --calib-data"),
+    (["--precision", "fp16", "--calib-data", "{calib}"], "a --precision fp16 bundle has none"),
+    (["--precision", "int4", "--calib-data", "{calib}", "--kv-cache", "fp8"], None),
+])
+def test_bad_kv_cache_option_is_one_line_and_leaves_nothing(tmp_path, trained, extra, message):
+    out = str(tmp_path / "out")
+    kv = [] if "--kv-cache" in extra else ["--kv-cache", "int8"]
+    args = [a.format(calib=trained.calib_file) for a in extra]
+    text = _error(["quantize", "--model", trained.bundle("fp32"), "--out", out] + kv + args, out)
+    assert (message or "--kv-cache must be one of float32, int8, got 'fp8'") in text
+
+
 def test_failure_after_staging_leaves_nothing(tmp_path, trained):
     """A ranges file calibrated for another graph is found only inside the staged directory: it must vanish."""
     src = os.path.join(trained.quantized("int8", precision="int8").bundle_dir, "calibration_ranges.json")
