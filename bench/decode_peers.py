@@ -2,12 +2,13 @@
 
     python bench/decode_peers.py [--workdir DIR] [--rounds 5] [--threads 2] [--prompt-len 32] [--new-tokens 64]
                                  [--precisions fp32,int8,int4] [--long-prompt 2048] [--no-eager] [--portable]
+                                 [--ours "int4,int4 kv8"]
 
 One ChatGLM-shaped 288 M-parameter checkpoint in transformers' `glm` layout (`glm-export tiny --size mid --layout hf
 --generation glm4`'s shape, 65000 rows: the tiny writer keeps a GLM-4 off ChatGLM3's published 65024) is the source
 of everything: our bundles (`glm-export onnx`, then `glm-export quantize` to static and dynamic INT8 and to INT4: the
-default form (symmetric, blocks of 128), onnxruntime-genai's (symmetric, blocks of 32) and blocks of 32 with zero
-points; the runtime runs their fused graph), transformers' GlmForCausalLM (fp32 eager, once, for the greedy ids)
+default form (symmetric, blocks of 128), onnxruntime-genai's (symmetric, blocks of 32), blocks of 32 with zero
+points, and the default form with an int8 KV cache (`--kv-cache int8`); the runtime runs their fused graph), transformers' GlmForCausalLM (fp32 eager, once, for the greedy ids)
 and onnxruntime-genai's CPU models at fp32 / int8 / int4 (its builder, fed a copy of the checkpoint whose
 `architectures` says ChatGLMModel, as ../shared/peers.md describes; its `max_length` set to what the run needs and
 `intra_op_num_threads` to --threads). Batch 1, greedy, the same prompt.
@@ -48,6 +49,7 @@ OURS = {
     "int4": (["--precision", "int4"], "int4"),  # the default form: symmetric, blocks of 128
     "int4 sym b32": (["--precision", "int4", "--block-size", "32"], "int4"),  # onnxruntime-genai's form
     "int4 asym b32": (["--precision", "int4", "--int4-asymmetric", "--block-size", "32"], "int4"),
+    "int4 kv8": (["--precision", "int4", "--kv-cache", "int8"], "int4"),  # the default form, int8 KV cache
 }
 BYTES_PER_WEIGHT = {"fp32": 4.0, "int8": 1.0, "int4": 0.5}
 
