@@ -203,3 +203,23 @@ def test_int8_kv_manifest_value_is_checked(trained, tmp_path):
         with pytest.raises(BundleError, match="graphs.fused.kv_cache_dtype") as e:
             GlmModel.load(copy, threads=1)
         assert "\n" not in str(e.value)
+
+
+def test_genai_runs_an_int8_kv_bundle_with_its_float_cache(trained):
+    """onnxruntime-genai loads such a bundle through model.genai.onnx (float32 cache, the same INT4 weights): its
+    greedy ids equal the runtime's on the bundle's float-cache portable graph."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the 'test' and 'bench' extras' peer")
+    kv8 = trained.quantized("int4-kv8", **KV8)
+    prompt, new = [5, 6, 7, 8, 9, 10], 16
+    config = og.Config(kv8.bundle_dir)
+    config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(prompt, dtype=np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    theirs = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    with GlmModel.load(kv8.bundle_dir, threads=1, graph="portable") as ours:
+        assert theirs == ours.generate(prompt, GenerationConfig(max_new_tokens=new, eos_token_ids=())).generated_ids
