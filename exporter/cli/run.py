@@ -257,6 +257,8 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
         provider = getattr(model.backend, "provider", None)
         prefill_chunk = model.prefill_chunk
         graph = getattr(model.backend, "graph_flavour", "portable") if backend == "onnxruntime" else None
+        kv_dtype = getattr(model.backend, "kv_dtype", None)
+        kv_cache = str(kv_dtype) if kv_dtype is not None else None  # float32, float16 or int8 (--kv-cache int8)
         fp16_on_cpu = model.manifest.precision == "fp16" and backend == "onnxruntime" and provider == "cpu"
     rss = peak_rss_mib()
     if as_json:
@@ -264,7 +266,7 @@ def bench(prompt_lens, new_tokens, batches, runs, warmup, io_binding, as_json, *
                                "provider": provider, "threads": opts["threads"],
                                "io_binding": io_binding if backend == "onnxruntime" else None,
                                "prefill_chunk": prefill_chunk, "results": rows, "peak_rss_mib": rss,
-                               "graph": graph, "note": FP16_ON_CPU if fp16_on_cpu else None}))
+                               "graph": graph, "kv_cache": kv_cache, "note": FP16_ON_CPU if fp16_on_cpu else None}))
         return
     if fp16_on_cpu:
         click.echo(FP16_ON_CPU)

@@ -223,3 +223,16 @@ def test_genai_runs_an_int8_kv_bundle_with_its_float_cache(trained):
     theirs = [int(t) for t in gen.get_sequence(0)][len(prompt):]
     with GlmModel.load(kv8.bundle_dir, threads=1, graph="portable") as ours:
         assert theirs == ours.generate(prompt, GenerationConfig(max_new_tokens=new, eos_token_ids=())).generated_ids
+
+
+def test_bench_reports_the_int8_cache(trained):
+    from click.testing import CliRunner
+
+    from exporter.cli import main
+
+    kv8 = trained.quantized("int4-kv8", **KV8)
+    r = CliRunner().invoke(main, ["bench", "--model", kv8.bundle_dir, "--prompt-len", "4", "--new-tokens", "3",
+                                  "--runs", "1", "--warmup", "0", "--threads", "1", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["graph"] == "fused" and out["kv_cache"] == "int8" and out["results"][0]["decode_tokens_per_s"] > 0

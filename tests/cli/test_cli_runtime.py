@@ -151,6 +151,7 @@ def test_bench_json(bundle):
     assert out["peak_rss_mib"] > 10
     assert out["io_binding"] is True and out["prefill_chunk"] == 256
     assert out["backend"] == "onnxruntime" and out["engine"] is None and out["provider"] == "cpu"
+    assert out["graph"] == "fused" and out["kv_cache"] == "float32"
 
 
 def test_bench_plain_path_chunked(bundle):
