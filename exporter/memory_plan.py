@@ -111,8 +111,9 @@ def _stored_bytes(name: str, numel: int, rows: int, precision: str, embedding_fp
 
 
 def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool = True, block_size: int = INT4_BLOCK_SIZE,
-                calibrate: bool = False, from_bundle: bool = False) -> MemoryPlan:
-    """The plan of writing ``precision`` for ``spec`` (from a checkpoint, or from an fp32 bundle)."""
+                calibrate: bool = False, from_bundle: bool = False, kv_calibrate: bool = False) -> MemoryPlan:
+    """The plan of writing ``precision`` for ``spec`` (from a checkpoint, or from an fp32 bundle). ``kv_calibrate``:
+    quantize's ``--kv-cache int8`` runs the new bundle's fused graph over the calibration text (one session)."""
     from exporter.stream_source import graph_shapes
 
     shapes = graph_shapes(spec)
@@ -138,6 +139,8 @@ def plan_export(spec, precision: str, verify: bool = True, embedding_fp16: bool 
         # (the report's session is a default one: an fp16 bundle's weights held as fp32 copies there, 2x)
         phases["accuracy sessions"] = int((2.0 if precision == "fp16" else SESSION_FACTORS[precision]) * out
                                           + SESSION_FACTORS["fp32"] * 4 * spec.num_params)
+    if kv_calibrate:
+        phases["kv-cache calibration session"] = int(SESSION_FACTORS[precision] * out)
     scratch = 2 * biggest if precision == "int8-dynamic" else 0
     base = BASE_BYTES if not from_bundle else (BASE_CALIBRATING if calibrate else BASE_NO_TORCH)
     peak = base + max(phases.values())

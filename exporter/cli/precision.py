@@ -86,7 +86,7 @@ def quantize(model_dir, out_dir, precision, calib_data, calib_format, calib_samp
 
         plan = plan_export(source.spec, precision, verify=evaluate, embedding_fp16=embedding == "fp16",
                            block_size=block_size, calibrate=precision == "int8" and not ranges_file,
-                           from_bundle=True)
+                           from_bundle=True, kv_calibrate=kv_cache == "int8")
         if dry_run:
             click.echo(json.dumps(plan.to_dict()) if as_json else plan.summary())
             return

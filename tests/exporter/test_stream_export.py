@@ -264,6 +264,13 @@ def test_memory_plan_scales_with_the_model_and_detects_memory():
     assert plans["int4"].output_bytes < plans["int8"].output_bytes < plans["fp16"].output_bytes
     assert plans["int4"].peak_bytes < plans["fp16"].peak_bytes and plans["int8"].peak_bytes < plans["fp16"].peak_bytes
     assert plans["fp16"].peak_bytes <= plans["fp32"].peak_bytes  # onnxruntime holds fp16 weights as fp32 on x86
+    # quantize --kv-cache int8 opens the new bundle's fused graph once more: for a 6B INT4 bundle that session,
+    # not the writing, is the peak
+    kv = plan_export(spec, "int4", verify=False, from_bundle=True, kv_calibrate=True)
+    plain = plan_export(spec, "int4", verify=False, from_bundle=True)
+    assert "kv-cache calibration session" in kv.phases and "kv-cache calibration session" not in plain.phases
+    assert kv.phases["kv-cache calibration session"] >= kv.output_bytes
+    assert kv.peak_bytes > plain.peak_bytes
 
 
 def test_byte_progress_logs_bytes_and_eta(caplog):
