@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration.kv_cache import INT8_MAX, channel_bounds, scales_of
+from calibration.kv_cache import HEADROOM, INT8_MAX, channel_bounds, scales_of
 from runtime import GenerationConfig, GlmModel
 from runtime.errors import BundleError
 from calibration.genai_files import GENAI_MODEL_FILE
@@ -43,7 +43,8 @@ def _gqa_int8(nh, nkv, d):
         vi("k_scale", f, [nkv, 1, d]), vi("v_scale", f, [nkv, 1, d])],
         [vi("out", f, ["B", "S", nh * d]), vi("present_k", TP.INT8, ["B", nkv, "T", d]),
          vi("present_v", TP.INT8, ["B", nkv, "T", d])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 8
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
@@ -122,7 +123,7 @@ def test_channel_bounds_cover_every_rotation_of_a_rotary_pair():
     assert exceeded_plain
     scale = scales_of(kb)
     assert scale.shape == (2, 1, 8) and scale.dtype == np.float32
-    np.testing.assert_allclose(scale[:, 0, :] * INT8_MAX, kb, rtol=1e-6)
+    np.testing.assert_allclose(scale[:, 0, :] * INT8_MAX, HEADROOM * kb, rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ the bundle
@@ -177,7 +178,8 @@ def test_int8_kv_runtime_buffers_and_greedy_ids(trained):
         logits, c8 = backend8.forward(np.array([[3]], np.int64), np.ones((1, ids.shape[1] + 1), np.int64),
                                       np.array([[ids.shape[1]]], np.int64), c8)
         assert [a.__array_interface__["data"][0] for a in c8.arrays] == held  # appended in place
-        assert np.abs(c8.arrays[0][:, :, :ids.shape[1] + 1]).max() > 0 and not c8.arrays[0][:, :, ids.shape[1] + 1:].any()
+        filled = ids.shape[1] + 1
+        assert np.abs(c8.arrays[0][:, :, :filled]).max() > 0 and not c8.arrays[0][:, :, filled:].any()
         assert np.isfinite(logits).all()
         batch = [r.generated_ids for r in m8.generate(prompts, cfg)]
         alone = [m8.generate(p, cfg).generated_ids for p in prompts]
@@ -236,3 +238,64 @@ def test_bench_reports_the_int8_cache(trained):
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["graph"] == "fused" and out["kv_cache"] == "int8" and out["results"][0]["decode_tokens_per_s"] > 0
+
+
+# ------------------------------------------------------------------------------------------------ every generation
+
+
+@pytest.fixture(scope="module")
+def calib_jsonl(tmp_path_factory):
+    from exporter.tiny.train import corpus_records
+
+    path = str(tmp_path_factory.mktemp("kv8-calib") / "calib.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        for r in corpus_records(24, seed=11):
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def _fused_steps(bundle, prompts, steps):
+    """Last-position logits of a left-padded batch: the prefill, then ``steps`` cached steps fed fixed tokens (the
+    same for every bundle compared, so only the cache differs)."""
+    from runtime.positions import left_pad_positions
+
+    with GlmModel.load(bundle, threads=1, graph="fused") as model:
+        backend, spec = model.backend, model.manifest.spec
+        ids, mask, pos = left_pad_positions(spec, prompts, spec.pad_token_id)
+        cache = backend.empty_cache(len(prompts), ids.shape[1] + steps)
+        logits, cache = backend.forward(ids, mask, pos, cache)
+        out = [logits]
+        for step in range(steps):
+            nxt = np.array([[20 + step], [30 + step]], dtype=np.int64)[: len(prompts)]  # (B, 1)
+            mask = np.concatenate([mask, np.ones_like(nxt)], 1)
+            pos = pos[:, -1:] + 1
+            logits, cache = backend.forward(nxt, mask, pos, cache)
+            out.append(logits)
+    return out, backend
+
+
+@pytest.mark.parametrize("case", ["chatglm3-thudm-hd32", "chatglm3_32k-thudm-hd64", "chatglm2_32k-thudm-interp",
+                                  "glm4-thudm", "glm4-hf", "glm4_0414-hf"])
+def test_int8_kv_follows_the_float_cache_for_every_generation(tiny_models, calib_jsonl, tmp_path, case):
+    """Every generation and layout the fused graph covers (rope scaling of both kinds, one or two kv heads, QKV bias,
+    sandwich norms): the int8-cache INT4 bundle's logits through a left-padded batch of two, prefill and four cached
+    steps, stay within the tolerance table's int8_kv_vs_float_kv of the float-cache INT4 bundle's."""
+    from calibration.pipeline import QuantizeOptions, quantize_bundle
+    from runtime.tolerances import allowed_diff
+
+    _, src = tiny_models.case(case)
+    out = {}
+    for kv in ("float32", "int8"):
+        path = str(tmp_path / kv)
+        os.makedirs(path)
+        quantize_bundle(src, path, QuantizeOptions(precision="int4", kv_cache=kv, calib_data=calib_jsonl,
+                                                   calib_samples=16, evaluate=False))
+        out[kv] = path
+    prompts = [[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]]
+    ref, _ = _fused_steps(out["float32"], prompts, 4)
+    got, backend = _fused_steps(out["int8"], prompts, 4)
+    assert backend.kv_dtype == np.int8
+    for step, (a, b) in enumerate(zip(got, ref)):
+        diff, scale = float(np.abs(a - b).max()), float(np.abs(b).max())
+        print(f"\n[{case}] step {step}: max diff {diff:.4f} of logits up to {scale:.3f}")
+        assert diff <= allowed_diff("int8_kv_vs_float_kv", "int4", scale), (step, diff, scale)
