@@ -50,9 +50,10 @@ def _gqa_int8(nh, nkv, d):
 
 
 def test_gqa_int8_cache_stores_rounded_steps_and_attends_over_dequantized_values():
-    """The contract kv_cache.py builds on, prefill then cached steps in the shared buffer: a new key/value is stored
-    as clip(round(x / scale), -128, 127) per (kv head, channel), and attention reads every position, the new ones
-    included, as int8 * scale (numpy reference, grouped heads, causal). Small scales make some values saturate."""
+    """The contract kv_cache.py builds on, prefill (two chunks) then cached steps in the shared buffer: a new key or
+    value is stored as clip(round(x / scale), -128, 127) per (kv head, channel), and attention reads every position,
+    the new ones included, as int8 * scale (numpy reference, grouped heads, causal). Small scales make some values
+    saturate."""
     import onnxruntime as ort
 
     nh, nkv, d, cap = 4, 2, 16, 24
@@ -65,7 +66,7 @@ def test_gqa_int8_cache_stores_rounded_steps_and_attends_over_dequantized_values
     values = [ort.OrtValue.ortvalue_from_numpy(b) for b in bufs]
     keys_q, vals_q = np.zeros((1, nkv, 0, d)), np.zeros((1, nkv, 0, d))
     length, saturated = 0, 0
-    for s in (5, 1, 1, 1, 1):
+    for s in (5, 3, 1, 1, 1):  # a prompt, a second chunk after it (chunked prefill), cached steps
         qkv = rng.standard_normal((1, s, (nh + 2 * nkv) * d)).astype(np.float32)
         binding = session.io_binding()
         binding.bind_cpu_input("qkv", qkv)
