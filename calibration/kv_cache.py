@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
+from runtime.graph_contract import past_key_name
 from runtime.manifest import FUSED_MODEL_FILE, GRAPH_FUSED
 from runtime.spec import ModelSpec
 
@@ -93,12 +94,12 @@ def int8_kv_graph(proto, scales: Sequence[Tuple[np.ndarray, np.ndarray]]) -> int
     for vi in list(proto.graph.input) + list(proto.graph.output):
         if vi.name.startswith(("past_key_values.", "present.")):
             vi.type.tensor_type.elem_type = TensorProto.INT8
+    layer_of = {past_key_name(i): i for i in range(len(scales))}  # the graph contract's names
     changed = 0
     for node in proto.graph.node:
-        if node.op_type != "GroupQueryAttention":
+        if node.op_type != "GroupQueryAttention" or node.input[3] not in layer_of:  # input 3: past_key
             continue
-        past = node.input[3]  # past_key_values.{i}.key
-        layer = int(past.split(".")[1])
+        layer = layer_of[node.input[3]]
         k_name, v_name = f"layers.{layer}.attention.k_cache_scale", f"layers.{layer}.attention.v_cache_scale"
         proto.graph.initializer.extend([numpy_helper.from_array(scales[layer][0], k_name),
                                         numpy_helper.from_array(scales[layer][1], v_name)])

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
+from genai_greedy import genai_greedy
 from calibration.kv_cache import HEADROOM, INT8_MAX, channel_bounds, scales_of
 from runtime import GenerationConfig, GlmModel
 from runtime.errors import BundleError
@@ -214,16 +215,7 @@ def test_genai_runs_an_int8_kv_bundle_with_its_float_cache(trained):
     og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the 'test' and 'bench' extras' peer")
     kv8 = trained.quantized("int4-kv8", **KV8)
     prompt, new = [5, 6, 7, 8, 9, 10], 16
-    config = og.Config(kv8.bundle_dir)
-    config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(prompt, dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    theirs = [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    theirs = genai_greedy(og, kv8.bundle_dir, prompt, new)
     with GlmModel.load(kv8.bundle_dir, threads=1, graph="portable") as ours:
         assert theirs == ours.generate(prompt, GenerationConfig(max_new_tokens=new, eos_token_ids=())).generated_ids
 

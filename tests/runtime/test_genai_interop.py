@@ -5,26 +5,16 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 
+from genai_greedy import genai_greedy
 from runtime import GenerationConfig, GlmModel
 
 og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is the 'test' and 'bench' extras' peer")
 
 
 def _genai_greedy(bundle, prompt, new_tokens):
-    config = og.Config(bundle)
-    config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new_tokens, min_length=len(prompt) + new_tokens,
-                              do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array(prompt, dtype=np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    return [int(t) for t in gen.get_sequence(0)][len(prompt):]
+    return genai_greedy(og, bundle, prompt, new_tokens)
 
 
 def _ours(bundle, prompt, new_tokens):
